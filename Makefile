@@ -1,0 +1,39 @@
+# Every target sets up what it needs in a local virtual environment (.venv) first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXTRAS ?= serve,train,dev,fast
+
+.PHONY: install demo test lint format protos bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	scripts/install.sh $(VENV) $(EXTRAS) --editable
+	touch $@
+
+# The main job on the bundled default: train on digits (or reuse the run), export, serve, classify.
+demo: $(STAMP)
+	$(PY) -m training train --dataset digits --out runs/digits --reuse
+	test -f models/digits/1/model.onnx || $(PY) -m training export runs/digits --repository models --name digits
+	$(PY) scripts/demo.py --models models --run runs/digits
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+protos: $(STAMP)
+	$(PY) -m protos.generate
+
+bench: $(STAMP)
+	$(PY) -m serving bench
+
+clean:
+	rm -rf $(VENV) runs models .pytest_cache .ruff_cache

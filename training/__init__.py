@@ -1,0 +1,1 @@
+"""convserve training: datasets, the CNN, the train / evaluate loop, and verified ONNX export."""

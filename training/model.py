@@ -1,0 +1,83 @@
+"""The CNN: blocks of convolution -> ReLU -> pooling, then fully connected layers and softmax.
+
+Depth adapts to the input: a pooling block is added while the feature map can still halve to at least
+2x2, at most 4 (8x8 digits get 2 blocks, 28x28 Fashion-MNIST 3, 32x32 and larger images 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WIDTHS = (32, 64, 128, 128)
+
+
+def pooling_blocks(height: int, width: int) -> int:
+    blocks, side = 0, min(height, width)
+    while side // 2 >= 2 and blocks < len(WIDTHS):
+        side //= 2
+        blocks += 1
+    return max(blocks, 1)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std inside the graph, so a server only scales pixels to [0, 1]."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ConvNet(nn.Module):
+    """Returns logits; `ProbabilitiesModel` adds the softmax for export."""
+
+    def __init__(
+        self,
+        channels: int,
+        height: int,
+        width: int,
+        num_classes: int,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean or [0.0] * channels, std or [1.0] * channels)
+        layers: list[nn.Module] = []
+        in_ch = channels
+        for out_ch in WIDTHS[: pooling_blocks(height, width)]:
+            layers += [
+                nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, channels, height, width)).numel()
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.25),
+            nn.Linear(flat, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.25),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.normalize(x)))
+
+
+class ProbabilitiesModel(nn.Module):
+    """The exported graph: pixels scaled to [0, 1] in, class probabilities out."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)
