@@ -1,0 +1,99 @@
+"""`python -m serving serve|classify|health|score|bench` (console script: `convserve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import grpc
+
+DEFAULT_SERVER = os.environ.get("CONVSERVE_SERVER", "127.0.0.1:8500")
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (env CONVSERVE_SERVER)")
+    parser.add_argument("--model", default="", help="model name (default: the server's only model)")
+    parser.add_argument("--version", type=int, default=0, help="model version (default: newest)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from serving.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve every model of a repository over gRPC")
+    add_config_arguments(serve)
+
+    classify = commands.add_parser("classify", help="classify image files through a server")
+    classify.add_argument("images", nargs="+")
+    add_client_arguments(classify)
+    classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    check = commands.add_parser("health", help="exit 0 when the server answers SERVING (for HEALTHCHECK)")
+    check.add_argument("--server", default=DEFAULT_SERVER)
+    check.add_argument("--timeout", type=float, default=3.0)
+
+    from serving.score import add_score_arguments
+
+    add_score_arguments(
+        commands.add_parser("score", help="score a folder, glob or list of images into a file")
+    )
+    from serving.bench import add_bench_arguments
+
+    add_bench_arguments(
+        commands.add_parser("bench", help="measure the server against in-process ONNX Runtime")
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        from serving.config import config_from_args
+        from serving.server import run_server
+
+        return run_server(config_from_args(args))
+    if args.command == "classify":
+        from serving.classify import classify_files
+
+        try:
+            text, _ = classify_files(
+                args.images, args.server, args.model, args.version, args.top_k, args.json, args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(text)
+        return 0
+    if args.command == "health":
+        from serving.client import ClassifierClient
+
+        try:
+            with ClassifierClient(args.server, timeout=args.timeout, retries=0) as client:
+                status = client.health()
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}", file=sys.stderr)
+            return 1
+        print(status)
+        return 0 if status == "SERVING" else 1
+    if args.command == "score":
+        from serving.score import run_score
+
+        return run_score(args)
+    from serving.bench import run_bench
+
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The dynamic batcher: rows from many concurrent callers merged into one array per model call.
+
+Generic on purpose: it knows nothing of images, protobuf or ONNX. It takes a function from a stacked
+array (N, ...) to an array with N rows, and hands each caller exactly its own rows back, in order.
+
+Dispatch policy (all in the event loop thread, driven by callbacks, no polling task):
+  * idle model (no batch in flight): run whatever is queued at once, so a lone request never waits;
+  * model busy: keep collecting, and stage the next batch when it is full (`max_batch_size` rows) or
+    its oldest row has waited `max_delay` -- an upper bound, never a fixed wait;
+  * up to `max_inflight` batches at a time (default 2: one running, the next one staged), so the
+    model never idles between batches.
+Sizes count rows, not requests; a request larger than `max_batch_size` is split into several items.
+The queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed are
+dropped before they reach the model (`DeadlineExceededError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BatchFunction = Callable[[np.ndarray], np.ndarray]
+
+
+class QueueFullError(Exception):
+    """The batcher's queue holds `max_queue_rows` rows already."""
+
+
+class DeadlineExceededError(Exception):
+    """The rows' deadline passed before a batch could take them."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher no longer accepts work (the server is shutting down)."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 32
+    max_delay_s: float = 0.002
+    max_queue_rows: int = 2048
+    max_inflight: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue_rows < self.max_batch_size or self.max_inflight < 1:
+            raise ValueError(f"invalid batching settings: {self}")
+        if self.max_delay_s < 0:
+            raise ValueError("max_delay must not be negative")
+
+
+@dataclass
+class BatchStats:
+    requests: int = 0
+    items: int = 0
+    batches: int = 0
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    rejected: int = 0
+    expired: int = 0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+class _Pending:
+    """One caller's chunk of rows waiting in the queue."""
+
+    __slots__ = ("deadline", "enqueued", "future", "rows")
+
+    def __init__(self, rows: np.ndarray, future: asyncio.Future, deadline: float | None, enqueued: float):
+        self.rows = rows
+        self.future = future
+        self.deadline = deadline
+        self.enqueued = enqueued
+
+
+class DynamicBatcher:
+    """Merges concurrent `submit` calls into batches for `run_batch`, run in `executor` threads."""
+
+    def __init__(
+        self,
+        run_batch: BatchFunction,
+        config: BatchingConfig | None = None,
+        executor: Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_batch = run_batch
+        self.config = config or BatchingConfig()
+        self.stats = BatchStats()
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="batch")
+        self._clock = clock
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_rows = 0
+        self._inflight = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._closed = False
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Queues `rows` (N, ...) and returns the N output rows; `deadline` is on this batcher's clock."""
+        if self._closed:
+            raise BatcherClosedError("the model is shutting down")
+        count = len(rows)
+        if count == 0:
+            raise ValueError("submit needs at least one row")
+        if self._queued_rows + count > self.config.max_queue_rows:
+            self.stats.rejected += 1
+            raise QueueFullError(
+                f"queue full: {self._queued_rows} rows waiting, limit {self.config.max_queue_rows}"
+            )
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        step = self.config.max_batch_size
+        futures = []
+        for start in range(0, count, step):
+            future = loop.create_future()
+            self._queue.append(_Pending(rows[start : start + step], future, deadline, now))
+            futures.append(future)
+        self._queued_rows += count
+        self.stats.requests += 1
+        self._maybe_dispatch()
+        if len(futures) == 1:
+            return await futures[0]
+        return np.concatenate(await asyncio.gather(*futures))
+
+    def _maybe_dispatch(self) -> None:
+        config = self.config
+        while self._queue and self._inflight < config.max_inflight:
+            due = self._queue[0].enqueued + config.max_delay_s
+            ready = self._inflight == 0 or self._queued_rows >= config.max_batch_size or self._clock() >= due
+            if not ready:
+                self._arm_timer(due)
+                return
+            batch = self._take_batch()
+            if batch:
+                self._dispatch(batch)
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pops whole items, oldest first, up to max_batch_size rows; drops cancelled and expired ones."""
+        batch: list[_Pending] = []
+        rows = 0
+        now = self._clock()
+        while self._queue:
+            item = self._queue[0]
+            size = len(item.rows)
+            if item.future.done():  # the caller went away (cancelled)
+                self._queue.popleft()
+                self._queued_rows -= size
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                self._queue.popleft()
+                self._queued_rows -= size
+                self.stats.expired += size
+                item.future.set_exception(DeadlineExceededError("deadline passed while queued"))
+                continue
+            if rows + size > self.config.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_rows -= size
+            batch.append(item)
+            rows += size
+        return batch
+
+    def _dispatch(self, batch: list[_Pending]) -> None:
+        rows = sum(len(item.rows) for item in batch)
+        self.stats.batches += 1
+        self.stats.items += rows
+        self.stats.batch_sizes[rows] += 1
+        self._inflight += 1
+        parts = [item.rows for item in batch]
+        done = asyncio.get_running_loop().run_in_executor(self._executor, self._run, parts)
+        done.add_done_callback(lambda result: self._deliver(batch, rows, result))
+
+    def _run(self, parts: list[np.ndarray]) -> np.ndarray:
+        """Worker thread: stack the parts and call the model."""
+        stacked = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self.run_batch(stacked)
+
+    def _deliver(self, batch: list[_Pending], rows: int, result: asyncio.Future) -> None:
+        """Event loop thread: hand each caller its own slice, in the order the batch was formed."""
+        self._inflight -= 1
+        error = result.exception()
+        if error is None:
+            output = result.result()
+            if len(output) != rows:
+                error = RuntimeError(f"batch function returned {len(output)} rows for {rows}")
+        offset = 0
+        for item in batch:
+            size = len(item.rows)
+            if not item.future.done():
+                if error is None:
+                    item.future.set_result(output[offset : offset + size])
+                else:
+                    item.future.set_exception(error)
+            offset += size
+        self._maybe_dispatch()
+        if self._idle is not None and self._inflight == 0 and not self._queue:
+            self._idle.set()
+
+    def _arm_timer(self, when: float) -> None:
+        if self._timer is not None and self._timer_at <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = when
+        self._timer = loop.call_later(max(0.0, when - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        self._maybe_dispatch()
+
+    async def close(self) -> None:
+        """Refuses new work, lets queued and running batches finish, then releases the worker threads."""
+        self._closed = True
+        if self._queue or self._inflight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._own_executor:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,31 @@
+"""Softmax and top-k, vectorised over a whole batch (never a Python loop over images)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest entries of each row, largest first; k is capped at the row length.
+
+    Ties keep the lower class index first, so results are deterministic.
+    """
+    classes = probabilities.shape[1]
+    k = min(k, classes)
+    if k < classes and classes > 64:
+        # Partition first: O(C) per row instead of a full sort when there are many classes.
+        candidates = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(probabilities, candidates, axis=1)
+        order = np.lexsort((candidates, -values), axis=1)
+        indices = np.take_along_axis(candidates, order, axis=1)
+    else:
+        indices = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return indices, np.take_along_axis(probabilities, indices, axis=1)

@@ -1,0 +1,149 @@
+"""ONNX Runtime sessions: provider choice, deliberate CPU options, and the batch call.
+
+A session runs in a worker thread (ONNX Runtime releases the GIL). With `instances` > 1 each worker
+thread gets its own session, so several batches can run at once (useful when one CUDA stream leaves
+the GPU idle). On CUDA, batches are padded up to a few bucket sizes so cuDNN does not tune its
+kernels again for every new batch size; the padding rows are dropped from the results.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be run as asked."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    intra_op_threads: int = 0  # 0: one per core
+    instances: int = 1
+    spin: bool = False  # ONNX Runtime's spin-wait burns a core that decoding and gRPC need
+    cuda_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return kind, int(index or 0)
+
+
+def choose_providers(device: str, available: list[str]) -> tuple[list, str]:
+    """The provider list for a device request, and a sentence saying what was chosen and why."""
+    kind, index = parse_device(device)
+    has_cuda = "CUDAExecutionProvider" in available
+    if kind == "cpu":
+        return ["CPUExecutionProvider"], "CPU (asked for)"
+    if has_cuda:
+        cuda = (
+            "CUDAExecutionProvider",
+            {
+                "device_id": index,
+                "cudnn_conv_algo_search": "EXHAUSTIVE",
+                "arena_extend_strategy": "kNextPowerOfTwo",
+            },
+        )
+        return [cuda, "CPUExecutionProvider"], f"CUDA device {index}"
+    reason = "CUDA asked for but not available in this onnxruntime build" if kind == "cuda" else "no CUDA"
+    return ["CPUExecutionProvider"], f"CPU ({reason})"
+
+
+def session_options(options: RuntimeOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = options.intra_op_threads or (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+    return so
+
+
+def bucket_size(rows: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding `rows`; rows itself beyond the largest bucket."""
+    position = bisect.bisect_left(buckets, rows)
+    return buckets[position] if position < len(buckets) else rows
+
+
+def pad_rows(batch: np.ndarray, rows: int) -> np.ndarray:
+    if rows == len(batch):
+        return batch
+    padded = np.zeros((rows, *batch.shape[1:]), dtype=batch.dtype)
+    padded[: len(batch)] = batch
+    return padded
+
+
+class ModelRuntime:
+    """One model version's ONNX Runtime session(s); `run` is safe to call from worker threads."""
+
+    def __init__(self, path: Path, options: RuntimeOptions | None = None) -> None:
+        self.path = path
+        self.options = options or RuntimeOptions()
+        providers, self.provider_reason = choose_providers(self.options.device, ort.get_available_providers())
+        so = session_options(self.options)
+        self._sessions = [
+            ort.InferenceSession(str(path), so, providers=providers)
+            for _ in range(max(1, self.options.instances))
+        ]
+        self._free = list(self._sessions)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        first = self._sessions[0]
+        self.provider = first.get_providers()[0]
+        self.on_cuda = self.provider == "CUDAExecutionProvider"
+        model_input = first.get_inputs()[0]
+        self.input_name = model_input.name
+        self.input_shape = list(model_input.shape)
+        if model_input.type not in ORT_DTYPES:
+            raise ModelLoadError(f"{path}: unsupported input type {model_input.type}")
+        self.input_dtype = np.dtype(ORT_DTYPES[model_input.type])
+        self.output_name = first.get_outputs()[0].name
+        self.output_shape = list(first.get_outputs()[0].shape)
+        self.metadata = dict(first.get_modelmeta().custom_metadata_map)
+        self.intra_op_threads = so.intra_op_num_threads
+
+    @property
+    def num_classes(self) -> int | None:
+        last = self.output_shape[-1] if self.output_shape else None
+        return last if isinstance(last, int) else None
+
+    def _session(self) -> ort.InferenceSession:
+        """Each worker thread keeps one session of its own."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            with self._lock:
+                session = self._free.pop() if self._free else self._sessions[0]
+            self._local.session = session
+        return session
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        rows = len(batch)
+        if self.on_cuda:
+            batch = pad_rows(batch, bucket_size(rows, self.options.cuda_buckets))
+        output = self._session().run([self.output_name], {self.input_name: batch})[0]
+        return output[:rows]
+
+    def describe(self) -> str:
+        return (
+            f"provider {self.provider} [{self.provider_reason}], {len(self._sessions)} instance(s), "
+            f"{self.intra_op_threads} intra-op thread(s), spin {'on' if self.options.spin else 'off'}"
+        )

@@ -1,0 +1,2 @@
+def add_score_arguments(p):
+    pass

@@ -1,0 +1,223 @@
+"""The dynamic batcher alone: every caller gets exactly its own rows, in order, whatever the timing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.batching import (
+    BatcherClosedError,
+    BatchingConfig,
+    DeadlineExceededError,
+    DynamicBatcher,
+    QueueFullError,
+)
+
+
+class RecordingModel:
+    """A batch function that tags each row (row * 10 + 1) and records the batch sizes it was given."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.sizes: list[int] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_running = 0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.sizes.append(len(batch))
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        if self.delay:
+            time.sleep(self.delay)
+        with self.lock:
+            self.running -= 1
+        return batch * 10 + 1
+
+
+def rows_for(caller: int, count: int) -> np.ndarray:
+    """Rows unique to one caller: (caller, position) in two columns."""
+    return np.stack([np.full(count, caller), np.arange(count)], axis=1).astype(np.int64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+    gaps=st.lists(st.floats(0, 0.002), min_size=30, max_size=30),
+    max_batch=st.integers(1, 16),
+    delay_ms=st.sampled_from([0.0, 0.5, 3.0]),
+    model_ms=st.sampled_from([0.0, 1.0]),
+)
+def test_every_caller_gets_its_own_rows_in_order(counts, gaps, max_batch, delay_ms, model_ms) -> None:
+    model = RecordingModel(model_ms / 1000)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch, delay_ms / 1000, max_queue_rows=10_000))
+
+        async def caller(index: int) -> None:
+            await asyncio.sleep(gaps[index])
+            sent = rows_for(index, counts[index])
+            got = await batcher.submit(sent)
+            np.testing.assert_array_equal(got, sent * 10 + 1)
+
+        await asyncio.gather(*(caller(i) for i in range(len(counts))))
+        await batcher.close()
+        assert batcher.stats.items == sum(counts)
+        assert batcher.stats.requests == len(counts)
+        assert sum(size * n for size, n in batcher.stats.batch_sizes.items()) == sum(counts)
+
+    asyncio.run(scenario())
+    assert max(model.sizes) <= max_batch  # rows, not requests
+    assert sum(model.sizes) == sum(counts)
+    assert model.most_running == 1  # one worker thread: batches never overlap on the model
+
+
+def test_lone_request_runs_at_once_without_waiting_for_max_delay() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> float:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=64, max_delay_s=5.0))
+        started = time.perf_counter()
+        await batcher.submit(rows_for(0, 1))
+        took = time.perf_counter() - started
+        await batcher.close()
+        return took
+
+    assert asyncio.run(scenario()) < 1.0  # far below max_delay: an idle model does not wait for a batch
+
+
+def test_requests_arriving_while_busy_are_merged() -> None:
+    model = RecordingModel(delay=0.05)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=64, max_delay_s=1.0))
+        first = asyncio.create_task(batcher.submit(rows_for(0, 1)))
+        await asyncio.sleep(0.01)  # the first batch is now running
+        rest = [asyncio.create_task(batcher.submit(rows_for(i, 2))) for i in range(1, 31)]
+        await asyncio.gather(first, *rest)
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert model.sizes[0] == 1
+    assert max(model.sizes) == 60  # 30 callers of 2 rows: one batch once the model was free
+
+
+def test_full_batch_is_staged_while_the_model_runs() -> None:
+    model = RecordingModel(delay=0.05)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=4, max_delay_s=10.0))
+        tasks = [asyncio.create_task(batcher.submit(rows_for(i, 1))) for i in range(9)]
+        await asyncio.gather(*tasks)
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert model.sizes == [1, 4, 4]  # idle: run now; then full batches, never waiting out max_delay
+
+
+def test_large_request_is_split_into_rows_of_max_batch() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> np.ndarray:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8, max_delay_s=0.001))
+        got = await batcher.submit(rows_for(3, 30))
+        await batcher.close()
+        return got
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), rows_for(3, 30) * 10 + 1)
+    assert max(model.sizes) <= 8 and sum(model.sizes) == 30
+
+
+def test_queue_is_bounded_in_rows() -> None:
+    model = RecordingModel(delay=0.05)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(4, 0.001, max_queue_rows=8, max_inflight=1))
+        running = asyncio.create_task(batcher.submit(rows_for(0, 4)))
+        await asyncio.sleep(0.01)
+        queued = asyncio.create_task(batcher.submit(rows_for(1, 8)))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="queue full"):
+            await batcher.submit(rows_for(2, 1))
+        await asyncio.gather(running, queued)
+        assert batcher.stats.rejected == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_expired_rows_are_dropped_before_the_model() -> None:
+    model = RecordingModel(delay=0.05)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(4, 0.001, max_inflight=1))
+        running = asyncio.create_task(batcher.submit(rows_for(0, 1)))
+        await asyncio.sleep(0.005)
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit(rows_for(1, 3), deadline=time.monotonic() + 0.01)
+        await running
+        assert batcher.stats.expired == 3
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert model.sizes == [1]
+
+
+def test_cancelled_callers_are_skipped_and_others_unaffected() -> None:
+    model = RecordingModel(delay=0.03)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(8, 0.001, max_inflight=1))
+        running = asyncio.create_task(batcher.submit(rows_for(0, 1)))
+        await asyncio.sleep(0.005)
+        gone = asyncio.create_task(batcher.submit(rows_for(1, 5)))
+        kept = asyncio.create_task(batcher.submit(rows_for(2, 2)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        np.testing.assert_array_equal(await kept, rows_for(2, 2) * 10 + 1)
+        await running
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert model.sizes == [1, 2]
+
+
+def test_model_failure_reaches_every_caller_of_that_batch_only() -> None:
+    calls = []
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise ValueError("model broke")
+        return batch
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(flaky, BatchingConfig(max_batch_size=8, max_delay_s=0.001))
+        with pytest.raises(ValueError, match="model broke"):
+            await batcher.submit(rows_for(0, 2))
+        np.testing.assert_array_equal(await batcher.submit(rows_for(1, 2)), rows_for(1, 2))
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_closed_batcher_refuses_new_work_after_finishing_queued_work() -> None:
+    model = RecordingModel(delay=0.02)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=2, max_delay_s=0.001))
+        pending = [asyncio.create_task(batcher.submit(rows_for(i, 2))) for i in range(4)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert all(t.done() and not t.exception() for t in pending)
+        with pytest.raises(BatcherClosedError):
+            await batcher.submit(rows_for(9, 1))
+
+    asyncio.run(scenario())
