@@ -1,2 +1,463 @@
-def add_score_arguments(p):
-    pass
+"""`python -m serving score INPUT --out results.jsonl`: a batch scoring job.
+
+Images are read and sent while earlier answers come back: each server gets `--streams` long-lived
+ClassifyStream calls, all fed from one queue of chunks (`--batch` images per message) with at most
+`--inflight` images unanswered. A stream that breaks puts its unanswered chunks back on the queue,
+so the other servers (or the same one, once it is back) score them. One output line per image, in
+the order answers arrive; rerunning with the same `--out` skips what is already there.
+
+`--local MODEL_DIR` runs the very same request path in process (ClassifierService.classify: decode
+pool, dynamic batcher, ONNX Runtime), with no server: for a laptop, and as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import glob
+import io
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from protos.convserve.v1 import convserve_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+RETRY_LIMIT = 5  # consecutive failed connections before a stream gives up on its server
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class ScoreError(Exception):
+    """The job cannot run (bad input, no server); exit code 1 or 2."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    from serving.__main__ import DEFAULT_SERVER
+
+    parser.add_argument("input", help="a folder (recursive), a glob, a text file of paths, or - for stdin")
+    parser.add_argument("--out", type=Path, required=True, help="results file; appended to on restart")
+    parser.add_argument(
+        "--format", choices=["jsonl", "csv"], default=None, help="default: from --out's suffix"
+    )
+    parser.add_argument(
+        "--server",
+        action="append",
+        help=f"HOST:PORT or dns:///NAME:PORT; repeatable (default {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--local", type=Path, default=None, help="score in process with this model (no server)"
+    )
+    parser.add_argument("--model", default="", help="model name (default: the server's only model)")
+    parser.add_argument("--version", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16, help="images per message")
+    parser.add_argument("--inflight", type=int, default=256, help="images sent and not yet answered, at most")
+    parser.add_argument("--streams", type=int, default=2, help="ClassifyStream calls per server")
+    parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any image failed")
+
+
+# -- inputs and outputs ---------------------------------------------------------------------------
+
+
+def image_suffixes() -> set[str]:
+    from PIL import Image
+
+    return {suffix.lower() for suffix in Image.registered_extensions()}
+
+
+def find_inputs(spec: str) -> list[str]:
+    """Paths from a folder (recursive, image suffixes only), a glob, a list file, or '-' (stdin)."""
+    if spec == "-":
+        return [line.strip() for line in sys.stdin if line.strip()]
+    path = Path(spec)
+    if path.is_dir():
+        suffixes = image_suffixes()
+        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if any(ch in spec for ch in "*?["):
+        return sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    raise ScoreError(f"input {spec!r} is not a folder, a glob, a list file or -", exit_code=2)
+
+
+def output_format(out: Path, chosen: str | None) -> str:
+    return chosen or ("csv" if out.suffix.lower() == ".csv" else "jsonl")
+
+
+def completed_paths(out: Path, fmt: str) -> set[str]:
+    """Paths already scored in `out`; a last line cut off by a kill is dropped from the file."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]  # everything up to the last complete line
+    if len(keep) != len(data):
+        out.write_bytes(keep)
+    text = keep.decode()
+    if fmt == "csv":
+        return {row["path"] for row in csv.DictReader(io.StringIO(text))}
+    return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+
+
+@dataclass
+class ImageOutcome:
+    path: str
+    labels: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+class ResultWriter:
+    """Appends one line per image and flushes it, so a killed job keeps every finished line."""
+
+    def __init__(self, out: Path, fmt: str, top_k: int) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        new = not out.exists() or out.stat().st_size == 0
+        self.file = out.open("a", newline="")
+        self.fmt = fmt
+        self.top_k = top_k
+        if fmt == "csv":
+            self.csv = csv.writer(self.file)
+            if new:
+                ranks = [
+                    f"{name}_{r}" for r in range(1, top_k + 1) for name in ("index", "label", "probability")
+                ]
+                self.csv.writerow(["path", "error", *ranks])
+
+    def write(self, outcome: ImageOutcome) -> None:
+        if self.fmt == "csv":
+            cells = [
+                v
+                for i, lbl, p in zip(outcome.indices, outcome.labels, outcome.probabilities, strict=True)
+                for v in (i, lbl, f"{p:.6g}")
+            ]
+            self.csv.writerow([outcome.path, outcome.error or "", *cells])
+        else:
+            top = [
+                {"index": i, "label": lbl, "probability": p}
+                for i, lbl, p in zip(outcome.indices, outcome.labels, outcome.probabilities, strict=True)
+            ]
+            self.file.write(json.dumps({"path": outcome.path, "top_k": top, "error": outcome.error}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# -- work -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    id: int
+    paths: list[str]
+
+
+def outcomes_of(
+    chunk: Chunk, unreadable: dict[str, str], response: pb.ClassifyResponse | None
+) -> list[ImageOutcome]:
+    """Matches a response's results (sent images only, in order) back to the chunk's paths."""
+    results = iter(response.results) if response is not None else iter(())
+    outcomes = []
+    for path in chunk.paths:
+        if path in unreadable:
+            outcomes.append(ImageOutcome(path, error=unreadable[path]))
+            continue
+        if response is not None and response.HasField("error"):
+            outcomes.append(ImageOutcome(path, error=response.error.message))
+            continue
+        result = next(results)
+        if result.HasField("error"):
+            message = result.error.message.split(": ", 1)[-1]  # drop the server's "image N: " prefix
+            outcomes.append(ImageOutcome(path, error=message))
+        else:
+            outcomes.append(
+                ImageOutcome(path, list(result.label), list(result.class_index), list(result.probability))
+            )
+    return outcomes
+
+
+def build_request(
+    chunk: Chunk, model: str, version: int, top_k: int
+) -> tuple[pb.ClassifyRequest | None, dict]:
+    """Reads the chunk's files; unreadable ones become errors and are not sent."""
+    unreadable: dict[str, str] = {}
+    images = []
+    for path in chunk.paths:
+        try:
+            images.append(pb.Image(encoded=Path(path).read_bytes()))
+        except OSError as exc:
+            unreadable[path] = f"cannot read file: {exc.strerror or exc}"
+    if not images:
+        return None, unreadable
+    return pb.ClassifyRequest(
+        id=str(chunk.id), model=model, version=version, top_k=top_k, images=images
+    ), unreadable
+
+
+class Job:
+    """The shared state: a queue of chunks, a bound on images in flight, and the answers."""
+
+    def __init__(self, chunks: list[Chunk], inflight_chunks: int, args: argparse.Namespace) -> None:
+        self.todo: queue.Queue[Chunk] = queue.Queue()
+        for chunk in chunks:
+            self.todo.put(chunk)
+        self.slots = threading.Semaphore(max(1, inflight_chunks))
+        self.answers: queue.Queue[tuple[Chunk, list[ImageOutcome]] | Exception] = queue.Queue()
+        self.finished = threading.Event()
+        self.args = args
+
+    def next_chunk(self, closed: threading.Event) -> Chunk | None:
+        """Blocks for a slot and a chunk; None once the job is finished or the caller's stream closed."""
+        while not self.finished.is_set() and not closed.is_set():
+            if not self.slots.acquire(timeout=0.1):
+                continue
+            try:
+                return self.todo.get(timeout=0.1)
+            except queue.Empty:
+                self.slots.release()
+        return None
+
+    def give_back(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            self.todo.put(chunk)
+            self.slots.release()
+
+
+def stream_once(job: Job, target: str) -> int:
+    """One ClassifyStream call; returns the chunks it answered. Unanswered ones go back to the queue."""
+    from serving.client import ClassifierClient
+
+    args = job.args
+    pending: dict[str, tuple[Chunk, dict]] = {}
+    lock = threading.Lock()
+    closed = threading.Event()  # gRPC may still pull from `requests` after the call ended
+    answered = 0
+
+    def requests() -> Iterator[pb.ClassifyRequest]:
+        while (chunk := job.next_chunk(closed)) is not None:
+            request, unreadable = build_request(chunk, args.model, args.version, args.top_k)
+            if request is None:  # nothing readable: answer it here
+                job.answers.put((chunk, outcomes_of(chunk, unreadable, None)))
+                continue
+            with lock:
+                if closed.is_set():
+                    job.give_back([chunk])
+                    return
+                pending[request.id] = (chunk, unreadable)
+            yield request
+
+    client = ClassifierClient(target, retries=0)
+    try:
+        for response in client.stream(requests()):
+            with lock:
+                chunk, unreadable = pending.pop(response.id)
+            if response.HasField("error") and response.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                job.give_back([chunk])  # that server is going away: another one answers
+                continue
+            job.answers.put((chunk, outcomes_of(chunk, unreadable, response)))
+            answered += 1
+    finally:
+        with lock:
+            closed.set()
+            lost = [chunk for chunk, _ in pending.values()]
+            pending.clear()
+        if lost:
+            log.warning("stream to %s ended with %d unanswered chunk(s): re-sending them", target, len(lost))
+        job.give_back(lost)
+        client.close()
+    return answered
+
+
+def stream_worker(job: Job, target: str) -> None:
+    """Keeps one stream to `target` open while there is work, reconnecting with backoff."""
+    failures = 0
+    while not job.finished.is_set() and failures < RETRY_LIMIT:
+        try:
+            if stream_once(job, target):
+                failures = 0
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRYABLE:
+                job.answers.put(ScoreError(f"{target}: {exc.code().name}: {exc.details()}"))
+                return
+            failures += 1
+            log.warning(
+                "stream to %s failed (%s), attempt %d of %d", target, exc.code().name, failures, RETRY_LIMIT
+            )
+            time.sleep(min(0.2 * 2**failures, 5.0))
+    if failures >= RETRY_LIMIT:
+        log.warning("giving up on %s", target)
+
+
+def local_worker(job: Job, model_dir: Path) -> None:
+    """The same request path in process: ClassifierService.classify with its batcher and decode pool."""
+    from serving.config import ServerConfig
+    from serving.repository import ModelRepository
+    from serving.service import ClassifierService, Limits
+
+    config = ServerConfig(models=model_dir)
+    repository = ModelRepository.load(local_repository_root(model_dir), config.runtime, config.batching)
+    args = job.args
+
+    async def run() -> None:
+        pool = ThreadPoolExecutor(config.resolved_decode_threads)
+        service = ClassifierService(repository, pool, Limits(config.max_images, config.max_pixels))
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(chunk: Chunk) -> None:
+            request, unreadable = await loop.run_in_executor(
+                pool, build_request, chunk, args.model, args.version, args.top_k
+            )
+            response = None
+            if request is not None:
+                try:
+                    response = await service.classify(request)
+                except Exception as exc:  # a StatusError: the whole request failed
+                    response = pb.ClassifyResponse(id=request.id, error=pb.Error(code=3, message=str(exc)))
+            job.answers.put((chunk, outcomes_of(chunk, unreadable, response)))
+
+        never = threading.Event()
+        while (chunk := await loop.run_in_executor(None, job.next_chunk, never)) is not None:
+            task = asyncio.create_task(one(chunk))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        await repository.close()
+        pool.shutdown()
+
+    asyncio.run(run())
+
+
+def local_repository_root(model_dir: Path) -> Path:
+    """Accepts a repository, a model folder (`<name>/`) or a version folder (`<name>/<version>/`)."""
+    from serving.repository import MODEL_FILE
+
+    if (model_dir / MODEL_FILE).is_file():
+        import tempfile
+
+        # A lone version folder: give it the repository layout through a symlink.
+        root = Path(tempfile.mkdtemp(prefix="convserve-local-"))
+        (root / model_dir.parent.name).mkdir()
+        (root / model_dir.parent.name / (model_dir.name if model_dir.name.isdigit() else "1")).symlink_to(
+            model_dir.resolve()
+        )
+        return root
+    if any((p / MODEL_FILE).is_file() for p in model_dir.glob("*") if p.is_dir()):
+        return model_dir.parent
+    return model_dir
+
+
+# -- the job --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    scored: int = 0
+    failed: int = 0
+    skipped: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.scored + self.failed) / self.wall_s if self.wall_s else 0.0
+
+    def line(self) -> str:
+        return (
+            f"scored {self.scored}, failed {self.failed}, skipped {self.skipped} (already in the output); "
+            f"{self.images_per_s:.1f} images/s; wall time {self.wall_s:.2f}s"
+        )
+
+
+def score(args: argparse.Namespace) -> Summary:
+    if args.batch < 1 or args.inflight < 1 or args.top_k < 1 or args.streams < 1:
+        raise ScoreError("--batch, --inflight, --top-k and --streams must be at least 1", exit_code=2)
+    fmt = output_format(args.out, args.format)
+    paths = find_inputs(args.input)
+    done = completed_paths(args.out, fmt)
+    todo = [p for p in dict.fromkeys(paths) if p not in done]
+    summary = Summary(skipped=len(paths) - len(todo))
+    chunks = [
+        Chunk(i, todo[start : start + args.batch]) for i, start in enumerate(range(0, len(todo), args.batch))
+    ]
+    job = Job(chunks, args.inflight // args.batch, args)
+    writer = ResultWriter(args.out, fmt, args.top_k)
+    started = time.perf_counter()
+    if args.local is not None:
+        workers = [threading.Thread(target=local_worker, args=(job, args.local), daemon=True)]
+    else:
+        from serving.__main__ import DEFAULT_SERVER
+
+        targets = args.server or [DEFAULT_SERVER]
+        workers = [
+            threading.Thread(target=stream_worker, args=(job, t), daemon=True)
+            for t in targets
+            for _ in range(args.streams)
+        ]
+    for worker in workers:
+        worker.start()
+    answered: set[int] = set()
+    try:
+        with tqdm(total=len(todo), unit="img", desc="scoring", disable=None, smoothing=0.1) as bar:
+            while len(answered) < len(chunks):
+                try:
+                    item = job.answers.get(timeout=0.5)
+                except queue.Empty:
+                    if not any(w.is_alive() for w in workers):
+                        raise ScoreError(
+                            f"no server could score the remaining {len(todo) - bar.n} images "
+                            f"(tried {', '.join(args.server or ['the default'])})"
+                        ) from None
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                chunk, outcomes = item
+                if chunk.id in answered:
+                    continue
+                answered.add(chunk.id)
+                job.slots.release()
+                for outcome in outcomes:
+                    writer.write(outcome)
+                    if outcome.error:
+                        summary.failed += 1
+                    else:
+                        summary.scored += 1
+                bar.update(len(outcomes))
+    finally:
+        job.finished.set()
+        writer.close()
+        summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def run_score(args: argparse.Namespace) -> int:
+    try:
+        summary = score(args)
+    except ScoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(summary.line())
+    return 1 if args.fail_on_error and summary.failed else 0

@@ -65,7 +65,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.last_call_at = time.monotonic()
         self.active_calls += 1
         try:
-            return await self._classify(request, deadline_of(context))
+            return await self.classify(request, deadline_of(context))
         except StatusError as exc:
             await context.abort(exc.code, exc.message)
             raise  # unreachable: abort raises
@@ -85,7 +85,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             try:
                 if self.shutting_down:  # calls already open stay open, but take no new work
                     raise StatusError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-                response = await self._classify(request, deadline_of(context))
+                response = await self.classify(request, deadline_of(context))
             except StatusError as exc:
                 response = pb.ClassifyResponse(
                     id=request.id,
@@ -142,7 +142,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     # -- the request path -------------------------------------------------------------------------
 
-    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+    async def classify(
+        self, request: pb.ClassifyRequest, deadline: float | None = None
+    ) -> pb.ClassifyResponse:
+        """One request through the whole path, without gRPC: also what `score --local` calls."""
         model = self._resolve(request.model, request.version)
         k = self._validate_top_k(request)
         count = len(request.images)
