@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
+	scripts/system-deps.sh
 	$(PY) -m pytest -q
 
 format: $(STAMP)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# System packages the tests use: nginx (the gRPC load balancer in front of two servers) and Debian's
+# docker-compose (validates docker-compose.yml offline; there is no Docker engine here). Installed
+# only when missing; needs root (as on CI) or sudo.
+set -euo pipefail
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+echo "installing ${missing[*]} (apt-get)"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
