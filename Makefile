@@ -33,8 +33,11 @@ format: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m protos.generate
 
+# Reference models with random weights (built once), then the benchmark: writes benchmarks/RESULTS.md.
 bench: $(STAMP)
-	$(PY) -m serving bench
+	$(PY) -m training reference digits --repository benchmarks/models
+	$(PY) -m training reference resnet18 --repository benchmarks/models
+	$(PY) -m serving bench --models benchmarks/models $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs models .pytest_cache .ruff_cache

@@ -1,2 +1,460 @@
-def add_bench_arguments(p):
-    pass
+"""`python -m serving bench`: how much of the model's raw speed survives the trip through the server.
+
+For each model, in one run:
+  (a) the limit: ONNX Runtime in this process, the server's session options, at several batch sizes;
+  (b) the server (started here, or --server) under load from `serving.loadgen` in a separate process:
+      unary single-image requests at concurrency 1, 16 and 64, unary requests of 32 images, and
+      ClassifyStream as the scoring job uses it, each with PNG images and with raw tensors;
+  (c) a second server with batching off (max_batch_size 1), the baseline batching must beat;
+  (d) the transport's ceiling: the Echo RPC on the same server and load generator.
+The limit and the scenarios alternate in short rounds, so drift in the machine's speed hits both
+alike; figures are medians over the rounds with their range. Writes a Markdown table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LIMIT_BATCH_SIZES = (1, 4, 16, 32)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # unary | stream | echo
+    payload: str = "png"  # png | tensor
+    concurrency: int = 1
+    images: int = 1
+    server: str = "batching"  # batching | no-batching
+
+    def command(self, target: str, model: str, duration: float) -> dict:
+        return {
+            "target": target,
+            "kind": self.kind,
+            "payload": self.payload,
+            "concurrency": self.concurrency,
+            "images": self.images,
+            "model": model,
+            "duration": duration,
+            "streams": 2,
+            "inflight": 512,
+        }
+
+
+def scenarios() -> list[Scenario]:
+    found = []
+    for payload in ("png", "tensor"):
+        for concurrency in (1, 16, 64):
+            found.append(Scenario(f"unary c{concurrency} {payload}", "unary", payload, concurrency))
+        found.append(Scenario(f"unary 32-image c4 {payload}", "unary", payload, 4, 32))
+        found.append(Scenario(f"stream 32/msg {payload}", "stream", payload, images=32))
+        found.append(Scenario(f"no-batching unary c64 {payload}", "unary", payload, 64, server="no-batching"))
+    found.append(Scenario("echo c1", "echo", concurrency=1))
+    found.append(Scenario("echo c64", "echo", concurrency=64))
+    return found
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", type=Path, default=Path("benchmarks/models"), help="model repository")
+    parser.add_argument("--model", action="append", help="model(s) to measure (default: digits and resnet18)")
+    parser.add_argument("--server", default=None, help="measure this running server instead of starting one")
+    parser.add_argument("--duration", type=float, default=1.5, help="seconds per scenario per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    names = ", ".join(s.name for s in scenarios())
+    parser.add_argument("--scenario", action="append", help=f"run only these (repeatable): {names}")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
+    parser.add_argument("--device", default="cpu")
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen | None
+    address: str
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process (all its threads), from /proc."""
+        if self.process is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+def start_server(models: Path, workdir: Path, *flags: str) -> ServerProcess:
+    port_file = workdir / f"port-{time.monotonic_ns()}"
+    command = [
+        sys.executable,
+        "-m",
+        "serving",
+        "serve",
+        "--models",
+        str(models),
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--log-level",
+        "WARNING",
+        *flags,
+    ]
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"server did not start: {' '.join(command)}")
+        time.sleep(0.05)
+    return ServerProcess(process, f"127.0.0.1:{port_file.read_text().strip()}")
+
+
+class LoadGenerator:
+    """`python -m serving.loadgen` in its own process, fed one scenario at a time."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving.loadgen"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, command: dict) -> dict:
+        assert self.process.stdin and self.process.stdout
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the load generator died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait(30)
+
+
+# -- the limit ------------------------------------------------------------------------------------
+
+
+class InProcessLimit:
+    """ONNX Runtime in this process with the server's session options."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        from serving.repository import load_contract
+        from serving.runtime import ModelRuntime, RuntimeOptions
+
+        self.runtime = ModelRuntime(path, RuntimeOptions(device=device))
+        self.contract = load_contract(path, self.runtime)
+        rng = np.random.default_rng(0)
+        self.inputs = {
+            b: rng.random((b, *self.contract.image_shape), dtype=np.float32) for b in LIMIT_BATCH_SIZES
+        }
+
+    def measure(self, batch: int, duration: float) -> tuple[float, float]:
+        """(images/s, seconds per batch call) over `duration`."""
+        x = self.inputs[batch]
+        self.runtime.run(x)
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < duration:
+            self.runtime.run(x)
+            calls += 1
+        return calls * batch / elapsed, elapsed / calls
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    images_per_s: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p95: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    batch: list[float] = field(default_factory=list)
+    cpu_ms_per_image: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def model_stats(address: str, model: str) -> tuple[int, int]:
+    from serving.client import ClassifierClient
+
+    with ClassifierClient(address, timeout=10) as client:
+        stats = client.get_model(model).stats
+    return stats.items, stats.batches
+
+
+def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadGenerator) -> dict:
+    path = (
+        args.models
+        / model
+        / str(max(int(p.name) for p in (args.models / model).iterdir() if p.name.isdigit()))
+    )
+    limit = InProcessLimit(path / "model.onnx", args.device)
+    flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms)]
+    servers: dict[str, ServerProcess] = {}
+    chosen = [s for s in scenarios() if not args.scenario or s.name in args.scenario]
+    try:
+        if args.server:
+            servers["batching"] = ServerProcess(None, args.server)
+        else:
+            servers["batching"] = start_server(
+                args.models, workdir, "--max-batch-size", str(args.max_batch_size), *flags
+            )
+        if any(s.server == "no-batching" for s in chosen):
+            servers["no-batching"] = start_server(args.models, workdir, "--max-batch-size", "1", *flags)
+        limits: dict[int, list[tuple[float, float]]] = {b: [] for b in LIMIT_BATCH_SIZES}
+        results = {s.name: Measured() for s in chosen}
+        for round_index in range(args.rounds):
+            for batch in LIMIT_BATCH_SIZES:  # the limit, then the server, alternating every round
+                limits[batch].append(limit.measure(batch, min(args.duration, 1.0)))
+            for scenario in chosen:
+                server = servers[scenario.server]
+                items0, batches0 = model_stats(server.address, model)
+                cpu0 = server.cpu_seconds()
+                result = load.run(scenario.command(server.address, model, args.duration))
+                cpu1 = server.cpu_seconds()
+                items1, batches1 = model_stats(server.address, model)
+                measured = results[scenario.name]
+                measured.images_per_s.append(result["images_per_s"])
+                measured.p50.append(result["p50_ms"])
+                measured.p95.append(result["p95_ms"])
+                measured.p99.append(result["p99_ms"])
+                measured.errors += result["errors"]
+                if scenario.kind != "echo" and batches1 > batches0:
+                    measured.batch.append((items1 - items0) / (batches1 - batches0))
+                if cpu0 is not None and cpu1 is not None and result["images"]:
+                    # Warm-up calls count in the CPU time too: scale by all images the server saw.
+                    seen = items1 - items0 if scenario.kind != "echo" else result["images"]
+                    measured.cpu_ms_per_image.append(1000 * (cpu1 - cpu0) / max(seen, 1))
+            print(f"{model}: round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return summarise(model, limits, results)
+
+
+def nearest_limit(limits: dict[int, float], batch: float) -> tuple[int, float]:
+    size = min(limits, key=lambda b: abs(np.log(b) - np.log(max(batch, 1.0))))
+    return size, limits[size]
+
+
+def summarise(model: str, limits: dict[int, list[tuple[float, float]]], results: dict[str, Measured]) -> dict:
+    limit_rate = {b: median([r for r, _ in v]) for b, v in limits.items()}
+    summary = {
+        "model": model,
+        "limit": {
+            str(b): {
+                "images_per_s": limit_rate[b],
+                "range": [min(r for r, _ in v), max(r for r, _ in v)],
+                "latency_ms": 1000 * median([t for _, t in v]),
+            }
+            for b, v in limits.items()
+        },
+        "scenarios": {},
+    }
+    for name, m in results.items():
+        batch = median(m.batch) if m.batch else 1.0
+        size, reference = nearest_limit(limit_rate, batch)
+        rate = median(m.images_per_s)
+        summary["scenarios"][name] = {
+            "images_per_s": rate,
+            "range": [min(m.images_per_s), max(m.images_per_s)],
+            "p50_ms": median(m.p50),
+            "p95_ms": median(m.p95),
+            "p99_ms": median(m.p99),
+            "mean_batch": batch if m.batch else None,
+            "limit_batch": size,
+            "ratio_to_limit": rate / reference if not name.startswith("echo") else None,
+            "ratio_to_best_limit": rate / max(limit_rate.values()) if not name.startswith("echo") else None,
+            "cpu_ms_per_image": median(m.cpu_ms_per_image) if m.cpu_ms_per_image else None,
+            "errors": m.errors,
+        }
+    return summary
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def targets(summary: dict) -> list[tuple[str, bool | None, str]]:
+    """The issue's targets, as (target, held, figures)."""
+    s, model = summary["scenarios"], summary["model"]
+    out: list[tuple[str, bool | None, str]] = []
+
+    def get(name: str) -> dict | None:
+        return s.get(name)
+
+    if model.startswith("resnet18"):
+        for name, goal in (("unary c64 png", 0.8), ("stream 32/msg png", 0.9)):
+            if (r := get(name)) is not None:
+                out.append(
+                    (
+                        f"{model}: {name} ≥ {goal}× limit",
+                        r["ratio_to_limit"] >= goal,
+                        f"{r['ratio_to_limit']:.2f}×",
+                    )
+                )
+    if model.startswith("digits"):
+        if (r := get("stream 32/msg tensor")) is not None:
+            out.append(
+                (
+                    f"{model}: stream tensors ≥ 0.3× limit",
+                    r["ratio_to_limit"] >= 0.3,
+                    f"{r['ratio_to_limit']:.2f}× ({r['images_per_s']:.0f} images/s)",
+                )
+            )
+        unary, off, ceiling = get("unary c64 png"), get("no-batching unary c64 png"), get("echo c64")
+        if unary and off:
+            ratio = unary["images_per_s"] / off["images_per_s"]
+            out.append((f"{model}: unary c64 ≥ 3× batching off", ratio >= 3, f"{ratio:.2f}×"))
+        if unary and ceiling:
+            ratio = unary["images_per_s"] / ceiling["images_per_s"]
+            out.append((f"{model}: unary c64 ≥ 0.6× echo ceiling", ratio >= 0.6, f"{ratio:.2f}×"))
+    for payload in ("png", "tensor"):
+        if (r := get(f"unary c1 {payload}")) is not None:
+            over = r["p50_ms"] - summary["limit"]["1"]["latency_ms"]
+            out.append(
+                (
+                    f"{model}: c1 {payload} p50 ≤ in-process batch-1 + 1 ms",
+                    over <= 1.0,
+                    f"+{over:.2f} ms ({r['p50_ms']:.2f} vs {summary['limit']['1']['latency_ms']:.2f} ms)",
+                )
+            )
+    return out
+
+
+def machine() -> str:
+    import onnxruntime
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"onnxruntime {onnxruntime.__version__}, {platform.system()} {platform.release()}"
+    )
+
+
+def fmt(value: float | None, spec: str = ".0f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def write_report(summaries: list[dict], command: str, path: Path) -> str:
+    lines = [
+        "# convserve benchmark",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "Medians over rounds (range in brackets); the limit and the server alternate every round. "
+        "Ratio: the server's images/s over in-process ONNX Runtime at the batch size nearest the one "
+        "the server formed (best: over the best in-process figure). CPU: server process CPU time "
+        "per image (both cores count).",
+        "",
+    ]
+    for summary in summaries:
+        lines += [
+            f"## {summary['model']}",
+            "",
+            "| in process (a) | images/s | ms per call |",
+            "|---|---|---|",
+        ]
+        for batch, limit in summary["limit"].items():
+            lines.append(
+                f"| batch {batch} | {limit['images_per_s']:.0f} [{limit['range'][0]:.0f}–"
+                f"{limit['range'][1]:.0f}] | {limit['latency_ms']:.3f} |"
+            )
+        lines += [
+            "",
+            "| server scenario | images/s | p50 ms | p95 ms | p99 ms | mean batch | ratio (a) | "
+            "ratio best (a) | CPU ms/img |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in summary["scenarios"].items():
+            ratio = (
+                "–" if r["ratio_to_limit"] is None else f"{r['ratio_to_limit']:.2f}× (b{r['limit_batch']})"
+            )
+            lines.append(
+                f"| {name} | {r['images_per_s']:.0f} [{r['range'][0]:.0f}–{r['range'][1]:.0f}] | "
+                f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{fmt(r['mean_batch'], '.1f')} | "
+                f"{ratio} | {fmt(r['ratio_to_best_limit'], '.2f')} | {fmt(r['cpu_ms_per_image'], '.3f')} |"
+                + (f" {r['errors']} errors" if r["errors"] else "")
+            )
+        lines += ["", "| target | held | figure |", "|---|---|---|"]
+        for target, held, figure in targets(summary):
+            lines.append(f"| {target} | {'yes' if held else 'NO'} | {figure} |")
+        lines.append("")
+    text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    command = "python -m serving bench " + shlex.join(
+        sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+    )
+    models = args.model or ["digits", "resnet18"]
+    unknown = set(args.scenario or ()) - {s.name for s in scenarios()}
+    if unknown:
+        print(f"error: unknown scenario(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    missing = [m for m in models if not (args.models / m).is_dir()]
+    if missing:
+        print(
+            f"error: no model {missing} under {args.models}; build the reference models with "
+            f"`python -m training reference digits|resnet18 --repository {args.models}` (make bench does)",
+            file=sys.stderr,
+        )
+        return 2
+    load = LoadGenerator()
+    summaries = []
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            for model in models:
+                summaries.append(bench_model(args, model, Path(workdir), load))
+    finally:
+        load.close()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps({"command": command, "machine": machine(), "results": summaries}, indent=2)
+    )
+    print(write_report(summaries, command, args.out))
+    return 0

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--repository", type=Path, default=Path("models"))
     export.add_argument("--name", required=True)
     export.add_argument("--version", type=int, default=None, help="default: the next free version")
+    reference = commands.add_parser("reference", help="export a random-weight reference model for benchmarks")
+    reference.add_argument("arch", choices=["digits", "resnet18", "resnet50"])
+    reference.add_argument("--repository", type=Path, default=Path("benchmarks/models"))
+    reference.add_argument("--name", default=None, help="default: the architecture's name")
     return parser
 
 
@@ -77,11 +81,18 @@ def run_export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnxscript", "onnx_ir"):  # the exporter's pass-by-pass INFO lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from training.datasets import DatasetError
     from training.export import VerificationError
 
     try:
+        if args.command == "reference":
+            from training.reference import build_reference
+
+            print(f"reference model: {build_reference(args.arch, args.repository, args.name)}")
+            return 0
         return run_train(args) if args.command == "train" else run_export(args)
     except (DatasetError, VerificationError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,220 @@
+"""The load generator `bench` drives: a separate process, so it never shares the server's GIL.
+
+`python -m serving.loadgen` reads one JSON scenario per line on stdin and answers one JSON result per
+line on stdout. Scenarios: `unary` (Classify from `concurrency` callers, `images` per request),
+`stream` (ClassifyStream as the scoring job uses it: `streams` calls, `images` per message, at most
+`inflight` images unanswered) and `echo` (the transport alone). Payloads are PNG files or raw tensors
+of the model's input shape, made here from seeded random pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from protos.convserve.v1 import convserve_pb2 as pb
+from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
+
+DISTINCT_IMAGES = 64
+WARMUP_S = 0.3
+
+
+@dataclass
+class Tally:
+    images: int = 0
+    requests: int = 0
+    errors: int = 0
+
+    def __post_init__(self) -> None:
+        self.latencies: list[float] = []
+
+    def record(self, sent: float, images: int, ok: bool, window_start: float, window_end: float) -> None:
+        """Counts an answer that arrived inside the measuring window, whenever it was sent."""
+        now = time.perf_counter()
+        if not window_start <= now <= window_end:
+            return
+        self.requests += 1
+        self.images += images if ok else 0
+        self.errors += not ok
+        self.latencies.append(now - sent)
+
+
+def make_images(
+    info: pb.ModelInfo, payload: str, count: int = DISTINCT_IMAGES, seed: int = 0
+) -> list[pb.Image]:
+    """Random pixels of the model's size, as PNG bytes or as raw tensors in its input layout."""
+    rng = np.random.default_rng(seed)
+    spec = info.input
+    channels = 1 if spec.color_mode == "L" else 3
+    images = []
+    for _ in range(count):
+        pixels = rng.integers(0, 256, (spec.height, spec.width, channels), dtype=np.uint8)
+        if payload == "png":
+            buffer = io.BytesIO()
+            Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format="PNG")
+            images.append(pb.Image(encoded=buffer.getvalue()))
+        else:
+            scaled = pixels.astype(np.float32) * np.float32(spec.scale)
+            scaled = (scaled - np.float32(spec.mean)) / np.float32(spec.std)
+            tensor = scaled.transpose(2, 0, 1) if spec.layout == "NCHW" else scaled
+            array = np.ascontiguousarray(tensor, dtype=np.float32)
+            images.append(
+                pb.Image(tensor=pb.Tensor(shape=array.shape, dtype="float32", data=array.tobytes()))
+            )
+    return images
+
+
+def requests_of(info: pb.ModelInfo, payload: str, per_request: int) -> list[pb.ClassifyRequest]:
+    images = make_images(info, payload)
+    return [
+        pb.ClassifyRequest(
+            model=info.name,
+            version=info.version,
+            top_k=5,
+            images=[images[(i + j) % len(images)] for j in range(per_request)],
+        )
+        for i in range(len(images))
+    ]
+
+
+async def unary(
+    stub: pb_grpc.ClassifierStub,
+    requests: list[pb.ClassifyRequest],
+    concurrency: int,
+    until: float,
+    measure_from: float,
+    tally: Tally,
+) -> None:
+    async def caller(offset: int) -> None:
+        i = offset
+        while (start := time.perf_counter()) < until:
+            request = requests[i % len(requests)]
+            i += 1
+            try:
+                await stub.Classify(request, timeout=30)
+                ok = True
+            except grpc.aio.AioRpcError:
+                ok = False
+            tally.record(start, len(request.images), ok, measure_from, until)
+
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+
+
+async def echo(
+    stub: pb_grpc.ClassifierStub, concurrency: int, until: float, measure_from: float, tally: Tally
+) -> None:
+    message = pb.EchoMessage(payload=b"\0" * 256)
+
+    async def caller() -> None:
+        while (start := time.perf_counter()) < until:
+            await stub.Echo(message, timeout=30)
+            tally.record(start, 1, True, measure_from, until)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+
+
+async def stream(
+    stub: pb_grpc.ClassifierStub,
+    requests: list[pb.ClassifyRequest],
+    streams: int,
+    inflight: int,
+    until: float,
+    measure_from: float,
+    tally: Tally,
+) -> None:
+    per_request = len(requests[0].images)
+    window = max(1, inflight // per_request // streams)
+
+    async def one_stream(index: int) -> None:
+        call = stub.ClassifyStream()
+        sent: dict[str, float] = {}
+        slots = asyncio.Semaphore(window)
+        done_writing = asyncio.Event()
+
+        async def writer() -> None:
+            i = 0
+            while time.perf_counter() < until:
+                await slots.acquire()
+                request = pb.ClassifyRequest()
+                request.CopyFrom(requests[i % len(requests)])
+                request.id = f"{index}-{i}"
+                sent[request.id] = time.perf_counter()
+                await call.write(request)
+                i += 1
+            await call.done_writing()
+            done_writing.set()
+
+        async def reader() -> None:
+            while (response := await call.read()) != grpc.aio.EOF:
+                slots.release()
+                ok = not response.HasField("error")
+                tally.record(sent.pop(response.id), len(response.results), ok, measure_from, until)
+
+        await asyncio.gather(writer(), reader())
+
+    await asyncio.gather(*(one_stream(i) for i in range(streams)))
+
+
+async def run_scenario(scenario: dict) -> dict:
+    size = 64 * 1024 * 1024
+    options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    async with grpc.aio.insecure_channel(scenario["target"], options=options) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        tally = Tally()
+        kind = scenario["kind"]
+        requests: list[pb.ClassifyRequest] = []
+        if kind != "echo":
+            info = await stub.GetModel(pb.GetModelRequest(name=scenario["model"]), timeout=10)
+            requests = requests_of(info, scenario["payload"], scenario["images"])
+        measure_from = time.perf_counter() + WARMUP_S
+        until = measure_from + scenario["duration"]
+        if kind == "echo":
+            work = echo(stub, scenario["concurrency"], until, measure_from, tally)
+        elif kind == "unary":
+            work = unary(stub, requests, scenario["concurrency"], until, measure_from, tally)
+        else:
+            streams, inflight = scenario.get("streams", 2), scenario.get("inflight", 256)
+            work = stream(stub, requests, streams, inflight, until, measure_from, tally)
+        task = asyncio.ensure_future(work)
+        await asyncio.wait({task}, timeout=until - time.perf_counter() + 0.01)
+        if not task.done():  # answers after the window do not count: stop waiting for them
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await task
+    elapsed = until - measure_from
+    latencies = np.asarray(tally.latencies) * 1000
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if len(latencies) else (0.0, 0.0, 0.0)
+    return {
+        "images": tally.images,
+        "requests": tally.requests,
+        "errors": tally.errors,
+        "elapsed_s": elapsed,
+        "images_per_s": tally.images / elapsed,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+    }
+
+
+def main() -> int:
+    from serving.server import install_uvloop
+
+    install_uvloop()
+    for line in sys.stdin:
+        if line.strip():
+            result = asyncio.run(run_scenario(json.loads(line)))
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

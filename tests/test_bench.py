@@ -1,0 +1,48 @@
+"""The benchmark command runs end to end and writes its report; speed itself is never asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from training.reference import build_reference
+
+pytestmark = pytest.mark.slow
+
+
+def test_reference_models_export_with_the_contract(tmp_path: Path) -> None:
+    path = build_reference("resnet18", tmp_path)
+    assert path == tmp_path / "resnet18" / "1" / "model.onnx"
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path))
+    assert session.get_inputs()[0].shape[1:] == [3, 32, 32]
+    assert session.get_modelmeta().custom_metadata_map["convserve.reference"] == "resnet18"
+    assert build_reference("resnet18", tmp_path) == path  # kept, not rebuilt
+
+
+def test_bench_writes_a_report_with_ratios(model_repo: Path, tmp_path: Path) -> None:
+    out, raw = tmp_path / "RESULTS.md", tmp_path / "results.json"
+    scenarios = ["--scenario", "unary c1 png", "--scenario", "unary c1 tensor", "--scenario", "echo c1"]
+    files = ["--out", str(out), "--json", str(raw)]
+    command = [sys.executable, "-m", "serving", "bench", "--models", str(model_repo), "--model", "digits"]
+    command += ["--duration", "0.3", "--rounds", "2", *scenarios, *files]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(raw.read_text())
+    (summary,) = report["results"]
+    assert set(summary["limit"]) == {"1", "4", "16", "32"}
+    assert set(summary["scenarios"]) == {"unary c1 png", "unary c1 tensor", "echo c1"}
+    for name, scenario in summary["scenarios"].items():
+        assert scenario["images_per_s"] > 0 and scenario["errors"] == 0, name
+        assert scenario["p50_ms"] <= scenario["p99_ms"]
+    assert summary["scenarios"]["unary c1 png"]["mean_batch"] == 1.0
+    assert summary["scenarios"]["unary c1 png"]["ratio_to_limit"] > 0
+    text = out.read_text()
+    assert "Command: `python -m serving bench" in text and "| unary c1 tensor |" in text
+    assert "c1 png p50 ≤ in-process batch-1 + 1 ms" in text
