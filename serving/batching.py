@@ -4,11 +4,15 @@ Generic on purpose: it knows nothing of images, protobuf or ONNX. It takes a fun
 array (N, ...) to an array with N rows, and hands each caller exactly its own rows back, in order.
 
 Dispatch policy (all in the event loop thread, driven by callbacks, no polling task):
-  * idle model (no batch in flight): run whatever is queued at once, so a lone request never waits;
+  * idle model (no batch in flight): run whatever is queued at once, so a lone request never waits
+    ("at once" is the end of the current event-loop tick, so callers runnable in the same tick share it);
   * model busy: keep collecting, and stage the next batch when it is full (`max_batch_size` rows) or
     its oldest row has waited `max_delay` -- an upper bound, never a fixed wait;
   * up to `max_inflight` batches at a time (default 2: one running, the next one staged), so the
-    model never idles between batches.
+    model never idles between batches;
+  * a model whose batches take less than `inline_below_s` (a tiny CNN: tens of microseconds) runs in
+    the event loop itself when nothing is in flight: the hand-off to a worker thread and back would
+    cost more than the call, and blocking the loop that briefly costs nothing.
 Sizes count rows, not requests; a request larger than `max_batch_size` is split into several items.
 The queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed are
 dropped before they reach the model (`DeadlineExceededError`).
@@ -46,6 +50,8 @@ class BatchingConfig:
     max_delay_s: float = 0.002
     max_queue_rows: int = 2048
     max_inflight: int = 2
+    # Batches of a model faster than this run in the event loop when nothing else is in flight.
+    inline_below_s: float = 0.0005
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_rows < self.max_batch_size or self.max_inflight < 1:
@@ -103,6 +109,8 @@ class DynamicBatcher:
         self._timer_at = float("inf")
         self._closed = False
         self._idle: asyncio.Event | None = None
+        self._run_time_s = float("inf")  # moving average of one batch call; unknown until measured
+        self._dispatch_pending = False
 
     @property
     def queued_rows(self) -> int:
@@ -130,10 +138,18 @@ class DynamicBatcher:
             futures.append(future)
         self._queued_rows += count
         self.stats.requests += 1
-        self._maybe_dispatch()
+        if not self._dispatch_pending:
+            # Dispatch at the end of this loop tick: callers already runnable enqueue first and share
+            # the batch, with no wait added.
+            self._dispatch_pending = True
+            loop.call_soon(self._dispatch_soon)
         if len(futures) == 1:
             return await futures[0]
         return np.concatenate(await asyncio.gather(*futures))
+
+    def _dispatch_soon(self) -> None:
+        self._dispatch_pending = False
+        self._maybe_dispatch()
 
     def _maybe_dispatch(self) -> None:
         config = self.config
@@ -178,24 +194,46 @@ class DynamicBatcher:
         self.stats.batches += 1
         self.stats.items += rows
         self.stats.batch_sizes[rows] += 1
-        self._inflight += 1
         parts = [item.rows for item in batch]
+        if self._inflight == 0 and self._run_time_s < self.config.inline_below_s:
+            # A fast model on an idle batcher: two thread hand-offs would cost more than the call.
+            try:
+                output, error = self._run(parts), None
+            except Exception as exc:
+                output, error = None, exc
+            self._complete(batch, rows, output, error)
+            return
+        self._inflight += 1
         done = asyncio.get_running_loop().run_in_executor(self._executor, self._run, parts)
         done.add_done_callback(lambda result: self._deliver(batch, rows, result))
 
     def _run(self, parts: list[np.ndarray]) -> np.ndarray:
-        """Worker thread: stack the parts and call the model."""
+        """Stack the parts and call the model (in a worker thread, or inline for fast models)."""
+        started = time.perf_counter()
         stacked = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return self.run_batch(stacked)
+        output = self.run_batch(stacked)
+        took = time.perf_counter() - started
+        # A moving average, seeded by the first call, decides whether batches run inline.
+        self._run_time_s = took if self._run_time_s == float("inf") else 0.8 * self._run_time_s + 0.2 * took
+        return output
 
     def _deliver(self, batch: list[_Pending], rows: int, result: asyncio.Future) -> None:
-        """Event loop thread: hand each caller its own slice, in the order the batch was formed."""
+        """Event loop thread: a worker finished a batch."""
         self._inflight -= 1
         error = result.exception()
-        if error is None:
-            output = result.result()
-            if len(output) != rows:
-                error = RuntimeError(f"batch function returned {len(output)} rows for {rows}")
+        self._complete(batch, rows, None if error else result.result(), error)
+        self._maybe_dispatch()
+        if self._idle is not None and self._inflight == 0 and not self._queue:
+            self._idle.set()
+
+    def _complete(
+        self, batch: list[_Pending], rows: int, output: np.ndarray | None, error: BaseException | None
+    ) -> None:
+        """Hands each caller its own slice, in the order the batch was formed."""
+        if error is None and (output is None or len(output) != rows):
+            error = RuntimeError(
+                f"batch function returned {0 if output is None else len(output)} rows for {rows}"
+            )
         offset = 0
         for item in batch:
             size = len(item.rows)
@@ -205,9 +243,6 @@ class DynamicBatcher:
                 else:
                     item.future.set_exception(error)
             offset += size
-        self._maybe_dispatch()
-        if self._idle is not None and self._inflight == 0 and not self._queue:
-            self._idle.set()
 
     def _arm_timer(self, when: float) -> None:
         if self._timer is not None and self._timer_at <= when:

@@ -33,6 +33,9 @@ class ServerConfig:
         2.0, "longest a queued image waits for a batch to fill while the model is busy"
     )
     max_queue_size: int = option(2048, "images queued per model at most; beyond it RESOURCE_EXHAUSTED")
+    inline_below_ms: float = option(
+        0.5, "a model whose batch call takes less runs on the event loop when idle"
+    )
     instances: int = option(1, "ONNX Runtime sessions per model version, each in its own worker thread")
     intra_op_threads: int = option(0, "ONNX Runtime threads per session; 0: one per core")
     decode_threads: int = option(0, "image decoding threads; 0: one per core")
@@ -44,7 +47,12 @@ class ServerConfig:
 
     @property
     def batching(self) -> BatchingConfig:
-        return BatchingConfig(self.max_batch_size, self.max_delay_ms / 1000.0, self.max_queue_size)
+        return BatchingConfig(
+            self.max_batch_size,
+            self.max_delay_ms / 1000.0,
+            self.max_queue_size,
+            inline_below_s=self.inline_below_ms / 1000.0,
+        )
 
     @property
     def runtime(self) -> RuntimeOptions:

@@ -6,6 +6,7 @@ count is checked from the header before any pixel is decoded, so a decompression
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Sequence
@@ -66,10 +67,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return image
 
 
-def decode_to_input(
-    data: bytes, contract: ModelContract, max_pixels: int = DEFAULT_MAX_PIXELS, out: np.ndarray | None = None
-) -> np.ndarray:
-    image = open_image(data, max_pixels)
+def decode_opened(image: Image.Image, contract: ModelContract, out: np.ndarray | None = None) -> np.ndarray:
+    """Decodes an image opened by `open_image` into one input row, and closes it."""
     try:
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale when the target is much smaller: far less work.
@@ -81,17 +80,20 @@ def decode_to_input(
         image.close()
 
 
+def decode_to_input(
+    data: bytes, contract: ModelContract, max_pixels: int = DEFAULT_MAX_PIXELS, out: np.ndarray | None = None
+) -> np.ndarray:
+    return decode_opened(open_image(data, max_pixels), contract, out)
+
+
 def decode_batch(
-    encoded: Sequence[tuple[int, bytes]],
-    contract: ModelContract,
-    out: np.ndarray,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    opened: Sequence[tuple[int, Image.Image]], contract: ModelContract, out: np.ndarray
 ) -> dict[int, str]:
-    """Decodes (row, bytes) pairs straight into rows of `out`; returns {row: error message} for failures."""
+    """Decodes (row, opened image) pairs straight into rows of `out`; returns {row: error} for failures."""
     errors: dict[int, str] = {}
-    for row, data in encoded:
+    for row, image in opened:
         try:
-            decode_to_input(data, contract, max_pixels, out[row])
+            decode_opened(image, contract, out[row])
         except ImageError as exc:
             errors[row] = str(exc)
     return errors
@@ -104,15 +106,21 @@ def tensor_to_input(
     expected = contract.image_shape
     if tuple(shape) != expected:
         raise ImageError(f"tensor shape {list(shape)} does not match the model's input {list(expected)}")
-    try:
-        got = np.dtype(dtype)
-    except TypeError as exc:
-        raise ImageError(f"unknown tensor dtype {dtype!r}") from exc
+    got = little_endian(dtype)
     if got != input_dtype:
         raise ImageError(f"tensor dtype {got.name} does not match the model's input dtype {input_dtype.name}")
-    needed = int(np.prod(expected)) * got.itemsize
+    needed = contract.channels * contract.height * contract.width * got.itemsize
     if len(data) != needed:
         raise ImageError(
             f"tensor data holds {len(data)} bytes; shape {list(shape)} of {got.name} needs {needed}"
         )
-    return np.frombuffer(data, dtype=got.newbyteorder("<")).reshape(expected)
+    return np.frombuffer(data, dtype=got).reshape(expected)
+
+
+@functools.lru_cache(maxsize=64)
+def little_endian(dtype: str) -> np.dtype:
+    """The wire's dtype name as a little-endian numpy dtype (parsed once per name)."""
+    try:
+        return np.dtype(dtype).newbyteorder("<")
+    except TypeError as exc:
+        raise ImageError(f"unknown tensor dtype {dtype!r}") from exc

@@ -8,7 +8,9 @@ by `score --local` and by `bench`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,18 +102,22 @@ class ServedModel:
         self.labels = self.contract.labels
         self.batching = batching
         workers = ThreadPoolExecutor(runtime.options.instances, thread_name_prefix=f"{name}-{version}")
-        config = BatchingConfig(
-            batching.max_batch_size,
-            batching.max_delay_s,
-            batching.max_queue_rows,
-            max(batching.max_inflight, runtime.options.instances + 1),
+        config = dataclasses.replace(
+            batching, max_inflight=max(batching.max_inflight, runtime.options.instances + 1)
         )
         self.batcher = DynamicBatcher(self.probabilities, config, workers)
         self._workers = workers
+        self._shape = list(self.contract.image_shape)
+        self._dtype_name = self.input_dtype.name
+        self._tensor_bytes = int(np.prod(self._shape)) * self.input_dtype.itemsize
 
     @property
     def input_dtype(self) -> np.dtype:
         return self.runtime.input_dtype
+
+    def accepts_tensor(self, shape: Iterable[int], dtype: str, size: int) -> bool:
+        """A raw tensor in exactly the input's shape, dtype and byte size (the fast path's check)."""
+        return size == self._tensor_bytes and dtype == self._dtype_name and list(shape) == self._shape
 
     def new_rows(self, count: int) -> np.ndarray:
         return np.empty((count, *self.contract.image_shape), dtype=self.input_dtype)

@@ -19,17 +19,19 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from PIL import Image
 
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from serving.batching import BatcherClosedError, DeadlineExceededError, QueueFullError
-from serving.preprocess import ImageError, decode_batch, tensor_to_input
+from serving.preprocess import ImageError, decode_batch, open_image, tensor_to_input
 from serving.repository import Classification, ModelNotFoundError, ModelRepository, ServedModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
 STREAM_INFLIGHT = 64  # requests of one stream processed concurrently
+INLINE_DECODE_PIXELS = 4096  # a request whose images hold fewer pixels in all is decoded on the event loop
 
 
 class StatusError(Exception):
@@ -183,37 +185,35 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         contract = model.contract
         errors: dict[int, str] = {}
         if all(image.HasField("tensor") for image in images):
-            # Raw tensors: zero-copy views when there is one, one stacking copy otherwise.
-            views = []
-            for index, image in enumerate(images):
-                try:
-                    t = image.tensor
-                    views.append(tensor_to_input(t.shape, t.dtype, t.data, contract, model.input_dtype))
-                except ImageError as exc:
-                    errors[index] = str(exc)
-                    views.append(None)
-            if not errors:
-                return (views[0][None] if len(views) == 1 else np.stack(views)), errors
+            tensors = [image.tensor for image in images]
+            if all(model.accepts_tensor(t.shape, t.dtype, len(t.data)) for t in tensors):
+                # The common case, checked in bulk: one join, one zero-copy view of the whole batch.
+                data = tensors[0].data if len(tensors) == 1 else b"".join(t.data for t in tensors)
+                return np.frombuffer(data, dtype=model.input_dtype).reshape(
+                    len(tensors), *contract.image_shape
+                ), {}
         rows = model.new_rows(len(images))
-        encoded: list[tuple[int, bytes]] = []
+        opened: list[tuple[int, Image.Image]] = []
+        pixels = 0
         for index, image in enumerate(images):
             kind = image.WhichOneof("data")
-            if kind == "encoded":
-                encoded.append((index, image.encoded))
-            elif kind == "tensor":
-                try:
+            try:
+                if kind == "encoded":
+                    # Only the header is read here: sizes are checked before any pixel is decoded.
+                    opened.append((index, open_image(image.encoded, self.limits.max_pixels)))
+                    pixels += opened[-1][1].width * opened[-1][1].height
+                elif kind == "tensor":
                     t = image.tensor
                     rows[index] = tensor_to_input(t.shape, t.dtype, t.data, contract, model.input_dtype)
-                except ImageError as exc:
-                    errors[index] = str(exc)
-            else:
-                errors[index] = "image holds neither encoded bytes nor a tensor"
-        if encoded:
+                else:
+                    errors[index] = "image holds neither encoded bytes nor a tensor"
+            except ImageError as exc:
+                errors[index] = str(exc)
+        if opened and pixels <= INLINE_DECODE_PIXELS:
+            errors.update(decode_batch(opened, contract, rows))  # tiny images: a thread hop costs more
+        elif opened:
             loop = asyncio.get_running_loop()
-            decode_errors = await loop.run_in_executor(
-                self.decode_pool, decode_batch, encoded, contract, rows, self.limits.max_pixels
-            )
-            errors.update(decode_errors)
+            errors.update(await loop.run_in_executor(self.decode_pool, decode_batch, opened, contract, rows))
         return rows, errors
 
     def _loaded(self) -> ModelRepository:
