@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from serving.classify import format_table  # noqa: E402
 from serving.client import ClassifierClient  # noqa: E402
+from serving.launch import launch_server  # noqa: E402
 
 
 def write_pngs(run_dir: Path, out: Path) -> list[tuple[Path, int]]:
@@ -39,30 +38,10 @@ def write_pngs(run_dir: Path, out: Path) -> list[tuple[Path, int]]:
     return files
 
 
-def start_server(models: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port_file = workdir / "port"
-    command = [
-        sys.executable,
-        "-m",
-        "serving",
-        "serve",
-        "--models",
-        str(models),
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--log-level",
-        "WARNING",
-    ]
-    server = subprocess.Popen(command, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise SystemExit("the server did not start")
-        time.sleep(0.05)
-    return server, f"127.0.0.1:{port_file.read_text().strip()}"
+def score(images: Path, out: Path, *where: str) -> None:
+    out.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "serving", "score", str(images), "--out", str(out), *where]
+    subprocess.run(command, cwd=ROOT, check=True)
 
 
 def main() -> int:
@@ -75,7 +54,8 @@ def main() -> int:
     files = write_pngs(args.run, args.images)
     print(f"wrote {len(files)} held-out test digits as PNG files under {args.images}/<label>/")
     with tempfile.TemporaryDirectory() as tmp:
-        server, address = start_server(args.models, Path(tmp))
+        server = launch_server(args.models, Path(tmp), "--log-level", "WARNING")
+        address = server.address
         try:
             with ClassifierClient(address) as client:
                 sample = [str(p) for p, _ in files[:3]]
@@ -91,49 +71,16 @@ def main() -> int:
                 print(f"\naccuracy through the server on {len(files)} test images: {accuracy:.4f}")
 
             print("\nscoring the folder through the server (python -m serving score):")
-            out = args.images.parent / "scores.jsonl"
-            out.unlink(missing_ok=True)
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "serving",
-                    "score",
-                    str(args.images),
-                    "--out",
-                    str(out),
-                    "--server",
-                    address,
-                ],
-                cwd=ROOT,
-                check=True,
-            )
+            score(args.images, args.images.parent / "scores.jsonl", "--server", address)
             print("the same job in process (--local), the reference:")
-            local = args.images.parent / "scores-local.jsonl"
-            local.unlink(missing_ok=True)
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "serving",
-                    "score",
-                    str(args.images),
-                    "--out",
-                    str(local),
-                    "--local",
-                    str(args.models),
-                ],
-                cwd=ROOT,
-                check=True,
-            )
+            score(args.images, args.images.parent / "scores-local.jsonl", "--local", str(args.models))
             with ClassifierClient(address) as client:
                 stats = client.get_model().stats
             sizes = ", ".join(f"{size}: {count}" for size, count in sorted(stats.batch_sizes.items()))
             print(f"\nbatches the server formed (size: count): {sizes}")
             print(f"{stats.requests} requests, {stats.items} images, {stats.batches} model calls")
         finally:
-            server.send_signal(signal.SIGTERM)
-            code = server.wait(30)
+            code = server.stop()
     print(f"server stopped with exit code {code}")
     return code
 

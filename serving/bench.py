@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.launch import LaunchedServer, launch_server
+
 LIMIT_BATCH_SIZES = (1, 4, 16, 32)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -87,51 +88,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-class ServerProcess:
-    process: subprocess.Popen | None
+class ExternalServer:
+    """A server given with --server: measured, but neither started, stopped nor profiled here."""
+
     address: str
 
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process (all its threads), from /proc."""
-        if self.process is None:
-            return None
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    def cpu_seconds(self) -> None:
+        return None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
-
-
-def start_server(models: Path, workdir: Path, *flags: str) -> ServerProcess:
-    port_file = workdir / f"port-{time.monotonic_ns()}"
-    command = [
-        sys.executable,
-        "-m",
-        "serving",
-        "serve",
-        "--models",
-        str(models),
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--log-level",
-        "WARNING",
-        *flags,
-    ]
-    process = subprocess.Popen(command)
-    deadline = time.monotonic() + 120
-    while not port_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start: {' '.join(command)}")
-        time.sleep(0.05)
-    return ServerProcess(process, f"127.0.0.1:{port_file.read_text().strip()}")
+        pass
 
 
 class LoadGenerator:
@@ -221,18 +187,18 @@ def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadG
         / str(max(int(p.name) for p in (args.models / model).iterdir() if p.name.isdigit()))
     )
     limit = InProcessLimit(path / "model.onnx", args.device)
-    flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms)]
-    servers: dict[str, ServerProcess] = {}
+    flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
+    servers: dict[str, LaunchedServer | ExternalServer] = {}
     chosen = [s for s in scenarios() if not args.scenario or s.name in args.scenario]
     try:
         if args.server:
-            servers["batching"] = ServerProcess(None, args.server)
+            servers["batching"] = ExternalServer(args.server)
         else:
-            servers["batching"] = start_server(
+            servers["batching"] = launch_server(
                 args.models, workdir, "--max-batch-size", str(args.max_batch_size), *flags
             )
         if any(s.server == "no-batching" for s in chosen):
-            servers["no-batching"] = start_server(args.models, workdir, "--max-batch-size", "1", *flags)
+            servers["no-batching"] = launch_server(args.models, workdir, "--max-batch-size", "1", *flags)
         limits: dict[int, list[tuple[float, float]]] = {b: [] for b in LIMIT_BATCH_SIZES}
         results = {s.name: Measured() for s in chosen}
         for round_index in range(args.rounds):

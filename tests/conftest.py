@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from serving.launch import LaunchedServer, launch_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,67 +52,17 @@ def encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> byt
     return buffer.getvalue()
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    address: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-
-def start_server(
-    models: Path, workdir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> ServerProcess:
-    """Starts `python -m serving serve` on 127.0.0.1 with an ephemeral port; waits until it is SERVING."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port_file = workdir / f"port-{time.monotonic_ns()}"
-    log_path = workdir / f"server-{time.monotonic_ns()}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "serving",
-        "serve",
-        "--models",
-        str(models),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        *args,
-    ]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-    deadline = time.monotonic() + timeout
-    while not port_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    time.sleep(0.01)
-    return ServerProcess(process, f"127.0.0.1:{port_file.read_text().strip()}", log_path)
+def start_server(models: Path, workdir: Path, *args: str, **kwargs) -> LaunchedServer:
+    """A real `python -m serving serve` on 127.0.0.1, an ephemeral port, its output kept in a log file."""
+    return launch_server(models, workdir, *args, log=True, timeout=60, **kwargs)
 
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator:
     """Starts servers on demand; every one of them is stopped when the test ends."""
-    started: list[ServerProcess] = []
+    started: list[LaunchedServer] = []
 
-    def factory(models: Path, *args: str, **kwargs) -> ServerProcess:
+    def factory(models: Path, *args: str, **kwargs) -> LaunchedServer:
         server = start_server(models, tmp_path / "servers", *args, **kwargs)
         started.append(server)
         return server
@@ -127,7 +73,7 @@ def server_factory(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def digits_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def digits_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedServer]:
     """One shared server for tests that only read from it."""
     server = start_server(model_repo, tmp_path_factory.mktemp("server"), "--max-delay-ms", "5")
     yield server

@@ -1,0 +1,92 @@
+"""Starting a server process from another program (bench, the demo, tests) and waiting until it serves.
+
+The server is told `--port 0 --port-file F`: it binds a free port and writes it to F only once every
+model is loaded and health says SERVING, so the caller never races the start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class LaunchedServer:
+    process: subprocess.Popen
+    address: str
+    log_path: Path | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process (all its threads), from /proc."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signals the server and waits for it; kills it if it outlives `timeout`."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def launch_server(
+    models: Path,
+    workdir: Path,
+    *flags: str,
+    host: str = "127.0.0.1",
+    log: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> LaunchedServer:
+    """Starts `python -m serving serve` on a free port of `host`; returns once it is SERVING."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = time.monotonic_ns()
+    port_file = workdir / f"port-{stamp}"
+    log_path = workdir / f"server-{stamp}.log" if log else None
+    command = [
+        sys.executable,
+        "-m",
+        "serving",
+        "serve",
+        "--models",
+        str(models),
+        "--host",
+        host,
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        *flags,
+    ]
+    output = {"stdout": log_path.open("w"), "stderr": subprocess.STDOUT} if log_path else {}
+    try:
+        process = subprocess.Popen(command, env={**os.environ, **(env or {})}, **output)
+    finally:
+        if log_path:
+            output["stdout"].close()
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            detail = log_path.read_text() if log_path else ""
+            raise RuntimeError(f"the server did not start: {' '.join(command)}\n{detail}")
+        time.sleep(0.05)
+    while not (port := port_file.read_text().strip()):  # written, but not yet flushed
+        time.sleep(0.01)
+    return LaunchedServer(process, f"{host}:{port}", log_path)
