@@ -299,13 +299,17 @@ def targets(summary: dict) -> list[tuple[str, bool | None, str]]:
                     f"{r['ratio_to_limit']:.2f}× ({r['images_per_s']:.0f} images/s)",
                 )
             )
-        unary, off, ceiling = get("unary c64 png"), get("no-batching unary c64 png"), get("echo c64")
-        if unary and off:
-            ratio = unary["images_per_s"] / off["images_per_s"]
-            out.append((f"{model}: unary c64 ≥ 3× batching off", ratio >= 3, f"{ratio:.2f}×"))
-        if unary and ceiling:
-            ratio = unary["images_per_s"] / ceiling["images_per_s"]
-            out.append((f"{model}: unary c64 ≥ 0.6× echo ceiling", ratio >= 0.6, f"{ratio:.2f}×"))
+        for payload in ("png", "tensor"):
+            unary, off = get(f"unary c64 {payload}"), get(f"no-batching unary c64 {payload}")
+            ceiling = get("echo c64")
+            if unary and off:
+                ratio = unary["images_per_s"] / off["images_per_s"]
+                out.append((f"{model}: unary c64 {payload} ≥ 3× batching off", ratio >= 3, f"{ratio:.2f}×"))
+            if unary and ceiling:
+                ratio = unary["images_per_s"] / ceiling["images_per_s"]
+                out.append(
+                    (f"{model}: unary c64 {payload} ≥ 0.6× echo ceiling", ratio >= 0.6, f"{ratio:.2f}×")
+                )
     for payload in ("png", "tensor"):
         if (r := get(f"unary c1 {payload}")) is not None:
             over = r["p50_ms"] - summary["limit"]["1"]["latency_ms"]
