@@ -333,7 +333,10 @@ def test_foreign_model_is_served_through_a_sidecar(tmp_path, server_factory) -> 
 
 
 def test_queue_overflow_is_resource_exhausted(model_repo, digit_samples, server_factory) -> None:
-    server = server_factory(model_repo, "--max-queue-size", "64", "--max-batch-size", "1")
+    # Worker-thread batches (no inline runs), so the queue really fills while the model works.
+    server = server_factory(
+        model_repo, "--max-queue-size", "64", "--max-batch-size", "1", "--inline-below-ms", "0"
+    )
     stub = raw_stub(server.address)
     request = make_request([encode(p) for p in digit_samples[0][:64]], "digits")
     codes = []
