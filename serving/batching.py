@@ -162,6 +162,8 @@ class DynamicBatcher:
             batch = self._take_batch()
             if batch:
                 self._dispatch(batch)
+        if self._idle is not None and self._inflight == 0 and not self._queue:
+            self._idle.set()  # close() is waiting for the last batch
 
     def _take_batch(self) -> list[_Pending]:
         """Pops whole items, oldest first, up to max_batch_size rows; drops cancelled and expired ones."""
@@ -223,8 +225,6 @@ class DynamicBatcher:
         error = result.exception()
         self._complete(batch, rows, None if error else result.result(), error)
         self._maybe_dispatch()
-        if self._idle is not None and self._inflight == 0 and not self._queue:
-            self._idle.set()
 
     def _complete(
         self, batch: list[_Pending], rows: int, output: np.ndarray | None, error: BaseException | None

@@ -223,3 +223,19 @@ def test_closed_batcher_refuses_new_work_after_finishing_queued_work() -> None:
             await batcher.submit(rows_for(9, 1))
 
     asyncio.run(scenario())
+
+
+def test_close_waits_for_inline_batches_too() -> None:
+    model = RecordingModel()  # microseconds per call: runs on the event loop once measured
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=2, max_delay_s=0.001))
+        await batcher.submit(rows_for(0, 1))  # measures the model: from now on it runs inline
+        pending = [asyncio.create_task(batcher.submit(rows_for(i, 2))) for i in range(1, 5)]
+        await asyncio.sleep(0)  # queued; their dispatch is scheduled for the end of this tick
+        async with asyncio.timeout(5):  # not wait_for: close() must start before that dispatch runs
+            await batcher.close()
+        assert all(t.done() and not t.exception() for t in pending)
+
+    asyncio.run(scenario())
+    assert sum(model.sizes) == 9
