@@ -146,6 +146,15 @@ class ServedModel:
         self._workers.shutdown(wait=True)
 
 
+def load_version(
+    name: str, version: int, path: Path, runtime_options: RuntimeOptions, batching: BatchingConfig
+) -> ServedModel:
+    try:
+        return ServedModel(name, version, path, ModelRuntime(path, runtime_options), batching)
+    except (ContractError, ModelLoadError) as exc:
+        raise ModelLoadError(f"cannot serve {name} version {version}: {exc}") from exc
+
+
 class ModelRepository:
     """All served models, by name and version."""
 
@@ -153,8 +162,11 @@ class ModelRepository:
         self.models = models
 
     @classmethod
-    def load(cls, root: Path, runtime_options: RuntimeOptions, batching: BatchingConfig) -> ModelRepository:
-        found = discover(root)
+    def load(
+        cls, root: Path, runtime_options: RuntimeOptions, batching: BatchingConfig, only: str | None = None
+    ) -> ModelRepository:
+        """Loads every model under `root` (or only the one named `only`), every version."""
+        found = {name: v for name, v in discover(root).items() if only is None or name == only}
         if not found:
             raise ModelNotFoundError(
                 f"no models under {root} (expected {root}/<name>/<version>/{MODEL_FILE})"
@@ -162,10 +174,7 @@ class ModelRepository:
         models: dict[str, dict[int, ServedModel]] = {}
         for name, versions in found.items():
             for version, path in versions.items():
-                try:
-                    served = ServedModel(name, version, path, ModelRuntime(path, runtime_options), batching)
-                except (ContractError, ModelLoadError) as exc:
-                    raise ModelLoadError(f"cannot serve {name} version {version}: {exc}") from exc
+                served = load_version(name, version, path, runtime_options, batching)
                 models.setdefault(name, {})[version] = served
                 log.info(
                     "loaded model %s version %d from %s: %s", name, version, path, served.runtime.describe()

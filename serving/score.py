@@ -27,11 +27,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from tqdm import tqdm
 
 from protos.convserve.v1 import convserve_pb2 as pb
+from serving.config import ServerConfig
+
+if TYPE_CHECKING:
+    from serving.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -314,12 +319,10 @@ def stream_worker(job: Job, target: str) -> None:
 
 def local_worker(job: Job, model_dir: Path) -> None:
     """The same request path in process: ClassifierService.classify with its batcher and decode pool."""
-    from serving.config import ServerConfig
-    from serving.repository import ModelRepository
     from serving.service import ClassifierService, Limits
 
     config = ServerConfig(models=model_dir)
-    repository = ModelRepository.load(local_repository_root(model_dir), config.runtime, config.batching)
+    repository = load_local(model_dir, config)
     args = job.args
 
     async def run() -> None:
@@ -352,23 +355,18 @@ def local_worker(job: Job, model_dir: Path) -> None:
     asyncio.run(run())
 
 
-def local_repository_root(model_dir: Path) -> Path:
-    """Accepts a repository, a model folder (`<name>/`) or a version folder (`<name>/<version>/`)."""
-    from serving.repository import MODEL_FILE
+def load_local(model_dir: Path, config: ServerConfig) -> ModelRepository:
+    """A repository, a model folder (`<name>/`) or a version folder (`<name>/<version>/`)."""
+    from serving.repository import MODEL_FILE, ModelRepository, load_version
 
     if (model_dir / MODEL_FILE).is_file():
-        import tempfile
-
-        # A lone version folder: give it the repository layout through a symlink.
-        root = Path(tempfile.mkdtemp(prefix="convserve-local-"))
-        (root / model_dir.parent.name).mkdir()
-        (root / model_dir.parent.name / (model_dir.name if model_dir.name.isdigit() else "1")).symlink_to(
-            model_dir.resolve()
-        )
-        return root
+        version = int(model_dir.name) if model_dir.name.isdigit() else 1
+        name = model_dir.parent.name
+        model = load_version(name, version, model_dir / MODEL_FILE, config.runtime, config.batching)
+        return ModelRepository({name: {version: model}})
     if any((p / MODEL_FILE).is_file() for p in model_dir.glob("*") if p.is_dir()):
-        return model_dir.parent
-    return model_dir
+        return ModelRepository.load(model_dir.parent, config.runtime, config.batching, only=model_dir.name)
+    return ModelRepository.load(model_dir, config.runtime, config.batching)
 
 
 # -- the job --------------------------------------------------------------------------------------

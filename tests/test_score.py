@@ -183,3 +183,13 @@ def test_no_server_is_a_failed_job(image_folder, tmp_path) -> None:
 def test_bad_input_is_exit_2(tmp_path) -> None:
     done = run_score(str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o.jsonl"))
     assert done.returncode == 2 and "is not a folder, a glob, a list file" in done.stderr
+
+
+@pytest.mark.parametrize("depth", ["model", "version"])
+def test_local_takes_a_model_or_version_folder(image_folder, model_repo, tmp_path, depth) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(image_folder.glob("class_*/*.png"))[:20]))
+    folder = model_repo / "digits" if depth == "model" else model_repo / "digits" / "1"
+    done = run_score(str(listing), "--out", str(tmp_path / "o.jsonl"), "--local", str(folder))
+    assert done.returncode == 0, done.stderr
+    assert "scored 20, failed 0" in done.stdout
