@@ -45,6 +45,12 @@ def run_score(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def start_score(*args: str) -> subprocess.Popen:
+    """A scoring job left running, to be killed or waited for by the test."""
+    command = [sys.executable, "-m", "serving", "score", *args]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def read_jsonl(path: Path) -> dict[str, dict]:
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     by_path = {line["path"]: line for line in lines}
@@ -112,11 +118,7 @@ def test_resume_after_kill_loses_and_repeats_nothing(
 ) -> None:
     server = server_factory(model_repo, "--max-batch-size", "1")
     out = tmp_path / "out.jsonl"
-    command = [
-        sys.executable,
-        "-m",
-        "serving",
-        "score",
+    job = start_score(
         str(image_folder),
         "--out",
         str(out),
@@ -128,8 +130,7 @@ def test_resume_after_kill_loses_and_repeats_nothing(
         "4",
         "--streams",
         "1",
-    ]
-    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    )
     wait_for_lines(out, 100)
     job.send_signal(signal.SIGKILL)
     job.wait()
@@ -147,24 +148,8 @@ def test_two_servers_one_killed_mid_job(image_folder, model_repo, server_factory
     first = server_factory(model_repo, "--max-batch-size", "1")
     second = server_factory(model_repo, "--max-batch-size", "1")
     out = tmp_path / "out.jsonl"
-    command = [
-        sys.executable,
-        "-m",
-        "serving",
-        "score",
-        str(image_folder),
-        "--out",
-        str(out),
-        "--server",
-        first.address,
-        "--server",
-        second.address,
-        "--batch",
-        "4",
-        "--inflight",
-        "32",
-    ]
-    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    servers = ["--server", first.address, "--server", second.address]
+    job = start_score(str(image_folder), "--out", str(out), *servers, "--batch", "4", "--inflight", "32")
     wait_for_lines(out, 200)
     first.process.send_signal(signal.SIGKILL)
     stdout, stderr = job.communicate(timeout=120)
