@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+IMAGE_PREFIX = re.compile(r"^image \d+: ")  # how the server names an image within its request
 RETRY_LIMIT = 5  # consecutive failed connections before a stream gives up on its server
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -196,7 +198,7 @@ def outcomes_of(
             continue
         result = next(results)
         if result.HasField("error"):
-            message = result.error.message.split(": ", 1)[-1]  # drop the server's "image N: " prefix
+            message = IMAGE_PREFIX.sub("", result.error.message)  # the line names its file instead
             outcomes.append(ImageOutcome(path, error=message))
         else:
             outcomes.append(
