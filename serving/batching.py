@@ -69,10 +69,6 @@ class BatchStats:
     rejected: int = 0
     expired: int = 0
 
-    @property
-    def mean_batch_size(self) -> float:
-        return self.items / self.batches if self.batches else 0.0
-
 
 class _Pending:
     """One caller's chunk of rows waiting in the queue."""
@@ -111,10 +107,6 @@ class DynamicBatcher:
         self._idle: asyncio.Event | None = None
         self._run_time_s = float("inf")  # moving average of one batch call; unknown until measured
         self._dispatch_pending = False
-
-    @property
-    def queued_rows(self) -> int:
-        return self._queued_rows
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Queues `rows` (N, ...) and returns the N output rows; `deadline` is on this batcher's clock."""

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from serving.batching import BatchingConfig
+from serving.preprocess import DEFAULT_MAX_PIXELS
 from serving.runtime import RuntimeOptions
+from serving.service import DEFAULT_MAX_IMAGES
 
 ENV_PREFIX = "CONVSERVE_"
 
@@ -40,8 +42,8 @@ class ServerConfig:
     intra_op_threads: int = option(0, "ONNX Runtime threads per session; 0: one per core")
     decode_threads: int = option(0, "image decoding threads; 0: one per core")
     max_message_mb: int = option(64, "largest request or response message, MiB")
-    max_images: int = option(256, "images per request at most")
-    max_pixels: int = option(50_000_000, "decoded pixels per image at most (checked from the header)")
+    max_images: int = option(DEFAULT_MAX_IMAGES, "images per request at most")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "decoded pixels per image at most (checked from the header)")
     grace_s: float = option(10.0, "on SIGTERM, how long calls in flight may take to finish")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
 

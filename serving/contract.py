@@ -9,7 +9,7 @@ this module, so it must never import onnxruntime, grpc or torch.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -94,11 +94,6 @@ class ModelContract:
             PREFIX + "output_kind": self.output_kind,
             **{PREFIX + k: v for k, v in self.extra.items()},
         }
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data.pop("extra")
-        return json.dumps(data, indent=2)
 
 
 def has_contract(metadata: dict[str, str]) -> bool:

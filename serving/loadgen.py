@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import sys
 import time
@@ -23,6 +22,9 @@ from PIL import Image
 
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from serving.client import to_image
+from serving.contract import ModelContract
+from serving.preprocess import pixels_to_input
 
 DISTINCT_IMAGES = 64
 WARMUP_S = 0.3
@@ -52,24 +54,25 @@ def make_images(
     info: pb.ModelInfo, payload: str, count: int = DISTINCT_IMAGES, seed: int = 0
 ) -> list[pb.Image]:
     """Random pixels of the model's size, as PNG bytes or as raw tensors in its input layout."""
-    rng = np.random.default_rng(seed)
     spec = info.input
-    channels = 1 if spec.color_mode == "L" else 3
+    contract = ModelContract(
+        labels=tuple(info.labels),
+        color_mode=spec.color_mode,
+        height=spec.height,
+        width=spec.width,
+        layout=spec.layout,
+        scale=spec.scale,
+        mean=tuple(spec.mean),
+        std=tuple(spec.std),
+    )
+    rng = np.random.default_rng(seed)
     images = []
     for _ in range(count):
-        pixels = rng.integers(0, 256, (spec.height, spec.width, channels), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (spec.height, spec.width, contract.channels), dtype=np.uint8)
         if payload == "png":
-            buffer = io.BytesIO()
-            Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format="PNG")
-            images.append(pb.Image(encoded=buffer.getvalue()))
+            images.append(to_image(Image.fromarray(pixels[:, :, 0] if contract.channels == 1 else pixels)))
         else:
-            scaled = pixels.astype(np.float32) * np.float32(spec.scale)
-            scaled = (scaled - np.float32(spec.mean)) / np.float32(spec.std)
-            tensor = scaled.transpose(2, 0, 1) if spec.layout == "NCHW" else scaled
-            array = np.ascontiguousarray(tensor, dtype=np.float32)
-            images.append(
-                pb.Image(tensor=pb.Tensor(shape=array.shape, dtype="float32", data=array.tobytes()))
-            )
+            images.append(to_image(pixels_to_input(pixels, contract)))
     return images
 
 

@@ -99,7 +99,6 @@ class ServedModel:
         self.path = path
         self.runtime = runtime
         self.contract = load_contract(path, runtime)
-        self.labels = self.contract.labels
         self.batching = batching
         workers = ThreadPoolExecutor(runtime.options.instances, thread_name_prefix=f"{name}-{version}")
         config = dataclasses.replace(

@@ -24,12 +24,13 @@ from PIL import Image
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from serving.batching import BatcherClosedError, DeadlineExceededError, QueueFullError
-from serving.preprocess import ImageError, decode_batch, open_image, tensor_to_input
+from serving.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_batch, open_image, tensor_to_input
 from serving.repository import Classification, ModelNotFoundError, ModelRepository, ServedModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
+DEFAULT_MAX_IMAGES = 256
 STREAM_INFLIGHT = 64  # requests of one stream processed concurrently
 INLINE_DECODE_PIXELS = 4096  # a request whose images hold fewer pixels in all is decoded on the event loop
 
@@ -45,8 +46,8 @@ class StatusError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    max_images: int = 256
-    max_pixels: int = 50_000_000
+    max_images: int = DEFAULT_MAX_IMAGES
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -303,7 +304,7 @@ def build_response(
     errors: dict[int, str],
 ) -> pb.ClassifyResponse:
     response = pb.ClassifyResponse(id=request.id, model=model.name, version=model.version)
-    labels = model.labels
+    labels = model.contract.labels
     index_rows = result.indices.tolist()
     probability_rows = result.probabilities.tolist()
     if not errors:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +47,6 @@ class ExportReport:
     parity: list[ParityCheck]
     torch_test_accuracy: float
     onnx_test_accuracy: float
-
-    def as_dict(self) -> dict:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        return data
 
 
 def next_version(model_dir: Path) -> int:
