@@ -20,9 +20,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serving.classify import format_table  # noqa: E402
 from serving.client import ClassifierClient  # noqa: E402
-from serving.launch import launch_server  # noqa: E402
+from serving.tools.classify import format_table  # noqa: E402
+from serving.tools.launch import launch_server  # noqa: E402
 
 
 def write_pngs(run_dir: Path, out: Path) -> list[tuple[Path, int]]:

@@ -18,4 +18,4 @@ if [ "$mode" = "--editable" ]; then
 else
   "$venv/bin/python" -m pip install --quiet "$here[$extras]"
 fi
-"$venv/bin/python" -c "import serving.contract; print('convserve installed in $venv with extras [$extras]')"
+"$venv/bin/python" -c "import serving.core.contract; print('convserve installed in $venv with extras [$extras]')"

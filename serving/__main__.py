@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import grpc
 
-DEFAULT_SERVER = os.environ.get("CONVSERVE_SERVER", "127.0.0.1:8500")
+from serving.client import DEFAULT_SERVER
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--server", default=DEFAULT_SERVER)
     check.add_argument("--timeout", type=float, default=3.0)
 
-    from serving.score import add_score_arguments
+    from serving.tools.score import add_score_arguments
 
     add_score_arguments(
         commands.add_parser("score", help="score a folder, glob or list of images into a file")
     )
-    from serving.bench import add_bench_arguments
+    from serving.tools.bench import add_bench_arguments
 
     add_bench_arguments(
         commands.add_parser("bench", help="measure the server against in-process ONNX Runtime")
@@ -53,15 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", "INFO")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        from serving.config import config_from_args
+        from serving.config import ConfigError, config_from_args
+
+        try:
+            config = config_from_args(args)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
         from serving.server import run_server
 
-        return run_server(config_from_args(args))
+        return run_server(config)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if args.command == "classify":
-        from serving.classify import classify_files
+        from serving.tools.classify import classify_files
 
         try:
             text, _ = classify_files(
@@ -87,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(status)
         return 0 if status == "SERVING" else 1
     if args.command == "score":
-        from serving.score import run_score
+        from serving.tools.score import run_score
 
         return run_score(args)
-    from serving.bench import run_bench
+    from serving.tools.bench import run_bench
 
     return run_bench(args)
 

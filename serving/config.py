@@ -1,73 +1,109 @@
 """The server's one config object: every field is a flag `--x-y` and an environment variable `CONVSERVE_X_Y`.
 
-Precedence: flag, then environment variable, then the default here.
+Precedence: flag, then environment variable, then the default. pydantic-settings reads the
+environment, converts types (booleans, paths, numbers) and checks ranges; the whole config is
+validated before anything starts, and a bad value is one line naming the flag (`ConfigError`).
+A leaf: it imports nothing of the server but the default values.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from serving.batching import BatchingConfig
-from serving.preprocess import DEFAULT_MAX_PIXELS
-from serving.runtime import RuntimeOptions
-from serving.service import DEFAULT_MAX_IMAGES
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.core import defaults
 
 ENV_PREFIX = "CONVSERVE_"
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kwargs})
+class ConfigError(ValueError):
+    """A bad setting; the message names the flag and its environment variable."""
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    models: Path = option(Path("models"), "model repository: MODELS/<name>/<version>/model.onnx")
-    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
-    port: int = option(8500, "port to listen on; 0 picks a free one")
-    port_file: Path | None = option(None, "write the bound port here once serving (for tests and scripts)")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    max_batch_size: int = option(32, "rows (images) per model call at most")
-    max_delay_ms: float = option(
-        2.0, "longest a queued image waits for a batch to fill while the model is busy"
+class ServerConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    models: Path = Field(Path("models"), description="model repository: MODELS/<name>/<version>/model.onnx")
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on (0.0.0.0 in containers)")
+    port: int = Field(8500, ge=0, le=65535, description="port to listen on; 0 picks a free one")
+    port_file: Path | None = Field(
+        None, description="write the bound port here once serving (for tests and scripts)"
     )
-    max_queue_size: int = option(2048, "images queued per model at most; beyond it RESOURCE_EXHAUSTED")
-    inline_below_ms: float = option(
-        0.5, "a model whose batch call takes less runs on the event loop when idle"
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
+    max_batch_size: int = Field(defaults.MAX_BATCH_SIZE, ge=1, le=4096, description="rows per model call")
+    max_delay_ms: float = Field(
+        defaults.MAX_DELAY_MS,
+        ge=0,
+        le=10_000,
+        description="longest a queued image waits for a batch to fill while the model is busy",
     )
-    instances: int = option(1, "ONNX Runtime sessions per model version, each in its own worker thread")
-    intra_op_threads: int = option(0, "ONNX Runtime threads per session; 0: one per core")
-    decode_threads: int = option(0, "image decoding threads; 0: one per core")
-    max_message_mb: int = option(64, "largest request or response message, MiB")
-    max_images: int = option(DEFAULT_MAX_IMAGES, "images per request at most")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "decoded pixels per image at most (checked from the header)")
-    grace_s: float = option(10.0, "on SIGTERM, how long calls in flight may take to finish")
-    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
+    max_queue_size: int = Field(
+        defaults.MAX_QUEUE_ROWS,
+        ge=1,
+        description="images queued per model version; beyond: RESOURCE_EXHAUSTED",
+    )
+    inline_below_ms: float = Field(
+        defaults.INLINE_BELOW_MS,
+        ge=0,
+        description="a model whose batch call takes less runs on the event loop",
+    )
+    instances: int = Field(
+        1, ge=1, le=64, description="ONNX Runtime sessions per model version, one per worker"
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, le=1024, description="ONNX Runtime threads per session; 0: automatic"
+    )
+    decode_threads: int = Field(0, ge=0, le=1024, description="image decoding threads; 0: one per core")
+    max_message_mb: int = Field(64, ge=1, le=2047, description="largest request or response message, MiB")
+    max_images: int = Field(defaults.MAX_IMAGES, ge=1, le=100_000, description="images per request at most")
+    max_pixels: int = Field(
+        defaults.MAX_PIXELS,
+        ge=1,
+        description="pixels per image at most (read from the header before decoding)",
+    )
+    max_request_pixels: int = Field(
+        defaults.MAX_REQUEST_PIXELS, ge=1, description="pixels per request at most, all its images together"
+    )
+    input_budget_mb: int = Field(
+        defaults.INPUT_BUDGET_MB,
+        ge=1,
+        description="decoded and queued model input, server-wide, MiB; beyond: RESOURCE_EXHAUSTED",
+    )
+    grace_s: float = Field(
+        10.0, gt=0, le=3600, description="on SIGTERM, the whole shutdown takes at most this"
+    )
+    reflection: bool = Field(True, description="serve gRPC server reflection")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
-    @property
-    def batching(self) -> BatchingConfig:
-        return BatchingConfig(
-            self.max_batch_size,
-            self.max_delay_ms / 1000.0,
-            self.max_queue_size,
-            inline_below_s=self.inline_below_ms / 1000.0,
-        )
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
-    @property
-    def runtime(self) -> RuntimeOptions:
-        return RuntimeOptions(
-            device=self.device, intra_op_threads=self.intra_op_threads, instances=self.instances
-        )
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError("max_queue_size must be at least max_batch_size")
+        if not self.models.is_dir():
+            raise ValueError(f"models: {self.models} is not a directory")
+        return self
 
     @property
     def resolved_decode_threads(self) -> int:
         return self.decode_threads or (os.cpu_count() or 1)
 
     def describe(self) -> str:
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        return " ".join(f"{name}={getattr(self, name)}" for name in type(self).model_fields)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def env_name(name: str) -> str:
@@ -75,20 +111,39 @@ def env_name(name: str) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; each default comes from its environment variable when set."""
-    for f in fields(ServerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        env = env_name(f.name)
-        convert = {"int": int, "float": float, "str": str}.get(str(f.type), Path)
-        default = os.environ.get(env)
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=convert,
-            default=convert(default) if default is not None else f.default,
-            help=f"{f.metadata['help']} (env {env}; default {f.default})",
-        )
+    """One flag per config field. Flags not given are left out, so the environment and defaults apply."""
+    for name, field in ServerConfig.model_fields.items():
+        help_text = f"{field.description} (env {env_name(name)}; default {field.default})"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag(name), dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    given = {name: getattr(args, name) for name in ServerConfig.model_fields if hasattr(args, name)}
+    try:
+        return ServerConfig(**given)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc, given)) from None
+
+
+def describe_error(exc: ValidationError, given: dict[str, object]) -> str:
+    """One line per bad setting, naming the flag (or variable) and the value."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if name not in ServerConfig.model_fields:  # a check across fields
+            lines.append(message)
+            continue
+        source = flag(name) if name in given else env_name(name)
+        value = given.get(name, os.environ.get(env_name(name)))
+        lines.append(f"{source} {value!r}: {message}")
+    return "; ".join(lines)

@@ -1,8 +1,11 @@
-"""The server process: load and warm the models, serve gRPC, shut down gracefully.
+"""The composition root and lifecycle: build the rooms, serve gRPC, shut down gracefully.
 
-Health (`grpc.health.v1`) is NOT_SERVING until every model is loaded and warmed up, SERVING after,
-and NOT_SERVING again from the moment SIGTERM/SIGINT arrives. On that signal new calls are refused
-(UNAVAILABLE), calls in flight get `grace_s` to finish, and the process exits 0.
+Health (`grpc.health.v1`) is NOT_SERVING while the models load and warm up, SERVING once any
+version is ready (a version that fails to load is UNAVAILABLE with its reason; the others serve),
+and NOT_SERVING again from the moment SIGTERM/SIGINT arrives. Then (see `protocols.admission`):
+admitted calls finish with their results; new calls are parked and refused with UNAVAILABLE once
+the server has stopped accepting; open streams end with UNAVAILABLE; what is left (health
+watchers) is cancelled; the batchers close. All of it within `--grace-s`, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -18,16 +21,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from serving.config import ServerConfig
-from serving.repository import ModelRepository
-from serving.service import ClassifierService, Limits
+from serving.core.batching import BatchingConfig
+from serving.core.budget import MIB, InputBudget
+from serving.core.dataplane import DataPlane, Limits
+from serving.core.runtime import RuntimeOptions
+from serving.models.registry import ModelRegistry
+from serving.protocols import convserve_v1
+from serving.protocols.admission import Admission
+from serving.protocols.interceptors import AdmissionGate, ProtocolGuard
 
 log = logging.getLogger(__name__)
 
-DRAIN_QUIET_S = 0.2
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+SERVICES = (convserve_v1.SERVICE_NAME,)
+DRAIN_SHARE = 0.6  # of the grace period, at most, for admitted work; the rest is for stopping
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -37,6 +45,25 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def batching_of(config: ServerConfig) -> BatchingConfig:
+    return BatchingConfig(
+        config.max_batch_size,
+        config.max_delay_ms / 1000.0,
+        config.max_queue_size,
+        inline_below_s=config.inline_below_ms / 1000.0,
+    )
+
+
+def runtime_of(config: ServerConfig) -> RuntimeOptions:
+    return RuntimeOptions(
+        device=config.device, intra_op_threads=config.intra_op_threads, instances=config.instances
+    )
+
+
+def limits_of(config: ServerConfig) -> Limits:
+    return Limits(config.max_images, config.max_pixels, config.max_request_pixels)
 
 
 def install_uvloop() -> bool:
@@ -49,78 +76,107 @@ def install_uvloop() -> bool:
     return True
 
 
+async def set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", *SERVICES):
+        await servicer.set(name, status)
+
+
+class Server:
+    """Every room wired together: registry, data plane, servicers, interceptors, health, reflection."""
+
+    def __init__(self, config: ServerConfig, registry: ModelRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or ModelRegistry()
+        self.decode_pool = ThreadPoolExecutor(config.resolved_decode_threads, thread_name_prefix="decode")
+        self.dataplane = DataPlane(
+            self.registry, self.decode_pool, limits_of(config), InputBudget(config.input_budget_mb * MIB)
+        )
+        self.admission = Admission()
+        self.grpc = grpc.aio.server(
+            options=grpc_options(config),
+            interceptors=[ProtocolGuard(), AdmissionGate(self.admission, convserve_v1.DATA_METHODS)],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        pb_grpc.add_ClassifierServicer_to_server(
+            convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), self.grpc
+        )
+        if config.reflection:
+            health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+            reflection.enable_server_reflection((*SERVICES, health_name, reflection.SERVICE_NAME), self.grpc)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Listens (NOT_SERVING), loads and warms every model, turns SERVING; returns the bound port."""
+        config = self.config
+        await set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        await self.grpc.start()  # health answers NOT_SERVING (and Classify UNAVAILABLE) while models load
+        log.info("listening on %s:%d (NOT_SERVING until the models are loaded)", config.host, self.port)
+        if not self.registry.entries() and not self.registry.add_repository(config.models):
+            log.error(
+                "no models under %s (expected %s/<name>/<version>/model.onnx)", config.models, config.models
+            )
+        await asyncio.to_thread(self.registry.load_all, runtime_of(config), batching_of(config))
+        for model in self.registry.ready():
+            log.info(
+                "serving %s version %d: batching max_batch_size=%d max_delay=%.1fms max_queue=%d; "
+                "%d decode thread(s); input budget %d MiB",
+                model.name,
+                model.version,
+                config.max_batch_size,
+                config.max_delay_ms,
+                config.max_queue_size,
+                config.resolved_decode_threads,
+                config.input_budget_mb,
+            )
+        if self.registry.ready():
+            await set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
+            log.info("SERVING on %s:%d", config.host, self.port)
+        else:
+            log.error("no model version could be loaded: health stays NOT_SERVING")
+        return self.port
+
+    async def shut_down(self) -> None:
+        """Drains, stops and closes everything within the grace period (see the module's docstring)."""
+        config, admission = self.config, self.admission
+        started = time.monotonic()
+        end = started + config.grace_s
+        log.info("shutting down: NOT_SERVING, refusing new calls, %.1fs grace", config.grace_s)
+        admission.begin_drain()
+        await self.health.enter_graceful_shutdown()
+        await admission.wait_drained(started + DRAIN_SHARE * config.grace_s)
+        log.info(
+            "drained after %.2fs: %d call(s) still working, %d parked",
+            time.monotonic() - started,
+            admission.active,
+            admission.parked,
+        )
+        # Stop accepting (GOAWAY, listener closed) while the parked calls are still matched to handlers.
+        stopping = asyncio.create_task(self.grpc.stop(max(0.0, end - time.monotonic())))
+        await asyncio.sleep(0.05)
+        admission.release()  # parked calls get UNAVAILABLE, open streams end
+        await admission.wait_idle(end - 0.2 * (end - time.monotonic()))
+        await self.grpc.stop(None)  # what is left (health watchers) is cancelled now, not at the grace's end
+        await stopping
+        await self.registry.close()
+        self.decode_pool.shutdown(wait=True)
+        log.info("stopped after %.2fs", time.monotonic() - started)
+
+
 async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    health_servicer = health.aio.HealthServicer()
-    server = grpc.aio.server(options=grpc_options(config))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    decode_pool = ThreadPoolExecutor(config.resolved_decode_threads, thread_name_prefix="decode")
-    service = ClassifierService(None, decode_pool, Limits(config.max_images, config.max_pixels))
-    pb_grpc.add_ClassifierServicer_to_server(service, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
-    await server.start()  # health answers NOT_SERVING (and Classify UNAVAILABLE) while the models load
-    log.info("listening on %s:%d (NOT_SERVING until the models are loaded)", config.host, port)
-
-    repository = await asyncio.to_thread(ModelRepository.load, config.models, config.runtime, config.batching)
-    await asyncio.to_thread(repository.warm_up)
-    service.repository = repository
-    for model in repository.all():
-        log.info(
-            "serving %s version %d: %s; batching max_batch_size=%d max_delay=%.1fms max_queue=%d; "
-            "%d decode thread(s)",
-            model.name,
-            model.version,
-            model.runtime.describe(),
-            config.max_batch_size,
-            config.max_delay_ms,
-            config.max_queue_size,
-            config.resolved_decode_threads,
-        )
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server = Server(config)
+    port = await server.start()
     if config.port_file:
         config.port_file.write_text(str(port))
-    log.info("SERVING on %s:%d", config.host, port)
-
     await stop.wait()
-    log.info(
-        "shutting down: NOT_SERVING, refusing new calls, %.1fs grace for calls in flight", config.grace_s
-    )
-    service.shutting_down = True
-    await health_servicer.enter_graceful_shutdown()
-    started = time.monotonic()
-    await drain(service, config.grace_s)
-    log.info("drained after %.2fs: %d calls active", time.monotonic() - started, service.active_calls)
-    await server.stop(max(0.0, config.grace_s - (time.monotonic() - started)))
-    await repository.close()
-    decode_pool.shutdown(wait=True)
-    log.info("stopped")
-
-
-async def drain(service: ClassifierService, grace_s: float) -> None:
-    """Keeps the server open until no call is active and none started for DRAIN_QUIET_S (at most grace/2).
-
-    gRPC core cancels calls it has received but not yet handed to a handler when the server stops
-    (grpc/grpc#41785). While calls are running or arriving, the server stays fully open, so every call
-    a client has sent reaches its handler before `server.stop` (new ones get UNAVAILABLE after it).
-    """
-    deadline = time.monotonic() + grace_s / 2
-    while time.monotonic() < deadline and (
-        service.active_calls > 0 or time.monotonic() - service.last_call_at < DRAIN_QUIET_S
-    ):
-        await asyncio.sleep(DRAIN_QUIET_S / 4)
+    await server.shut_down()
 
 
 def run_server(config: ServerConfig) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.launch import LaunchedServer, launch_server
+from serving.tools.launch import LaunchedServer, launch_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.batching import (
+from serving.core.batching import (
     BatcherClosedError,
     BatchingConfig,
     DeadlineExceededError,
@@ -146,7 +146,7 @@ def test_queue_is_bounded_in_rows() -> None:
         await asyncio.sleep(0.01)
         queued = asyncio.create_task(batcher.submit(rows_for(1, 8)))
         await asyncio.sleep(0)
-        with pytest.raises(QueueFullError, match="queue full"):
+        with pytest.raises(QueueFullError, match="overloaded: queue full"):
             await batcher.submit(rows_for(2, 1))
         await asyncio.gather(running, queued)
         assert batcher.stats.rejected == 1
@@ -165,7 +165,7 @@ def test_expired_rows_are_dropped_before_the_model() -> None:
         with pytest.raises(DeadlineExceededError):
             await batcher.submit(rows_for(1, 3), deadline=time.monotonic() + 0.01)
         await running
-        assert batcher.stats.expired == 3
+        assert batcher.stats.dropped_rows == 3
         await batcher.close()
 
     asyncio.run(scenario())
@@ -185,6 +185,7 @@ def test_cancelled_callers_are_skipped_and_others_unaffected() -> None:
         gone.cancel()
         np.testing.assert_array_equal(await kept, rows_for(2, 2) * 10 + 1)
         await running
+        assert batcher.stats.dropped_rows == 5
         await batcher.close()
 
     asyncio.run(scenario())

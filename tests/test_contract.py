@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.contract import (
+from serving.core.contract import (
     ContractError,
     ModelContract,
     fit_image,

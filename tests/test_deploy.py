@@ -65,7 +65,7 @@ def test_install_script_gives_a_serving_install_without_torch(tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stderr
     python = str(target / "bin" / "python")
-    check = "import serving.server, serving.score, importlib.util as u; print(u.find_spec('torch'))"
+    check = "import serving.server, serving.tools.score, importlib.util as u; print(u.find_spec('torch'))"
     probe = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "None", "the serving install must not pull torch"

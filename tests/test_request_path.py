@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.contract import ModelContract
-from serving.postprocess import softmax, top_k
-from serving.preprocess import ImageError, decode_to_input, open_image, pixels_to_input, tensor_to_input
-from serving.runtime import (
+from serving.core.contract import ModelContract
+from serving.core.postprocess import softmax, top_k
+from serving.core.preprocess import ImageError, decode_to_input, open_image, pixels_to_input, tensor_to_input
+from serving.core.runtime import (
     ModelRuntime,
     RuntimeOptions,
     bucket_size,

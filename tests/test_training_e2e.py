@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from serving.contract import from_metadata
+from serving.core.contract import from_metadata
 from training.export import (
     ExportReport,
     ParityCheck,

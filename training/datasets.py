@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from serving.contract import ColorMode, fit_image
+from serving.core.contract import ColorMode, fit_image
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from serving.contract import ModelContract
+from serving.core.contract import ModelContract
 from training.model import ProbabilitiesModel
 from training.train import TEST_SPLIT, load_run, to_tensor
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from serving.contract import ModelContract
+from serving.core.contract import ModelContract
 from training.export import MAX_ABS_DIFF, MODEL_FILE, export_onnx, write_metadata
 from training.model import ConvNet, ProbabilitiesModel
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 
 ImageInput = str | Path | bytes | np.ndarray | Any  # Any: a PIL.Image.Image
 SERVICE = "convserve.v1.Classifier"
+DEFAULT_SERVER = os.environ.get("CONVSERVE_SERVER", "127.0.0.1:8500")
 RETRYABLE = ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
 
 
@@ -130,7 +132,7 @@ class ClassifierClient:
 
     def __init__(
         self,
-        servers: str | Sequence[str] = "127.0.0.1:8500",
+        servers: str | Sequence[str] = DEFAULT_SERVER,
         *,
         timeout: float = 30.0,
         retries: int = 4,

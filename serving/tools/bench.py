@@ -2,7 +2,7 @@
 
 For each model, in one run:
   (a) the limit: ONNX Runtime in this process, the server's session options, at several batch sizes;
-  (b) the server (started here, or --server) under load from `serving.loadgen` in a separate process:
+  (b) the server (started here, or --server) under load from `serving.tools.loadgen` in a separate process:
       unary single-image requests at concurrency 1, 16 and 64, unary requests of 32 images, and
       ClassifyStream as the scoring job uses it, each with PNG images and with raw tensors;
   (c) a second server with batching off (max_batch_size 1), the baseline batching must beat;
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.launch import LaunchedServer, launch_server
+from serving.tools.launch import LaunchedServer, launch_server
 
 LIMIT_BATCH_SIZES = (1, 4, 16, 32)
 
@@ -101,11 +101,11 @@ class ExternalServer:
 
 
 class LoadGenerator:
-    """`python -m serving.loadgen` in its own process, fed one scenario at a time."""
+    """`python -m serving.tools.loadgen` in its own process, fed one scenario at a time."""
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.loadgen"],
+            [sys.executable, "-m", "serving.tools.loadgen"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -130,26 +130,26 @@ class LoadGenerator:
 
 
 class InProcessLimit:
-    """ONNX Runtime in this process with the server's session options."""
+    """The model called in this process through the data plane's public API: the server's session
+    options, no batcher, no transport."""
 
     def __init__(self, path: Path, device: str) -> None:
-        from serving.repository import load_contract
-        from serving.runtime import ModelRuntime, RuntimeOptions
+        from serving.core.runtime import RuntimeOptions
+        from serving.models.local import open_local
 
-        self.runtime = ModelRuntime(path, RuntimeOptions(device=device))
-        self.contract = load_contract(path, self.runtime)
+        self.local = open_local(path, RuntimeOptions(device=device))
+        (self.model,) = self.local.registry.ready()
         rng = np.random.default_rng(0)
-        self.inputs = {
-            b: rng.random((b, *self.contract.image_shape), dtype=np.float32) for b in LIMIT_BATCH_SIZES
-        }
+        shape = self.model.contract.image_shape
+        self.inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in LIMIT_BATCH_SIZES}
 
     def measure(self, batch: int, duration: float) -> tuple[float, float]:
         """(images/s, seconds per batch call) over `duration`."""
         x = self.inputs[batch]
-        self.runtime.run(x)
+        self.model.predict(x)
         calls, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < duration:
-            self.runtime.run(x)
+            self.model.predict(x)
             calls += 1
         return calls * batch / elapsed, elapsed / calls
 
@@ -186,7 +186,7 @@ def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadG
         / model
         / str(max(int(p.name) for p in (args.models / model).iterdir() if p.name.isdigit()))
     )
-    limit = InProcessLimit(path / "model.onnx", args.device)
+    limit = InProcessLimit(path, args.device)
     flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
     servers: dict[str, LaunchedServer | ExternalServer] = {}
     chosen = [s for s in scenarios() if not args.scenario or s.name in args.scenario]

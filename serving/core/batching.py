@@ -14,8 +14,9 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
     the event loop itself when nothing is in flight: the hand-off to a worker thread and back would
     cost more than the call, and blocking the loop that briefly costs nothing.
 Sizes count rows, not requests; a request larger than `max_batch_size` is split into several items.
-The queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed are
-dropped before they reach the model (`DeadlineExceededError`).
+The queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed, or
+whose caller went away, are dropped before they reach the model (`DeadlineExceededError`, counted
+in `dropped_rows`).
 """
 
 from __future__ import annotations
@@ -29,29 +30,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.core import defaults
+from serving.core.errors import DeadlineExceeded, Overloaded, Unavailable
+
 BatchFunction = Callable[[np.ndarray], np.ndarray]
 
 
-class QueueFullError(Exception):
+class QueueFullError(Overloaded):
     """The batcher's queue holds `max_queue_rows` rows already."""
 
 
-class DeadlineExceededError(Exception):
+class DeadlineExceededError(DeadlineExceeded):
     """The rows' deadline passed before a batch could take them."""
 
 
-class BatcherClosedError(Exception):
+class BatcherClosedError(Unavailable):
     """The batcher no longer accepts work (the server is shutting down)."""
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = 32
-    max_delay_s: float = 0.002
-    max_queue_rows: int = 2048
+    max_batch_size: int = defaults.MAX_BATCH_SIZE
+    max_delay_s: float = defaults.MAX_DELAY_MS / 1000
+    max_queue_rows: int = defaults.MAX_QUEUE_ROWS
     max_inflight: int = 2
     # Batches of a model faster than this run in the event loop when nothing else is in flight.
-    inline_below_s: float = 0.0005
+    inline_below_s: float = defaults.INLINE_BELOW_MS / 1000
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_rows < self.max_batch_size or self.max_inflight < 1:
@@ -62,12 +66,17 @@ class BatchingConfig:
 
 @dataclass
 class BatchStats:
+    """Counters of one batcher. `rejected` and `expired` count requests (the data plane adds those
+    refused or timed out before they reached the batcher); `dropped_rows` counts rows taken off the
+    queue without running because their deadline passed or their caller went away."""
+
     requests: int = 0
     items: int = 0
     batches: int = 0
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     rejected: int = 0
     expired: int = 0
+    dropped_rows: int = 0
 
 
 class _Pending:
@@ -118,7 +127,8 @@ class DynamicBatcher:
         if self._queued_rows + count > self.config.max_queue_rows:
             self.stats.rejected += 1
             raise QueueFullError(
-                f"queue full: {self._queued_rows} rows waiting, limit {self.config.max_queue_rows}"
+                f"overloaded: queue full, {self._queued_rows} rows waiting, "
+                f"limit {self.config.max_queue_rows}"
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
@@ -165,14 +175,15 @@ class DynamicBatcher:
         while self._queue:
             item = self._queue[0]
             size = len(item.rows)
-            if item.future.done():  # the caller went away (cancelled)
+            if item.future.done():  # the caller went away (cancelled, or its deadline passed in gRPC)
                 self._queue.popleft()
                 self._queued_rows -= size
+                self.stats.dropped_rows += size
                 continue
             if item.deadline is not None and now >= item.deadline:
                 self._queue.popleft()
                 self._queued_rows -= size
-                self.stats.expired += size
+                self.stats.dropped_rows += size
                 item.future.set_exception(DeadlineExceededError("deadline passed while queued"))
                 continue
             if rows + size > self.config.max_batch_size:

@@ -1,8 +1,10 @@
 """ONNX Runtime sessions: provider choice, deliberate CPU options, and the batch call.
 
 A session runs in a worker thread (ONNX Runtime releases the GIL). With `instances` > 1 each worker
-thread gets its own session, so several batches can run at once (useful when one CUDA stream leaves
-the GPU idle). On CUDA, batches are padded up to a few bucket sizes so cuDNN does not tune its
+thread owns one session, bound when the thread starts (`bind_worker`, the executor's initializer), so
+several batches run at once on separate sessions (useful when one CUDA stream leaves the GPU idle).
+The event loop thread, which runs tiny batches inline only while no worker is busy, uses session 0.
+On CUDA, batches are padded up to a few bucket sizes so cuDNN does not tune its
 kernels again for every new batch size; the padding rows are dropped from the results.
 """
 
@@ -108,9 +110,13 @@ class ModelRuntime:
             ort.InferenceSession(str(path), so, providers=providers)
             for _ in range(max(1, self.options.instances))
         ]
-        self._free = list(self._sessions)
+        self._free = list(reversed(self._sessions))  # workers take sessions 0, 1, ... in order
         self._local = threading.local()
         self._lock = threading.Lock()
+        # Calls per session and the most that ran at once: how `--instances` is seen to work.
+        self.session_calls = [0] * len(self._sessions)
+        self.peak_concurrent = 0
+        self._running = 0
         first = self._sessions[0]
         self.provider = first.get_providers()[0]
         self.on_cuda = self.provider == "CUDAExecutionProvider"
@@ -153,21 +159,40 @@ class ModelRuntime:
             probe.run(None, {spec.name: x})
         return 1 if (time.perf_counter() - started) / 3 < TINY_MODEL_S else None
 
-    def _session(self) -> ort.InferenceSession:
-        """Each worker thread keeps one session of its own."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            with self._lock:
-                session = self._free.pop() if self._free else self._sessions[0]
-            self._local.session = session
-        return session
+    @property
+    def instances(self) -> int:
+        return len(self._sessions)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def bind_worker(self) -> None:
+        """Gives the calling worker thread a session of its own (an executor's initializer)."""
+        with self._lock:
+            index = len(self._sessions) - len(self._free) if self._free else 0
+            if self._free:
+                self._free.pop()
+        self._local.index = index
+
+    def run(self, batch: np.ndarray, session: int | None = None) -> np.ndarray:
+        """Runs one batch on the calling thread's session (or the one named, as warm-up does)."""
         rows = len(batch)
         if self.on_cuda:
             batch = pad_rows(batch, bucket_size(rows, self.options.cuda_buckets))
-        output = self._session().run([self.output_name], {self.input_name: batch})[0]
+        index = getattr(self._local, "index", 0) if session is None else session
+        with self._lock:
+            self._running += 1
+            self.peak_concurrent = max(self.peak_concurrent, self._running)
+        try:
+            output = self._sessions[index].run([self.output_name], {self.input_name: batch})[0]
+        finally:
+            with self._lock:
+                self._running -= 1
+                self.session_calls[index] += 1
         return output[:rows]
+
+    def warm_up_sizes(self, max_batch_size: int) -> list[int]:
+        """Every batch size a run can take: each CUDA bucket up to the largest batch, else 1 and the max."""
+        if not self.on_cuda:
+            return sorted({1, max_batch_size})
+        return sorted({bucket_size(n, self.options.cuda_buckets) for n in range(1, max_batch_size + 1)})
 
     def describe(self) -> str:
         return (

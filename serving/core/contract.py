@@ -1,6 +1,6 @@
 """The model contract: what an ONNX file tells a server about its input and output.
 
-Written into `metadata_props` by `training export`, read back by the serving model repository.
+Written into `metadata_props` by `training export`, read back by the server.
 A model exported elsewhere carries no such metadata and is described by a sidecar JSON file
 (`model.json` beside `model.onnx`) holding the same fields. Pure Python plus Pillow: training imports
 this module, so it must never import onnxruntime, grpc or torch.
@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+import numpy as np
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -166,6 +168,19 @@ def from_sidecar(path: Path, num_classes: int) -> ModelContract:
         raise ContractError(f"sidecar {path}: {exc}") from exc
 
 
+def image_pixels(image: Image.Image, color_mode: ColorMode, height: int, width: int) -> np.ndarray:
+    """The one way from an opened image file to a model's pixels: uint8, (H, W) or (H, W, C).
+
+    Training's folder loader and the server both call this, so the same file gives bit-identical
+    model input in both. A JPEG at least twice the target size in each direction is decoded at a
+    reduced scale (libjpeg's DCT scaling, a power of two that still covers the target); the colour
+    conversion stays Pillow's, as for every other format.
+    """
+    if image.format == "JPEG" and image.width >= 2 * width and image.height >= 2 * height:
+        image.draft(image.mode, (width, height))
+    return np.asarray(fit_image(image, color_mode, height, width), dtype=np.uint8)
+
+
 def fit_image(image: Image.Image, color_mode: ColorMode, height: int, width: int) -> Image.Image:
     """Converts any Pillow image to the model's colour mode and size.
 
@@ -176,8 +191,6 @@ def fit_image(image: Image.Image, color_mode: ColorMode, height: int, width: int
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        import numpy as np
-
         arr = np.asarray(image, dtype=np.float64)
         # 16-bit data using more than 8 bits spans 0..65535; values that fit in 8 bits are kept as they are.
         top = 65535.0 if arr.max(initial=0) > 255 else 255.0

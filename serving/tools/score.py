@@ -6,8 +6,12 @@ ClassifyStream calls, all fed from one queue of chunks (`--batch` images per mes
 so the other servers (or the same one, once it is back) score them. One output line per image, in
 the order answers arrive; rerunning with the same `--out` skips what is already there.
 
-`--local MODEL_DIR` runs the very same request path in process (ClassifierService.classify: decode
-pool, dynamic batcher, ONNX Runtime), with no server: for a laptop, and as the reference.
+`--local MODEL_DIR` runs the very same data plane in process (decode pool, dynamic batcher, ONNX
+Runtime, top-k), with no server: for a laptop, and as the reference.
+
+File names need not be valid UTF-8: undecodable bytes are kept as they are (Python's
+surrogateescape), so the CSV's path column holds the file's real name byte for byte, JSONL escapes
+them (as \\udcXX), and a rerun matches both.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,10 +37,10 @@ import grpc
 from tqdm import tqdm
 
 from protos.convserve.v1 import convserve_pb2 as pb
-from serving.config import ServerConfig
+from serving.client import DEFAULT_SERVER
 
 if TYPE_CHECKING:
-    from serving.repository import ModelRepository
+    from serving.core.types import ClassifyResult
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,6 @@ class ScoreError(Exception):
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    from serving.__main__ import DEFAULT_SERVER
-
     parser.add_argument("input", help="a folder (recursive), a glob, a text file of paths, or - for stdin")
     parser.add_argument("--out", type=Path, required=True, help="results file; appended to on restart")
     parser.add_argument(
@@ -98,7 +99,8 @@ def image_suffixes() -> set[str]:
 def find_inputs(spec: str) -> list[str]:
     """Paths from a folder (recursive, image suffixes only), a glob, a list file, or '-' (stdin)."""
     if spec == "-":
-        return [line.strip() for line in sys.stdin if line.strip()]
+        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+        return [line.strip() for line in text.splitlines() if line.strip()]
     path = Path(spec)
     if path.is_dir():
         suffixes = image_suffixes()
@@ -106,7 +108,8 @@ def find_inputs(spec: str) -> list[str]:
     if any(ch in spec for ch in "*?["):
         return sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
     if path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        return [line.strip() for line in text.splitlines() if line.strip()]
     raise ScoreError(f"input {spec!r} is not a folder, a glob, a list file or -", exit_code=2)
 
 
@@ -122,7 +125,7 @@ def completed_paths(out: Path, fmt: str) -> set[str]:
     keep = data[: data.rfind(b"\n") + 1]  # everything up to the last complete line
     if len(keep) != len(data):
         out.write_bytes(keep)
-    text = keep.decode()
+    text = keep.decode("utf-8", "surrogateescape")
     if fmt == "csv":
         return {row["path"] for row in csv.DictReader(io.StringIO(text))}
     return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
@@ -143,7 +146,7 @@ class ResultWriter:
     def __init__(self, out: Path, fmt: str, top_k: int) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         new = not out.exists() or out.stat().st_size == 0
-        self.file = out.open("a", newline="")
+        self.file = out.open("a", newline="", encoding="utf-8", errors="surrogateescape")
         self.fmt = fmt
         self.top_k = top_k
         if fmt == "csv":
@@ -211,18 +214,12 @@ def build_request(
     chunk: Chunk, model: str, version: int, top_k: int
 ) -> tuple[pb.ClassifyRequest | None, dict]:
     """Reads the chunk's files; unreadable ones become errors and are not sent."""
-    unreadable: dict[str, str] = {}
-    images = []
-    for path in chunk.paths:
-        try:
-            images.append(pb.Image(encoded=Path(path).read_bytes()))
-        except OSError as exc:
-            unreadable[path] = f"cannot read file: {exc.strerror or exc}"
+    images, unreadable = read_chunk(chunk)
     if not images:
         return None, unreadable
-    return pb.ClassifyRequest(
-        id=str(chunk.id), model=model, version=version, top_k=top_k, images=images
-    ), unreadable
+    request = pb.ClassifyRequest(id=str(chunk.id), model=model, version=version, top_k=top_k)
+    request.images.extend(pb.Image(encoded=data) for data in images)
+    return request, unreadable
 
 
 class Job:
@@ -284,6 +281,7 @@ def stream_once(job: Job, target: str) -> int:
                 chunk, unreadable = pending.pop(response.id)
             if response.HasField("error") and response.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
                 job.give_back([chunk])  # that server is going away: another one answers
+                closed.set()  # send nothing more on this stream
                 continue
             job.answers.put((chunk, outcomes_of(chunk, unreadable, response)))
             answered += 1
@@ -306,6 +304,9 @@ def stream_worker(job: Job, target: str) -> None:
         try:
             if stream_once(job, target):
                 failures = 0
+            elif not job.finished.is_set():  # the server took nothing (shutting down): back off
+                failures += 1
+                time.sleep(min(0.2 * 2**failures, 5.0))
         except grpc.RpcError as exc:
             if exc.code() not in RETRYABLE:
                 job.answers.put(ScoreError(f"{target}: {exc.code().name}: {exc.details()}"))
@@ -320,30 +321,28 @@ def stream_worker(job: Job, target: str) -> None:
 
 
 def local_worker(job: Job, model_dir: Path) -> None:
-    """The same request path in process: ClassifierService.classify with its batcher and decode pool."""
-    from serving.service import ClassifierService, Limits
+    """The same data plane in process: decode pool, dynamic batcher, ONNX Runtime, top-k."""
+    from serving.core.errors import ServingError
+    from serving.core.types import ClassifyRequest
+    from serving.models.local import open_local
 
-    config = ServerConfig(models=model_dir)
-    repository = load_local(model_dir, config)
     args = job.args
+    local = open_local(model_dir)
 
     async def run() -> None:
-        pool = ThreadPoolExecutor(config.resolved_decode_threads)
-        service = ClassifierService(repository, pool, Limits(config.max_images, config.max_pixels))
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()
 
         async def one(chunk: Chunk) -> None:
-            request, unreadable = await loop.run_in_executor(
-                pool, build_request, chunk, args.model, args.version, args.top_k
-            )
-            response = None
-            if request is not None:
+            images, unreadable = await loop.run_in_executor(local.pool, read_chunk, chunk)
+            result: ClassifyResult | str | None = None
+            if images:
+                request = ClassifyRequest(images, args.model, args.version, args.top_k)
                 try:
-                    response = await service.classify(request)
-                except Exception as exc:  # a StatusError: the whole request failed
-                    response = pb.ClassifyResponse(id=request.id, error=pb.Error(code=3, message=str(exc)))
-            job.answers.put((chunk, outcomes_of(chunk, unreadable, response)))
+                    result = await local.dataplane.classify(request)
+                except ServingError as exc:  # the whole request failed
+                    result = str(exc)
+            job.answers.put((chunk, local_outcomes(chunk, unreadable, result)))
 
         never = threading.Event()
         while (chunk := await loop.run_in_executor(None, job.next_chunk, never)) is not None:
@@ -351,24 +350,46 @@ def local_worker(job: Job, model_dir: Path) -> None:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
-        await repository.close()
-        pool.shutdown()
+        await local.close()
 
     asyncio.run(run())
 
 
-def load_local(model_dir: Path, config: ServerConfig) -> ModelRepository:
-    """A repository, a model folder (`<name>/`) or a version folder (`<name>/<version>/`)."""
-    from serving.repository import MODEL_FILE, ModelRepository, load_version
+def read_chunk(chunk: Chunk) -> tuple[list[bytes], dict[str, str]]:
+    """The chunk's files as bytes; unreadable ones become errors and are not sent."""
+    unreadable: dict[str, str] = {}
+    images = []
+    for path in chunk.paths:
+        try:
+            images.append(Path(path).read_bytes())
+        except OSError as exc:
+            unreadable[path] = f"cannot read file: {exc.strerror or exc}"
+    return images, unreadable
 
-    if (model_dir / MODEL_FILE).is_file():
-        version = int(model_dir.name) if model_dir.name.isdigit() else 1
-        name = model_dir.parent.name
-        model = load_version(name, version, model_dir / MODEL_FILE, config.runtime, config.batching)
-        return ModelRepository({name: {version: model}})
-    if any((p / MODEL_FILE).is_file() for p in model_dir.glob("*") if p.is_dir()):
-        return ModelRepository.load(model_dir.parent, config.runtime, config.batching, only=model_dir.name)
-    return ModelRepository.load(model_dir, config.runtime, config.batching)
+
+def local_outcomes(
+    chunk: Chunk, unreadable: dict[str, str], result: ClassifyResult | str | None
+) -> list[ImageOutcome]:
+    """Matches a data plane result (read images only, in order) back to the chunk's paths."""
+    per_image = iter(result.per_image()) if result is not None and not isinstance(result, str) else iter(())
+    outcomes = []
+    for path in chunk.paths:
+        if path in unreadable:
+            outcomes.append(ImageOutcome(path, error=unreadable[path]))
+        elif isinstance(result, str):
+            outcomes.append(ImageOutcome(path, error=result))
+        else:
+            predictions, error = next(per_image)
+            outcomes.append(
+                ImageOutcome(
+                    path,
+                    [p.label for p in predictions],
+                    [p.index for p in predictions],
+                    [p.probability for p in predictions],
+                    error,
+                )
+            )
+    return outcomes
 
 
 # -- the job --------------------------------------------------------------------------------------
@@ -409,8 +430,6 @@ def score(args: argparse.Namespace) -> Summary:
     if args.local is not None:
         workers = [threading.Thread(target=local_worker, args=(job, args.local), daemon=True)]
     else:
-        from serving.__main__ import DEFAULT_SERVER
-
         targets = args.server or [DEFAULT_SERVER]
         workers = [
             threading.Thread(target=stream_worker, args=(job, t), daemon=True)

@@ -2,24 +2,31 @@
 
 Decoding (Pillow) is the expensive part and runs in a thread pool, off the event loop. The pixel
 count is checked from the header before any pixel is decoded, so a decompression bomb costs nothing.
+Raw tensors are read in the byte order their dtype names and refused when they hold NaN or ±inf.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import re
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from serving.contract import ModelContract, fit_image
+from serving.core.contract import ModelContract, image_pixels
+from serving.core.defaults import MAX_PIXELS
+from serving.core.errors import InvalidInput
 
-DEFAULT_MAX_PIXELS = 50_000_000
+# numpy dtype names a tensor may carry: a byte order mark (< > = |) is optional.
+_DTYPE_NAME = re.compile(
+    r"^[<>=|]?(float16|float32|float64|uint8|int8|uint16|int16|int32|int64|[fiu][1248])$"
+)
 
 
-class ImageError(ValueError):
+class ImageError(InvalidInput):
     """One image cannot be used; the message says why."""
 
 
@@ -40,11 +47,11 @@ def pixels_to_input(pixels: np.ndarray, contract: ModelContract, out: np.ndarray
 
 
 def image_to_input(image: Image.Image, contract: ModelContract, out: np.ndarray | None = None) -> np.ndarray:
-    fitted = fit_image(image, contract.color_mode, contract.height, contract.width)
-    return pixels_to_input(np.asarray(fitted, dtype=np.uint8), contract, out)
+    pixels = image_pixels(image, contract.color_mode, contract.height, contract.width)
+    return pixels_to_input(pixels, contract, out)
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Opens encoded bytes, reading only the header; refuses images of more than max_pixels."""
     if not data:
         raise ImageError("empty image data")
@@ -56,7 +63,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageError(f"image refused before decoding: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageError("not an image in any format this server reads") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # Pillow's plugins raise many kinds on a corrupt header
         raise ImageError(f"cannot read image header: {exc}") from exc
     width, height = image.size
     if width * height > max_pixels:
@@ -70,18 +77,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 def decode_opened(image: Image.Image, contract: ModelContract, out: np.ndarray | None = None) -> np.ndarray:
     """Decodes an image opened by `open_image` into one input row, and closes it."""
     try:
-        if image.format == "JPEG":
-            # Let libjpeg decode at a reduced scale when the target is much smaller: far less work.
-            image.draft(contract.color_mode, (contract.width, contract.height))
         return image_to_input(image, contract, out)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # a corrupt body surfaces as OSError, ValueError, SyntaxError, struct.error…
         raise ImageError(f"cannot decode {image.format or 'image'} data: {exc}") from exc
     finally:
         image.close()
 
 
 def decode_to_input(
-    data: bytes, contract: ModelContract, max_pixels: int = DEFAULT_MAX_PIXELS, out: np.ndarray | None = None
+    data: bytes, contract: ModelContract, max_pixels: int = MAX_PIXELS, out: np.ndarray | None = None
 ) -> np.ndarray:
     return decode_opened(open_image(data, max_pixels), contract, out)
 
@@ -102,25 +106,38 @@ def decode_batch(
 def tensor_to_input(
     shape: Sequence[int], dtype: str, data: bytes, contract: ModelContract, input_dtype: np.dtype
 ) -> np.ndarray:
-    """A raw tensor (one image, the model's layout and dtype) as an input row, without copying."""
+    """A raw tensor (one image, the model's layout and dtype, either byte order) as an input row."""
     expected = contract.image_shape
     if tuple(shape) != expected:
         raise ImageError(f"tensor shape {list(shape)} does not match the model's input {list(expected)}")
-    got = little_endian(dtype)
-    if got != input_dtype:
+    got = wire_dtype(dtype)
+    if got.newbyteorder("=") != input_dtype:
         raise ImageError(f"tensor dtype {got.name} does not match the model's input dtype {input_dtype.name}")
     needed = contract.channels * contract.height * contract.width * got.itemsize
     if len(data) != needed:
         raise ImageError(
             f"tensor data holds {len(data)} bytes; shape {list(shape)} of {got.name} needs {needed}"
         )
-    return np.frombuffer(data, dtype=got).reshape(expected)
+    row = np.frombuffer(data, dtype=got).reshape(expected)
+    if not got.isnative:
+        row = row.astype(input_dtype)  # the other byte order: one swapped copy
+    if not all_finite(row):
+        raise ImageError("tensor holds NaN or infinite values")
+    return row
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """True when no value is NaN or ±inf. The sum is finite only then (or overflows): one fast pass first."""
+    if values.dtype.kind != "f":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
 
 
 @functools.lru_cache(maxsize=64)
-def little_endian(dtype: str) -> np.dtype:
-    """The wire's dtype name as a little-endian numpy dtype (parsed once per name)."""
-    try:
-        return np.dtype(dtype).newbyteorder("<")
-    except TypeError as exc:
-        raise ImageError(f"unknown tensor dtype {dtype!r}") from exc
+def wire_dtype(dtype: str) -> np.dtype:
+    """The wire's dtype name as a numpy dtype: little-endian unless it says '>' (parsed once per name)."""
+    if not _DTYPE_NAME.match(dtype):
+        raise ImageError(f"unknown tensor dtype {dtype[:40]!r}")
+    parsed = np.dtype(dtype.lstrip("<>=|"))
+    return parsed.newbyteorder(">" if dtype.startswith(">") else "<")

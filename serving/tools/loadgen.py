@@ -1,6 +1,6 @@
 """The load generator `bench` drives: a separate process, so it never shares the server's GIL.
 
-`python -m serving.loadgen` reads one JSON scenario per line on stdin and answers one JSON result per
+`python -m serving.tools.loadgen` reads one JSON scenario per line on stdin and answers one JSON result per
 line on stdout. Scenarios: `unary` (Classify from `concurrency` callers, `images` per request),
 `stream` (ClassifyStream as the scoring job uses it: `streams` calls, `images` per message, at most
 `inflight` images unanswered) and `echo` (the transport alone). Payloads are PNG files or raw tensors
@@ -22,9 +22,7 @@ from PIL import Image
 
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from serving.client import to_image
-from serving.contract import ModelContract
-from serving.preprocess import pixels_to_input
+from serving.client import pixels_to_tensor, to_image
 
 DISTINCT_IMAGES = 64
 WARMUP_S = 0.3
@@ -55,24 +53,15 @@ def make_images(
 ) -> list[pb.Image]:
     """Random pixels of the model's size, as PNG bytes or as raw tensors in its input layout."""
     spec = info.input
-    contract = ModelContract(
-        labels=tuple(info.labels),
-        color_mode=spec.color_mode,
-        height=spec.height,
-        width=spec.width,
-        layout=spec.layout,
-        scale=spec.scale,
-        mean=tuple(spec.mean),
-        std=tuple(spec.std),
-    )
+    channels = 1 if spec.color_mode == "L" else 3
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(count):
-        pixels = rng.integers(0, 256, (spec.height, spec.width, contract.channels), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (spec.height, spec.width, channels), dtype=np.uint8)
         if payload == "png":
-            images.append(to_image(Image.fromarray(pixels[:, :, 0] if contract.channels == 1 else pixels)))
+            images.append(to_image(Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)))
         else:
-            images.append(to_image(pixels_to_input(pixels, contract)))
+            images.append(to_image(pixels_to_tensor(pixels, spec)))
     return images
 
 
@@ -209,9 +198,10 @@ async def run_scenario(scenario: dict) -> dict:
 
 
 def main() -> int:
-    from serving.server import install_uvloop
+    with contextlib.suppress(ImportError):
+        import uvloop
 
-    install_uvloop()
+        uvloop.install()
     for line in sys.stdin:
         if line.strip():
             result = asyncio.run(run_scenario(json.loads(line)))

@@ -1,0 +1,25 @@
+"""convserve's Python client: talks to a server through `protos` and gRPC only."""
+
+from serving.client.grpc_client import (
+    DEFAULT_SERVER,
+    ClassifierClient,
+    ImageInput,
+    ImageResult,
+    Prediction,
+    make_request,
+    read_results,
+    to_image,
+)
+from serving.client.tensors import pixels_to_tensor
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "ClassifierClient",
+    "ImageInput",
+    "ImageResult",
+    "Prediction",
+    "make_request",
+    "pixels_to_tensor",
+    "read_results",
+    "to_image",
+]

@@ -1,0 +1,165 @@
+"""The data plane: one classification from request to top-k, with no protocol in sight.
+
+resolve model and version → validate → reserve input memory → decode images / take raw tensors →
+dynamic batcher → ONNX Runtime → top-k. Requests and results are dataclasses (`serving.core.types`);
+failures are domain errors (`serving.core.errors`). Every protocol edge and the in-process tools
+call `DataPlane.classify`.
+
+One bad image in a request of many gets its own entry in `ClassifyResult.errors` and the others
+their results; only when every image fails does the whole request fail (InvalidInput).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from serving.core import defaults
+from serving.core.budget import MIB, InputBudget
+from serving.core.errors import DeadlineExceeded, InvalidInput, Overloaded
+from serving.core.model import ServedModel
+from serving.core.postprocess import top_k
+from serving.core.preprocess import (
+    ImageError,
+    all_finite,
+    decode_batch,
+    open_image,
+    tensor_to_input,
+)
+from serving.core.types import ClassifyRequest, ClassifyResult, ImageInput, RawTensor
+
+INLINE_DECODE_PIXELS = 4096  # a request whose images hold fewer pixels in all is decoded on the event loop
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = defaults.MAX_IMAGES
+    max_pixels: int = defaults.MAX_PIXELS
+    max_request_pixels: int = defaults.MAX_REQUEST_PIXELS
+    default_top_k: int = defaults.TOP_K
+
+
+class ModelResolver(Protocol):
+    """Finds the served version for a request (the model registry implements it)."""
+
+    def resolve(self, name: str, version: int) -> ServedModel: ...
+
+
+class DataPlane:
+    def __init__(
+        self,
+        models: ModelResolver,
+        decode_pool: Executor,
+        limits: Limits | None = None,
+        budget: InputBudget | None = None,
+    ) -> None:
+        self.models = models
+        self.decode_pool = decode_pool
+        self.limits = limits or Limits()
+        self.budget = budget or InputBudget(defaults.INPUT_BUDGET_MB * MIB)
+
+    async def classify(self, request: ClassifyRequest) -> ClassifyResult:
+        model = self.models.resolve(request.model, request.version)
+        k = self._top_k(request.top_k)
+        count = len(request.images)
+        if count == 0:
+            raise InvalidInput("request holds no images")
+        if count > self.limits.max_images:
+            raise InvalidInput(f"request holds {count} images; the limit is {self.limits.max_images}")
+        try:
+            reservation = self.budget.reserve(count * model.row_nbytes)
+        except Overloaded:
+            model.stats.rejected += 1
+            raise
+        try:
+            rows, errors = await self._prepare(model, request.images)
+            if len(errors) == count:
+                summary = "; ".join(f"image {i}: {msg}" for i, msg in sorted(errors.items())[:5])
+                raise InvalidInput(summary)
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                raise DeadlineExceeded("deadline passed while the images were decoded")
+            if errors:
+                rows = rows[[i for i in range(count) if i not in errors]]
+            probabilities = await model.infer(rows, request.deadline)
+        except DeadlineExceeded:
+            model.stats.expired += 1
+            raise
+        except asyncio.CancelledError:
+            # gRPC cancels the handler when the client's deadline passes: that is an expiry too.
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                model.stats.expired += 1
+            raise
+        finally:
+            reservation.release()
+        indices, values = top_k(probabilities, k)
+        return ClassifyResult(
+            model.name, model.version, model.contract.labels, indices, values, count, errors
+        )
+
+    def _top_k(self, k: int | None) -> int:
+        if k is None:
+            return self.limits.default_top_k
+        if k < 1:
+            raise InvalidInput(f"top_k must be at least 1, got {k}")
+        return k
+
+    async def _prepare(
+        self, model: ServedModel, images: Sequence[ImageInput]
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Input rows for every image (in order) and {index: error} for those that cannot be used."""
+        if all(type(image) is RawTensor for image in images):
+            rows = self._exact_tensors(model, images)  # type: ignore[arg-type]
+            if rows is not None:
+                return rows, {}
+        contract = model.contract
+        errors: dict[int, str] = {}
+        rows = model.new_rows(len(images))
+        opened: list[tuple[int, Image.Image]] = []
+        pixels = 0
+        for index, image in enumerate(images):
+            try:
+                if isinstance(image, bytes):
+                    # Only the header is read here: sizes are checked before any pixel is decoded.
+                    opened.append((index, open_image(image, self.limits.max_pixels)))
+                    pixels += opened[-1][1].width * opened[-1][1].height
+                elif isinstance(image, RawTensor):
+                    rows[index] = tensor_to_input(
+                        image.shape, image.dtype, image.data, contract, model.input_dtype
+                    )
+                else:
+                    errors[index] = "image holds neither encoded bytes nor a tensor"
+            except ImageError as exc:
+                errors[index] = str(exc)
+        if pixels > self.limits.max_request_pixels:
+            for _, image in opened:
+                image.close()
+            raise InvalidInput(
+                f"the request's images hold {pixels} pixels in all; the limit per request is "
+                f"{self.limits.max_request_pixels}: send fewer or smaller images per request"
+            )
+        if opened and pixels <= INLINE_DECODE_PIXELS:
+            errors.update(decode_batch(opened, contract, rows))  # tiny images: a thread hop costs more
+        elif opened:
+            loop = asyncio.get_running_loop()
+            errors.update(await loop.run_in_executor(self.decode_pool, decode_batch, opened, contract, rows))
+        return rows, errors
+
+    @staticmethod
+    def _exact_tensors(model: ServedModel, tensors: Sequence[RawTensor]) -> np.ndarray | None:
+        """The common case, checked in bulk: one join, one zero-copy view of the whole batch.
+
+        None when any tensor needs a closer look (other shape, dtype or byte order, or a value that
+        is not finite): the per-image path then names the images at fault.
+        """
+        if not all(model.accepts_tensor(t.shape, t.dtype, len(t.data)) for t in tensors):
+            return None
+        data = tensors[0].data if len(tensors) == 1 else b"".join(t.data for t in tensors)
+        rows = np.frombuffer(data, dtype=model.input_dtype).reshape(len(tensors), *model.contract.image_shape)
+        return rows if all_finite(rows) else None

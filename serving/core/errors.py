@@ -1,0 +1,31 @@
+"""Domain errors: what went wrong, in the data plane's words.
+
+The core never speaks gRPC. Each protocol edge maps these classes to its own status codes in one
+table (`serving.protocols.status`); anything else that escapes is a bug and becomes INTERNAL there.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of the errors a request can end with; the message is safe to send to the client."""
+
+
+class InvalidInput(ServingError):
+    """The request or one of its images cannot be used as sent."""
+
+
+class NotFound(ServingError):
+    """No such model or version."""
+
+
+class Unavailable(ServingError):
+    """The model (or the whole server) cannot take work now: loading, failed, draining, shutting down."""
+
+
+class Overloaded(ServingError):
+    """A queue or memory budget is full; the client may retry later or elsewhere."""
+
+
+class DeadlineExceeded(ServingError):
+    """The caller's deadline passed before the work could be done."""

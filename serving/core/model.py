@@ -1,0 +1,137 @@
+"""One loaded model version: its ONNX Runtime session(s), its contract and its own dynamic batcher.
+
+The model's facts come from its own files (ONNX metadata, or the `model.json` sidecar), never from
+special cases here. `ServedModel.infer` takes input rows and returns class probabilities; the data
+plane and the in-process tools (`score --local`, the bench's limit) call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from serving.core.batching import BatchingConfig, BatchStats, DynamicBatcher
+from serving.core.contract import (
+    SIDECAR_NAME,
+    ContractError,
+    ModelContract,
+    from_metadata,
+    from_sidecar,
+    has_contract,
+)
+from serving.core.postprocess import softmax
+from serving.core.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+
+
+def load_contract(model_path: Path, runtime: ModelRuntime) -> ModelContract:
+    """The contract from the ONNX metadata, else from the sidecar; checked against the graph's shapes."""
+    sidecar = model_path.parent / SIDECAR_NAME
+    if has_contract(runtime.metadata):
+        contract = from_metadata(runtime.metadata)
+    elif sidecar.exists():
+        if runtime.num_classes is None:
+            raise ContractError(
+                f"{model_path}: the output's class axis is dynamic; the sidecar must list labels"
+            )
+        contract = from_sidecar(sidecar, runtime.num_classes)
+    else:
+        raise ContractError(f"{model_path} has no convserve metadata and no {SIDECAR_NAME} sidecar beside it")
+    static = [d if isinstance(d, int) else None for d in runtime.input_shape[1:]]
+    if len(static) != 3 or any(
+        s is not None and s != e for s, e in zip(static, contract.image_shape, strict=True)
+    ):
+        raise ContractError(
+            f"{model_path}: graph input {runtime.input_shape} does not match the contract's "
+            f"{contract.layout} {list(contract.image_shape)}"
+        )
+    if runtime.num_classes is not None and runtime.num_classes != len(contract.labels):
+        raise ContractError(f"{model_path}: {len(contract.labels)} labels for {runtime.num_classes} outputs")
+    return contract
+
+
+class ServedModel:
+    """One model version: runtime, contract and batcher; rows in, probabilities out."""
+
+    def __init__(
+        self, name: str, version: int, path: Path, runtime: ModelRuntime, batching: BatchingConfig
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.runtime = runtime
+        self.contract = load_contract(path, runtime)
+        self.batching = batching
+        # One worker thread per session; each binds its own session when it starts.
+        workers = ThreadPoolExecutor(
+            runtime.instances, thread_name_prefix=f"{name}-{version}", initializer=runtime.bind_worker
+        )
+        config = dataclasses.replace(batching, max_inflight=max(batching.max_inflight, runtime.instances + 1))
+        self.batcher = DynamicBatcher(self.predict, config, workers)
+        self._workers = workers
+        self._shape = list(self.contract.image_shape)
+        self._dtype_name = self.input_dtype.name
+        self.row_nbytes = int(np.prod(self._shape)) * self.input_dtype.itemsize
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return self.runtime.input_dtype
+
+    @property
+    def stats(self) -> BatchStats:
+        return self.batcher.stats
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.contract.labels)
+
+    def accepts_tensor(self, shape: Iterable[int], dtype: str, size: int) -> bool:
+        """A raw tensor in exactly the input's shape, native dtype and byte size (the fast path's check)."""
+        return size == self.row_nbytes and dtype == self._dtype_name and list(shape) == self._shape
+
+    def new_rows(self, count: int) -> np.ndarray:
+        return np.empty((count, *self.contract.image_shape), dtype=self.input_dtype)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """The batch function: one model call and, for logits models, one softmax over the batch."""
+        output = self.runtime.run(batch)
+        return (
+            softmax(output.astype(np.float32, copy=False))
+            if self.contract.output_kind == "logits"
+            else output
+        )
+
+    async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Probabilities of `rows`, batched with every other caller's rows."""
+        return await self.batcher.submit(rows, deadline)
+
+    def warm_up(self) -> None:
+        """One call per batch size a run can take, so live traffic pays for no allocation or tuning."""
+        for size in self.runtime.warm_up_sizes(self.batching.max_batch_size):
+            batch = np.zeros((size, *self.contract.image_shape), dtype=self.input_dtype)
+            for session in range(self.runtime.instances):
+                self.runtime.run(batch, session)
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._workers.shutdown(wait=True)
+
+
+def load_model(
+    name: str, version: int, path: Path, runtime_options: RuntimeOptions, batching: BatchingConfig
+) -> ServedModel:
+    """Loads one version; any reason it cannot be served is a ModelLoadError naming it."""
+    try:
+        return ServedModel(name, version, path, ModelRuntime(path, runtime_options), batching)
+    except (ContractError, ModelLoadError) as exc:
+        raise ModelLoadError(f"cannot serve {name} version {version}: {exc}") from exc
+    except Exception as exc:  # onnxruntime raises its own types for a corrupt or unsupported file
+        raise ModelLoadError(f"cannot serve {name} version {version}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,218 @@
+"""The `convserve.v1.Classifier` service: protobuf ↔ data plane, nothing else.
+
+Failures are domain errors raised by the data plane; the interceptors map them to status codes
+through the one table in `status`. On a stream each request gets exactly one response: a request
+that fails carries its status in `ClassifyResponse.error`, mapped through the same table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos.convserve.v1 import convserve_pb2 as pb
+from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from serving.core.dataplane import DataPlane
+from serving.core.errors import Unavailable
+from serving.core.types import ClassifyRequest, ClassifyResult, ImageInput, RawTensor
+from serving.models.registry import ModelRegistry, ModelVersion
+from serving.protocols.admission import Admission
+from serving.protocols.status import status_of
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+DATA_METHODS = (f"/{SERVICE_NAME}/Classify", f"/{SERVICE_NAME}/ClassifyStream")
+STREAM_INFLIGHT = 64  # requests of one stream processed concurrently
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the data plane's clock (time.monotonic)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def image_input(image: pb.Image) -> ImageInput:
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        return image.encoded
+    if kind == "tensor":
+        t = image.tensor
+        return RawTensor(t.shape, t.dtype, t.data)
+    return None
+
+
+def to_request(message: pb.ClassifyRequest, deadline: float | None) -> ClassifyRequest:
+    return ClassifyRequest(
+        images=[image_input(image) for image in message.images],
+        model=message.model,
+        version=message.version,
+        top_k=message.top_k if message.HasField("top_k") else None,
+        deadline=deadline,
+    )
+
+
+def to_response(message: pb.ClassifyRequest, result: ClassifyResult) -> pb.ClassifyResponse:
+    response = pb.ClassifyResponse(id=message.id, model=result.model, version=result.version)
+    labels = result.labels
+    index_rows = result.indices.tolist()
+    probability_rows = result.probabilities.tolist()
+    if not result.errors:
+        for indices, probabilities in zip(index_rows, probability_rows, strict=True):
+            response.results.add(
+                class_index=indices, label=[labels[i] for i in indices], probability=probabilities
+            )
+        return response
+    row = 0
+    for image in range(result.count):
+        if image in result.errors:
+            response.results.add(
+                error=pb.Error(code=INVALID, message=f"image {image}: {result.errors[image]}")
+            )
+            continue
+        indices = index_rows[row]
+        response.results.add(
+            class_index=indices, label=[labels[i] for i in indices], probability=probability_rows[row]
+        )
+        row += 1
+    return response
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, dataplane: DataPlane, registry: ModelRegistry, admission: Admission) -> None:
+        self.dataplane = dataplane
+        self.registry = registry
+        self.admission = admission
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        result = await self.dataplane.classify(to_request(request, deadline_of(context)))
+        return to_response(request, result)
+
+    async def ClassifyStream(
+        self, requests: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyResponse]:
+        """Up to STREAM_INFLIGHT requests at once; each response carries its request's id."""
+        responses: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_INFLIGHT)
+        tasks: set[asyncio.Task] = set()
+        deadline = deadline_of(context)
+
+        async def answer(request: pb.ClassifyRequest) -> None:
+            try:
+                responses.put_nowait(await self._answer(request, deadline))
+            finally:
+                slots.release()
+
+        async def read_all() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                responses.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        unregister = self.admission.on_release(reader.cancel)  # shutdown ends the stream
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            if reader.cancelled():
+                raise Unavailable("server is shutting down")
+            await reader  # surfaces a failure of the request stream itself (e.g. a bad message)
+        finally:
+            unregister()
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _answer(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        """Exactly one response per stream request, whatever happens to it."""
+        with self.admission.working():
+            try:
+                if self.admission.draining:  # the stream stays open, but takes no new work
+                    raise Unavailable("server is shutting down")
+                return to_response(request, await self.dataplane.classify(to_request(request, deadline)))
+            except Exception as error:
+                code, message = status_of(error, f"/{SERVICE_NAME}/ClassifyStream")
+                return pb.ClassifyResponse(
+                    id=request.id,
+                    model=request.model,
+                    version=request.version,
+                    error=pb.Error(code=code.value[0], message=message),
+                )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        registry = self.registry
+        return pb.ListModelsResponse(
+            models=[self._model_info(registry.entry(name, 0)) for name in registry.names()]
+        )
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self._model_info(self.registry.entry(request.name, request.version))
+
+    async def Echo(self, request: pb.EchoMessage, context: grpc.aio.ServicerContext) -> pb.EchoMessage:
+        return request
+
+    def _model_info(self, entry: ModelVersion) -> pb.ModelInfo:
+        versions = self.registry.versions(entry.name)
+        info = pb.ModelInfo(
+            name=entry.name,
+            version=entry.version,
+            versions=sorted(versions),
+            state=entry.state.value,
+            reason=entry.reason,
+            version_states=[
+                pb.VersionState(version=v, state=e.state.value, reason=e.reason)
+                for v, e in sorted(versions.items())
+            ],
+        )
+        model = entry.model
+        if model is None:
+            return info
+        c, stats, batching = model.contract, model.stats, model.batcher.config
+        info.input.CopyFrom(
+            pb.InputSpec(
+                name=model.runtime.input_name,
+                layout=c.layout,
+                color_mode=c.color_mode,
+                height=c.height,
+                width=c.width,
+                dtype=model.input_dtype.name,
+                scale=c.scale,
+                mean=c.mean,
+                std=c.std,
+                shape=c.image_shape,
+            )
+        )
+        info.labels.extend(c.labels)
+        info.output_kind = c.output_kind
+        info.batching.CopyFrom(
+            pb.BatchingSettings(
+                max_batch_size=batching.max_batch_size,
+                max_delay_ms=batching.max_delay_s * 1000,
+                max_queue_size=batching.max_queue_rows,
+            )
+        )
+        info.stats.CopyFrom(
+            pb.ModelStats(
+                requests=stats.requests,
+                items=stats.items,
+                batches=stats.batches,
+                batch_sizes=dict(stats.batch_sizes),
+                rejected=stats.rejected,
+                expired=stats.expired,
+                dropped_rows=stats.dropped_rows,
+            )
+        )
+        info.provider = model.runtime.provider
+        return info
