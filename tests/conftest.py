@@ -41,6 +41,70 @@ def digit_samples(digits_run: Path) -> tuple[np.ndarray, np.ndarray]:
     return data["images"], data["labels"]
 
 
+def build_conv_model(path: Path, side: int = 320, classes: int = 10, seed: int = 0) -> Path:
+    """A real ONNX CNN of a few milliseconds per 3 x side x side image: conv (stride 2) -> ReLU -> global
+    average pooling -> fully connected -> softmax, with random weights and the convserve contract."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from serving.core.contract import ModelContract
+
+    rng = np.random.default_rng(seed)
+    weights = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(0, 1.0, (8, classes)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "conv_w"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, side, side])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    contract = ModelContract(
+        labels=tuple(f"c{i}" for i in range(classes)), color_mode="RGB", height=side, width=side
+    )
+    helper.set_model_props(model, contract.to_metadata())
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def conv_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository holding `conv320`, a 3x320x320 model (1.2 MB of float input per image)."""
+    repo = tmp_path_factory.mktemp("conv-models")
+    build_conv_model(repo / "conv320" / "1" / "model.onnx")
+    return repo
+
+
+def bomb_png(side: int) -> bytes:
+    """A real, valid greyscale PNG of side x side black pixels: tiny on disk, huge when decoded."""
+    import struct
+    import zlib
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (side + 1)  # filter byte + pixels
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
 def encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
     """Encodes (C, H, W) or (H, W) uint8 pixels as an image file's bytes."""
     array = pixels[0] if pixels.ndim == 3 and pixels.shape[0] == 1 else pixels
@@ -78,3 +142,56 @@ def digits_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) ->
     server = start_server(model_repo, tmp_path_factory.mktemp("server"), "--max-delay-ms", "5")
     yield server
     server.stop()
+
+
+class ThreadedServer:
+    """The real server (`serving.server.Server`: registry, data plane, servicers, interceptors) on its own
+    event loop in a thread of the test process, on 127.0.0.1 and a free port."""
+
+    def __init__(self, models: Path, *flags: str, registry=None) -> None:
+        import argparse
+        import asyncio
+        import threading
+
+        from serving.config import add_config_arguments, config_from_args
+        from serving.server import Server
+
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        config = config_from_args(
+            parser.parse_args(["--models", str(models), "--host", "127.0.0.1", "--port", "0", *flags])
+        )
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def build() -> Server:
+            return Server(config, registry)
+
+        self.server = self.run(build())
+        self.address = f"127.0.0.1:{self.run(self.server.start())}"
+
+    def run(self, coroutine, timeout: float = 60):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.run(self.server.shut_down())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def threaded_server() -> Iterator:
+    """Starts in-process servers on demand; every one is shut down when the test ends."""
+    started: list[ThreadedServer] = []
+
+    def factory(models: Path, *flags: str, registry=None) -> ThreadedServer:
+        started.append(ThreadedServer(models, *flags, registry=registry))
+        return started[-1]
+
+    yield factory
+    for server in started:
+        server.close()

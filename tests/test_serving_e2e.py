@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from PIL import Image
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from serving.client import ClassifierClient, make_request
-from tests.conftest import encode
+from tests.conftest import bomb_png, encode
 
 pytestmark = pytest.mark.slow
 
@@ -210,19 +208,6 @@ def test_top_k_beyond_the_classes_returns_them_all(digits_server, digit_samples)
         result = client.classify([encode(digit_samples[0][0])], top_k=1000)[0]
     assert sorted(p.index for p in result.predictions) == list(range(10))
     assert sum(p.probability for p in result.predictions) == pytest.approx(1, abs=1e-4)
-
-
-def bomb_png(side: int) -> bytes:
-    """A real, valid greyscale PNG of side x side black pixels: tiny on disk, huge when decoded."""
-    compressor = zlib.compressobj(9)
-    row = b"\0" * (side + 1)  # filter byte + pixels
-    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_is_refused_before_decoding(digits_server, digit_samples) -> None:
