@@ -27,6 +27,7 @@ from serving.core.batching import BatchingConfig
 from serving.core.budget import MIB, InputBudget
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.runtime import RuntimeOptions
+from serving.memory import configure_malloc, trim_when_quiet
 from serving.models.registry import ModelRegistry
 from serving.protocols import convserve_v1
 from serving.protocols.admission import Admission
@@ -105,6 +106,15 @@ class Server:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
             reflection.enable_server_reflection((*SERVICES, health_name, reflection.SERVICE_NAME), self.grpc)
         self.port = 0
+        self._trimmer: asyncio.Task | None = None
+        self._arrivals_seen = 0
+
+    def _busy(self) -> bool:
+        """Whether calls arrived since the last look."""
+        arrivals = self.admission.arrivals
+        busy = arrivals != self._arrivals_seen or self.admission.active > 0
+        self._arrivals_seen = arrivals
+        return busy
 
     async def start(self) -> int:
         """Listens (NOT_SERVING), loads and warms every model, turns SERVING; returns the bound port."""
@@ -132,6 +142,7 @@ class Server:
                 config.resolved_decode_threads,
                 config.input_budget_mb,
             )
+        self._trimmer = asyncio.create_task(trim_when_quiet(self._busy))
         if self.registry.ready():
             await set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
             log.info("SERVING on %s:%d", config.host, self.port)
@@ -146,6 +157,8 @@ class Server:
         end = started + config.grace_s
         log.info("shutting down: NOT_SERVING, refusing new calls, %.1fs grace", config.grace_s)
         admission.begin_drain()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         await self.health.enter_graceful_shutdown()
         await admission.wait_drained(started + DRAIN_SHARE * config.grace_s)
         log.info(
@@ -180,6 +193,7 @@ async def serve(config: ServerConfig) -> None:
 
 
 def run_server(config: ServerConfig) -> int:
+    configure_malloc()
     uvloop = install_uvloop()
     log.info(
         "convserve server config: %s; event loop: %s", config.describe(), "uvloop" if uvloop else "asyncio"

@@ -28,11 +28,13 @@ class Admission:
         self.active = 0  # admitted calls and stream messages doing work
         self.parked = 0
         self.last_arrival = 0.0
+        self.arrivals = 0  # calls that reached a handler, ever
         self._released = asyncio.Event()
         self._on_release: set[Callable[[], None]] = set()
 
     def arrive(self) -> None:
         self.last_arrival = time.monotonic()
+        self.arrivals += 1
 
     async def refuse_if_draining(self) -> None:
         """Parks a new call while draining, then refuses it; returns at once while serving."""
