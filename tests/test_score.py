@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -178,3 +179,27 @@ def test_local_takes_a_model_or_version_folder(image_folder, model_repo, tmp_pat
     done = run_score(str(listing), "--out", str(tmp_path / "o.jsonl"), "--local", str(folder))
     assert done.returncode == 0, done.stderr
     assert "scored 20, failed 0" in done.stdout
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_file_names_that_are_not_utf8_are_written_and_resumed(
+    digit_samples, model_repo, tmp_path, fmt
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [b"caf\xe9.png", b"\xff\xfe.png", "ünïcode.png".encode(), b"plain.png"]
+    for i, name in enumerate(names):
+        (folder / os.fsdecode(name)).write_bytes(encode(digit_samples[0][i]))
+    out = tmp_path / f"out.{fmt}"
+    first = run_score(str(folder), "--out", str(out), "--local", str(model_repo))
+    assert first.returncode == 0, first.stderr
+    assert "scored 4, failed 0" in first.stdout
+    again = run_score(str(folder), "--out", str(out), "--local", str(model_repo))
+    assert again.returncode == 0, again.stderr
+    assert "scored 0, failed 0, skipped 4" in again.stdout
+    text = out.read_bytes()
+    if fmt == "csv":  # the path column holds each file's real name, byte for byte
+        assert all(name in text for name in names)
+    else:  # valid UTF-8 JSON; undecodable bytes escaped, read back to the same name
+        written = {json.loads(line)["path"] for line in text.decode("utf-8").splitlines()}
+        assert written == {str(folder / os.fsdecode(name)) for name in names}

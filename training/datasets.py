@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from serving.core.contract import ColorMode, fit_image
+from serving.core.contract import ColorMode, image_pixels
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +203,18 @@ def load_idx(folder: Path, seed: int) -> Dataset:
     return Dataset(f"idx:{folder.name}", idx_class_names(folder, num_classes), "L", train, val, test)
 
 
+def read_image(path: Path, color_mode: ColorMode, size: int) -> np.ndarray:
+    """One image file as uint8 (C, H, W) pixels, through the very function the server decodes with."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = image_pixels(image, color_mode, size, size)
+    return np.array(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
+
+
 def load_folder(root: Path, seed: int, size: int, color_mode: ColorMode) -> Dataset:
     """Loads the ImageFolder layout; unreadable files are skipped with a warning and counted."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist")
@@ -219,14 +228,11 @@ def load_folder(root: Path, seed: int, size: int, color_mode: ColorMode) -> Data
         found = 0
         for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
             try:
-                with Image.open(path) as image:
-                    fitted = fit_image(image, color_mode, size, size)
+                images.append(read_image(path, color_mode, size))
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 log.warning("skipping unreadable image %s: %s", path, exc)
                 skipped += 1
                 continue
-            pixels = np.asarray(fitted, dtype=np.uint8)
-            images.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
             labels.append(index)
             found += 1
         if found == 0:

@@ -55,9 +55,15 @@ class RunInfo:
         return ConvNet(self.channels, self.height, self.width, len(self.class_names), self.mean, self.std)
 
 
+# The server multiplies pixels by the contract's float32 scale; the same product here keeps training's
+# input bit-identical to what the server feeds (a division by 255 differs in the last bit for half the
+# values).
+PIXEL_SCALE = float(np.float32(1.0 / 255.0))
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 pixels to float in [0, 1]: the scale a server applies before the graph."""
-    return torch.from_numpy(images).float().div_(255.0)
+    """uint8 pixels to float in [0, 1]: exactly as the server scales them before the graph."""
+    return torch.from_numpy(images).float().mul_(PIXEL_SCALE)
 
 
 @dataclass(frozen=True)

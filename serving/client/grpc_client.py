@@ -84,7 +84,7 @@ def to_image(image: ImageInput) -> pb.Image:
     if isinstance(image, bytes | bytearray | memoryview):
         return pb.Image(encoded=bytes(image))
     if isinstance(image, np.ndarray):
-        array = np.ascontiguousarray(image)
+        array = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))  # the wire is little-endian
         return pb.Image(tensor=pb.Tensor(shape=array.shape, dtype=array.dtype.name, data=array.tobytes()))
     if hasattr(image, "save") and hasattr(image, "mode"):  # PIL image
         buffer = io.BytesIO()
