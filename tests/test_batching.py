@@ -21,20 +21,34 @@ from serving.core.batching import (
 
 
 class RecordingModel:
-    """A batch function that tags each row (row * 10 + 1) and records the batch sizes it was given."""
+    """A batch function that tags each row (row * 10 + 1) and records the batch sizes it was given.
 
-    def __init__(self, delay: float = 0.0) -> None:
+    With `gated`, every call waits until the test opens the gate: "the model is busy" is then a fact
+    the test controls, not a guess about timing on a loaded machine.
+    """
+
+    def __init__(self, delay: float = 0.0, gated: bool = False) -> None:
         self.sizes: list[int] = []
         self.delay = delay
         self.lock = threading.Lock()
         self.running = 0
         self.most_running = 0
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    async def busy(self) -> None:
+        """Returns once a batch is inside the model."""
+        assert await asyncio.to_thread(self.started.wait, 10)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self.lock:
             self.sizes.append(len(batch))
             self.running += 1
             self.most_running = max(self.most_running, self.running)
+        self.started.set()
+        self.gate.wait(10)
         if self.delay:
             time.sleep(self.delay)
         with self.lock:
@@ -94,13 +108,15 @@ def test_lone_request_runs_at_once_without_waiting_for_max_delay() -> None:
 
 
 def test_requests_arriving_while_busy_are_merged() -> None:
-    model = RecordingModel(delay=0.05)
+    model = RecordingModel(gated=True)
 
     async def scenario() -> None:
         batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=64, max_delay_s=1.0))
         first = asyncio.create_task(batcher.submit(rows_for(0, 1)))
-        await asyncio.sleep(0.01)  # the first batch is now running
+        await model.busy()
         rest = [asyncio.create_task(batcher.submit(rows_for(i, 2))) for i in range(1, 31)]
+        await asyncio.sleep(0)
+        model.gate.set()
         await asyncio.gather(first, *rest)
         await batcher.close()
 
@@ -138,16 +154,17 @@ def test_large_request_is_split_into_rows_of_max_batch() -> None:
 
 
 def test_queue_is_bounded_in_rows() -> None:
-    model = RecordingModel(delay=0.05)
+    model = RecordingModel(gated=True)
 
     async def scenario() -> None:
         batcher = DynamicBatcher(model, BatchingConfig(4, 0.001, max_queue_rows=8, max_inflight=1))
         running = asyncio.create_task(batcher.submit(rows_for(0, 4)))
-        await asyncio.sleep(0.01)
+        await model.busy()
         queued = asyncio.create_task(batcher.submit(rows_for(1, 8)))
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError, match="overloaded: queue full"):
             await batcher.submit(rows_for(2, 1))
+        model.gate.set()
         await asyncio.gather(running, queued)
         assert batcher.stats.rejected == 1
         await batcher.close()
@@ -156,33 +173,48 @@ def test_queue_is_bounded_in_rows() -> None:
 
 
 def test_expired_rows_are_dropped_before_the_model() -> None:
-    model = RecordingModel(delay=0.05)
+    """On the batcher's own clock: the deadline passes while the first batch holds the model."""
+    now = [100.0]
+    release = threading.Event()
+    seen: list[int] = []
+
+    def gated(batch: np.ndarray) -> np.ndarray:
+        seen.append(len(batch))
+        release.wait(10)
+        return batch
 
     async def scenario() -> None:
-        batcher = DynamicBatcher(model, BatchingConfig(4, 0.001, max_inflight=1))
+        batcher = DynamicBatcher(gated, BatchingConfig(4, 0.001, max_inflight=1), clock=lambda: now[0])
         running = asyncio.create_task(batcher.submit(rows_for(0, 1)))
-        await asyncio.sleep(0.005)
+        while not seen:  # the first batch is in the model
+            await asyncio.sleep(0.001)
+        late = asyncio.create_task(batcher.submit(rows_for(1, 3), deadline=now[0] + 1.0))
+        await asyncio.sleep(0)
+        now[0] += 2.0  # its deadline passes while it waits in the queue
+        release.set()
         with pytest.raises(DeadlineExceededError):
-            await batcher.submit(rows_for(1, 3), deadline=time.monotonic() + 0.01)
+            await late
         await running
         assert batcher.stats.dropped_rows == 3
         await batcher.close()
 
     asyncio.run(scenario())
-    assert model.sizes == [1]
+    assert seen == [1]  # the model never saw the expired rows
 
 
 def test_cancelled_callers_are_skipped_and_others_unaffected() -> None:
-    model = RecordingModel(delay=0.03)
+    model = RecordingModel(gated=True)
 
     async def scenario() -> None:
         batcher = DynamicBatcher(model, BatchingConfig(8, 0.001, max_inflight=1))
         running = asyncio.create_task(batcher.submit(rows_for(0, 1)))
-        await asyncio.sleep(0.005)
+        await model.busy()
         gone = asyncio.create_task(batcher.submit(rows_for(1, 5)))
         kept = asyncio.create_task(batcher.submit(rows_for(2, 2)))
         await asyncio.sleep(0)
         gone.cancel()
+        await asyncio.sleep(0)
+        model.gate.set()
         np.testing.assert_array_equal(await kept, rows_for(2, 2) * 10 + 1)
         await running
         assert batcher.stats.dropped_rows == 5

@@ -1,0 +1,91 @@
+"""The house's rooms import one way: core ← models ← protocols ← server; clients and tools apart."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+SERVING = ROOT / "serving"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports inside functions count too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def files(room: str) -> list[Path]:
+    return sorted((SERVING / room).glob("*.py"))
+
+
+# room -> module prefixes its files must not import
+FORBIDDEN = {
+    "core": (
+        "grpc",
+        "google.protobuf",
+        "protos",
+        "serving.models",
+        "serving.protocols",
+        "serving.server",
+        "serving.config",
+        "serving.client",
+        "serving.tools",
+        "torch",
+    ),
+    "models": (
+        "grpc",
+        "protos",
+        "serving.protocols",
+        "serving.server",
+        "serving.config",
+        "serving.client",
+        "serving.tools",
+        "torch",
+    ),
+    "protocols": ("serving.server", "serving.config", "serving.client", "serving.tools", "torch"),
+    "client": (
+        "serving.core",
+        "serving.models",
+        "serving.protocols",
+        "serving.server",
+        "serving.config",
+        "serving.tools",
+        "torch",
+    ),
+    "tools": ("serving.core", "serving.protocols", "serving.server", "serving.config", "torch"),
+}
+# The in-process tools reach a model through the data plane's public entry, and nothing else of models.
+ALLOWED = {
+    "tools": {"serving.models.local", "serving.core.errors", "serving.core.types", "serving.core.runtime"}
+}
+
+
+@pytest.mark.parametrize("room", sorted(FORBIDDEN))
+def test_rooms_import_one_way(room: str) -> None:
+    assert files(room), f"serving/{room} is empty"
+    for path in files(room):
+        for module in imports_of(path):
+            if module in ALLOWED.get(room, set()):
+                continue
+            bad = [p for p in FORBIDDEN[room] if module == p or module.startswith(p + ".")]
+            assert not bad, f"{path.relative_to(ROOT)} imports {module}"
+        if room == "tools":
+            models = {m for m in imports_of(path) if m.startswith("serving.models")}
+            assert models <= ALLOWED["tools"], f"{path.relative_to(ROOT)} imports {models}"
+
+
+def test_config_is_a_leaf_and_training_sees_only_the_contract() -> None:
+    config = {m for m in imports_of(SERVING / "config.py") if m.startswith("serving")}
+    assert config <= {"serving.core", "serving.core.defaults"}, config
+    for path in sorted((ROOT / "training").glob("*.py")):
+        serving = {m for m in imports_of(path) if m.startswith("serving")}
+        assert serving <= {"serving.core.contract"}, f"{path.relative_to(ROOT)} imports {serving}"
