@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev,fast
 
-.PHONY: install demo test lint format protos bench clean
+.PHONY: install demo test test-deploy lint format protos bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,15 @@ lint: $(STAMP)
 
 test: lint
 	scripts/system-deps.sh
+	scripts/k8s-tools.sh
 	$(PY) -m pytest -q
+
+# The compose deployment run for real: base images (stand-ins when no registry answers), the images,
+# every profile, scaling and stopping under load, `down` (tests/test_compose_run.py). Docker where
+# its engine answers, else podman (installed by scripts/container-engine.sh).
+test-deploy: $(STAMP)
+	scripts/container-engine.sh install
+	$(PY) -m pytest -q -m deploy tests/test_compose_run.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

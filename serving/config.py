@@ -75,6 +75,12 @@ class ServerConfig(BaseSettings):
         ge=1,
         description="decoded and queued model input, server-wide, MiB; beyond: RESOURCE_EXHAUSTED",
     )
+    max_connection_age_s: float = Field(
+        0.0,
+        ge=0,
+        description="close each client connection after this long (0: never), so clients re-resolve and "
+        "reach new replicas; its calls in flight get --grace-s",
+    )
     grace_s: float = Field(
         10.0, gt=0, le=3600, description="on SIGTERM, the whole shutdown takes at most this"
     )

@@ -41,11 +41,17 @@ DRAIN_SHARE = 0.6  # of the grace period, at most, for admitted work; the rest i
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     size = config.max_message_mb * 1024 * 1024
-    return [
+    options = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
     ]
+    if config.max_connection_age_s:  # GOAWAY after this age: clients reconnect and rebalance
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000)),
+        ]
+    return options
 
 
 def batching_of(config: ServerConfig) -> BatchingConfig:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from protos.convserve.v1 import convserve_pb2 as pb
 from serving.client import DEFAULT_SERVER
+from serving.tools.shard import parse_shard, select_shard
 
 if TYPE_CHECKING:
     from serving.core.types import ClassifyResult
@@ -85,6 +86,11 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inflight", type=int, default=256, help="images sent and not yet answered, at most")
     parser.add_argument("--streams", type=int, default=2, help="ClassifyStream calls per server")
     parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any image failed")
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="INDEX/COUNT: score only this shard of the input (serving/tools/shard.py)",
+    )
 
 
 # -- inputs and outputs ---------------------------------------------------------------------------
@@ -418,6 +424,13 @@ def score(args: argparse.Namespace) -> Summary:
         raise ScoreError("--batch, --inflight, --top-k and --streams must be at least 1", exit_code=2)
     fmt = output_format(args.out, args.format)
     paths = find_inputs(args.input)
+    if not paths:  # e.g. a folder the container engine created empty for a missing bind mount
+        raise ScoreError(f"no images in {args.input!r}: nothing to score", exit_code=2)
+    if args.shard is not None:
+        try:
+            paths = select_shard(paths, *parse_shard(args.shard))
+        except ValueError as exc:
+            raise ScoreError(str(exc), exit_code=2) from None
     done = completed_paths(args.out, fmt)
     todo = [p for p in dict.fromkeys(paths) if p not in done]
     summary = Summary(skipped=len(paths) - len(todo))
