@@ -59,3 +59,16 @@ def test_settings_that_contradict_each_other_or_the_disk_are_refused(tmp_path) -
         parse("--models", str(tmp_path), "--max-batch-size", "64", "--max-queue-size", "8")
     with pytest.raises(ConfigError, match="is not a directory"):
         parse("--models", str(tmp_path / "none"))
+
+
+def test_max_connection_age_becomes_grpc_options(tmp_path) -> None:
+    from serving.server import grpc_options
+
+    options = dict(
+        grpc_options(parse("--models", str(tmp_path), "--max-connection-age-s", "30", "--grace-s", "7"))
+    )
+    assert (
+        options["grpc.max_connection_age_ms"] == 30_000
+        and options["grpc.max_connection_age_grace_ms"] == 7_000
+    )
+    assert "grpc.max_connection_age_ms" not in dict(grpc_options(parse("--models", str(tmp_path))))
