@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--repository", type=Path, default=Path("models"))
     export.add_argument("--name", required=True)
     export.add_argument("--version", type=int, default=None, help="default: the next free version")
+    export.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default="fp32",
+        help="int8: static quantization calibrated on training images; fp16: for GPUs",
+    )
+    export.add_argument(
+        "--speed", action="store_true", help="also time the exported model in ONNX Runtime at batch 1 and 32"
+    )
     reference = commands.add_parser("reference", help="export a random-weight reference model for benchmarks")
     reference.add_argument("arch", choices=["digits", "resnet18", "resnet50"])
     reference.add_argument("--repository", type=Path, default=Path("benchmarks/models"))
@@ -167,14 +176,32 @@ def print_report(run_dir: Path, out: Path | None = None, images: tuple[Path, ...
 def run_export(args: argparse.Namespace) -> int:
     from training.export import export_run
 
-    report = export_run(args.run_dir, args.repository, args.name, args.version)
-    print(f"exported {report.path}")
+    report = export_run(args.run_dir, args.repository, args.name, args.version, precision=args.precision)
+    print(f"exported {report.path} ({report.precision}, {report.path.stat().st_size:,} bytes)")
+    if report.reduced is not None:
+        print("  the float32 graph, verified before conversion:")
     for check in report.parity:
         print(
             f"  batch {check.batch_size:3d}: max |onnxruntime - torch| = {check.max_abs_diff:.2e}, "
             f"top-1 identical: {check.top1_identical}"
         )
     print(f"  test accuracy: torch {report.torch_test_accuracy:.4f}, onnx {report.onnx_test_accuracy:.4f}")
+    if report.reduced is not None:
+        r = report.reduced
+        print(
+            f"  {report.precision} vs float32 on {r.images} test images: top-1 agreement {r.agreement:.4f} "
+            f"(at least {r.min_agreement}), accuracy {r.accuracy:.4f} vs {r.float_accuracy:.4f} "
+            f"({r.accuracy_drop_pp:.2f} points lost, at most {r.max_drop_pp}), "
+            f"max |diff| {r.max_abs_diff:.2e}"
+        )
+    if args.speed:
+        from training.speed import measure
+
+        for timing in measure(report.path):
+            print(
+                f"  onnxruntime (CPU, in process) batch {timing.batch_size:2d}: {timing.ms_per_batch:.3f} ms "
+                f"per batch, {timing.images_per_s:,.0f} images/s"
+            )
     return 0
 
 
