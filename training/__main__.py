@@ -108,14 +108,16 @@ def run_train(args: argparse.Namespace) -> int:
     if args.reuse and metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         print(f"reusing {args.out}: test accuracy {metrics['test_accuracy']:.4f}")
-        if not (args.out / "report.html").exists():
+        report = args.out / "report.html"
+        if report.exists():
+            print(f"run report: {report.resolve()}")
+        else:
             print_report(args.out)
         return 0
     context = setup(args.device)
     try:
         dataset = load_dataset(args.dataset, seed=args.seed, size=args.size, color_mode=args.color_mode)
         digits = dataset.name == "digits"
-        set_threads(args.threads, dataset.height, dataset.width)
         augmentation = default_augmentation(dataset)
         config = TrainConfig(
             epochs=args.epochs or (DIGITS_EPOCHS if digits else OTHER_EPOCHS),
@@ -136,7 +138,7 @@ def run_train(args: argparse.Namespace) -> int:
                 f"{len(dataset.class_names)} classes; {context.world_size} process(es) on {context.device}; "
                 f"{asdict(config)}"
             )
-        metrics = train(dataset, config, args.out, context=context, resume=args.resume)
+        metrics = train(dataset, config, args.out, context=context, resume=args.resume, threads=args.threads)
     finally:
         teardown(context)
     if not context.is_main:
@@ -149,17 +151,6 @@ def run_train(args: argparse.Namespace) -> int:
     )
     print_report(args.out)
     return 0
-
-
-def set_threads(threads: int, height: int, width: int) -> None:
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif max(height, width) <= 16:
-        # A tiny model's layers are too small to share between threads: the second thread only
-        # waits, and on a busy machine it made 8x8 digits five times slower.
-        torch.set_num_threads(1)
 
 
 def print_report(run_dir: Path, out: Path | None = None, images: tuple[Path, ...] = ()) -> None:
