@@ -262,3 +262,20 @@ def test_report_loads_in_a_real_browser(report: Report, tmp_path: Path) -> None:
     assert rows_with_content > 0.5  # spread down the page
     green = (pixels[:, :, 1] > pixels[:, :, 0] + 60) & (pixels[:, :, 1] > pixels[:, :, 2] + 30)
     assert green.sum() > 200  # the test accuracy figure is drawn in green
+
+
+def test_rgb_filters_are_colour_tiles_scaled_per_filter() -> None:
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(5, 3, 3, 3))
+    weights[2] = 0.7  # a constant filter has no structure to stretch: mid-grey
+    tiles = pictures.filter_tiles(weights)
+    assert len(tiles) == 5 and all(t.shape == (3, 3, 3) for t in tiles)  # (h, w, RGB)
+    for w, tile in zip(weights, tiles, strict=True):
+        if np.ptp(w) == 0:
+            assert (tile == 0.5).all()
+            continue
+        np.testing.assert_allclose(tile, ((w - w.min()) / np.ptp(w)).transpose(1, 2, 0))
+    image = np.asarray(pictures.grid_image(tiles, "rgb"))
+    zoom = math.ceil(pictures.TILE_TARGET_PX / 3)
+    corner = tile_at(image, 0, 5, (3 * zoom, 3 * zoom), (3 * zoom, 3 * zoom))[0, 0]
+    np.testing.assert_array_equal(corner, np.rint(tiles[0][0, 0] * 255))  # the colour of weight (0, 0)
