@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(PY) -m training train --dataset digits --out runs/digits --reuse
 	test -f models/digits/1/model.onnx || $(PY) -m training export runs/digits --repository models --name digits
 	$(PY) scripts/demo.py --models models --run runs/digits
+	@echo "run report (filters, activation maps, mistakes): $(CURDIR)/runs/digits/report.html"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""`python -m training train|export`."""
+"""`python -m training train|report|export|reference`."""
 
 from __future__ import annotations
 
@@ -9,29 +9,88 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+DIGITS_EPOCHS = 40
+OTHER_EPOCHS = 24
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train the CNN on a dataset and write a run folder")
+    train = commands.add_parser(
+        "train",
+        help="train the CNN on a dataset and write a run folder with its report",
+        description="Also runs as `torchrun --nproc_per_node N -m training train …` (DDP).",
+    )
     train.add_argument("--dataset", default="digits", help="digits (default), idx:PATH or folder:PATH")
     train.add_argument("--out", type=Path, default=Path("runs/digits"), help="run folder to write")
-    train.add_argument("--epochs", type=int, default=None, help="default: 40 for digits, 12 otherwise")
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"default: {DIGITS_EPOCHS} for digits, {OTHER_EPOCHS} otherwise",
+    )
+    train.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes")
+    train.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--size", type=int, default=32, help="input side for folder datasets")
     train.add_argument("--color-mode", choices=["L", "RGB"], default="RGB", help="for folder datasets")
     train.add_argument(
+        "--crop-padding",
+        type=int,
+        default=None,
+        help="random crop after zero padding by this many pixels; default: what the dataset allows",
+    )
+    train.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips; default: on for Fashion-MNIST and image folders",
+    )
+    train.add_argument(
+        "--patience",
+        type=int,
+        default=10,
+        help="stop after this many epochs without a better validation accuracy (0: never)",
+    )
+    train.add_argument(
+        "--label-smoothing", type=float, default=None, help="default: 0 for digits, 0.1 otherwise"
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue OUT from its last epoch (rerun the same command)"
+    )
+    train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads per process; default: 1 for inputs of 16x16 or less, else one per core",
+    )
+    train.add_argument(
         "--reuse", action="store_true", help="do nothing when OUT already holds a finished run"
     )
+
+    report = commands.add_parser(
+        "report", help="write the run report (filters, activations, mistakes, report.html)"
+    )
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--images", type=Path, nargs="+", default=(), help="your own image files to show")
+    report.add_argument("--out", type=Path, default=None, help="default: the run folder")
 
     export = commands.add_parser("export", help="export a run to ONNX in a model repository and verify it")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--repository", type=Path, default=Path("models"))
     export.add_argument("--name", required=True)
     export.add_argument("--version", type=int, default=None, help="default: the next free version")
+    export.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default="fp32",
+        help="int8: static quantization calibrated on training images; fp16: for GPUs",
+    )
+    export.add_argument(
+        "--speed", action="store_true", help="also time the exported model in ONNX Runtime at batch 1 and 32"
+    )
     reference = commands.add_parser("reference", help="export a random-weight reference model for benchmarks")
     reference.add_argument("arch", choices=["digits", "resnet18", "resnet50"])
     reference.add_argument("--repository", type=Path, default=Path("benchmarks/models"))
@@ -40,42 +99,100 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from training.augment import default_augmentation
     from training.datasets import load_dataset
+    from training.distributed import setup, teardown
     from training.train import METRICS, TrainConfig, train
 
     metrics_path = args.out / METRICS
     if args.reuse and metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         print(f"reusing {args.out}: test accuracy {metrics['test_accuracy']:.4f}")
+        report = args.out / "report.html"
+        if report.exists():
+            print(f"run report: {report.resolve()}")
+        else:
+            print_report(args.out)
         return 0
-    dataset = load_dataset(args.dataset, seed=args.seed, size=args.size, color_mode=args.color_mode)
-    epochs = args.epochs or (40 if dataset.name == "digits" else 12)
-    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    context = setup(args.device)
+    try:
+        dataset = load_dataset(args.dataset, seed=args.seed, size=args.size, color_mode=args.color_mode)
+        digits = dataset.name == "digits"
+        augmentation = default_augmentation(dataset)
+        config = TrainConfig(
+            epochs=args.epochs or (DIGITS_EPOCHS if digits else OTHER_EPOCHS),
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+            crop_padding=augmentation.crop_padding if args.crop_padding is None else args.crop_padding,
+            flip=augmentation.flip if args.flip is None else args.flip,
+            patience=args.patience,
+            label_smoothing=(0.0 if digits else 0.1)
+            if args.label_smoothing is None
+            else args.label_smoothing,
+        )
+        if context.is_main:
+            print(
+                f"training on {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
+                f"{len(dataset.test)} test images of {dataset.height}x{dataset.width} {dataset.color_mode}, "
+                f"{len(dataset.class_names)} classes; {context.world_size} process(es) on {context.device}; "
+                f"{asdict(config)}"
+            )
+        metrics = train(dataset, config, args.out, context=context, resume=args.resume, threads=args.threads)
+    finally:
+        teardown(context)
+    if not context.is_main:
+        return 0
     print(
-        f"training on {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
-        f"{len(dataset.test)} test images of {dataset.height}x{dataset.width} {dataset.color_mode}, "
-        f"{len(dataset.class_names)} classes; {asdict(config)}"
-    )
-    metrics = train(dataset, config, args.out)
-    print(
-        f"best epoch {metrics['best_epoch']}: val accuracy {metrics['best_val_accuracy']:.4f}; "
-        f"test accuracy {metrics['test_accuracy']:.4f}; wall time {metrics['wall_time_s']:.1f}s; "
+        f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: val accuracy "
+        f"{metrics['best_val_accuracy']:.4f}; test accuracy {metrics['test_accuracy']:.4f}; "
+        f"training {metrics['train_time_s']:.1f}s, wall time {metrics['wall_time_s']:.1f}s; "
         f"run folder {args.out}"
     )
+    print_report(args.out)
     return 0
+
+
+def print_report(run_dir: Path, out: Path | None = None, images: tuple[Path, ...] = ()) -> None:
+    from training.report import write_report
+
+    report = write_report(run_dir, out, images)
+    print(f"{len(report.layers)} layers:")
+    for row in report.layers:
+        shape = "×".join(map(str, row.output_shape))
+        print(f"  {row.name:14s} {row.kind:38s} {shape:>12s} {row.parameters:>9,d}")
+    print(f"run report: {report.path.resolve()}")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from training.export import export_run
 
-    report = export_run(args.run_dir, args.repository, args.name, args.version)
-    print(f"exported {report.path}")
+    report = export_run(args.run_dir, args.repository, args.name, args.version, precision=args.precision)
+    print(f"exported {report.path} ({report.precision}, {report.path.stat().st_size:,} bytes)")
+    if report.reduced is not None:
+        print("  the float32 graph, verified before conversion:")
     for check in report.parity:
         print(
             f"  batch {check.batch_size:3d}: max |onnxruntime - torch| = {check.max_abs_diff:.2e}, "
             f"top-1 identical: {check.top1_identical}"
         )
     print(f"  test accuracy: torch {report.torch_test_accuracy:.4f}, onnx {report.onnx_test_accuracy:.4f}")
+    if report.reduced is not None:
+        r = report.reduced
+        print(
+            f"  {report.precision} vs float32 on {r.images} test images: top-1 agreement {r.agreement:.4f} "
+            f"(at least {r.min_agreement}), accuracy {r.accuracy:.4f} vs {r.float_accuracy:.4f} "
+            f"({r.accuracy_drop_pp:.2f} points lost, at most {r.max_drop_pp}), "
+            f"max |diff| {r.max_abs_diff:.2e}"
+        )
+    if args.speed:
+        from training.speed import measure
+
+        for timing in measure(report.path):
+            print(
+                f"  onnxruntime (CPU, in process) batch {timing.batch_size:2d}: {timing.ms_per_batch:.3f} ms "
+                f"per batch, {timing.images_per_s:,.0f} images/s"
+            )
     return 0
 
 
@@ -86,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from training.datasets import DatasetError
     from training.export import VerificationError
+    from training.train import ResumeError
 
     try:
         if args.command == "reference":
@@ -93,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"reference model: {build_reference(args.arch, args.repository, args.name)}")
             return 0
+        if args.command == "report":
+            print_report(args.run_dir, args.out, tuple(args.images))
+            return 0
         return run_train(args) if args.command == "train" else run_export(args)
-    except (DatasetError, VerificationError, FileExistsError, FileNotFoundError) as exc:
+    except (DatasetError, VerificationError, ResumeError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -245,3 +245,17 @@ def load_folder(root: Path, seed: int, size: int, color_mode: ColorMode) -> Data
         raise DatasetError(f"every class under {root} needs at least 3 images (train, validation, test)")
     train, val, test = split_three_ways(stacked, label_array, seed)
     return Dataset(f"folder:{root.name}", names, color_mode, train, val, test, skipped)
+
+
+def image_file_pixels(path: Path, color_mode: ColorMode, height: int, width: int) -> np.ndarray:
+    """One image file as model input pixels, uint8 (C, H, W), converted as the folder loader does."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            # Read the pixels inside `with`: an image already in the right mode and size is returned
+            # as it is, still lazily bound to the file.
+            pixels = np.asarray(fit_image(image, color_mode, height, width), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)

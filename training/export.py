@@ -1,15 +1,18 @@
 """ONNX export into the model repository, with the model contract and an enforced verification.
 
 `MODELS/<name>/<version>/model.onnx`: dynamic batch axis, normalisation and softmax inside the graph,
-`metadata_props` carrying the contract (labels, colour mode, size, scale, output kind). The export is
-refused (and its folder removed) unless the checker passes and ONNX Runtime matches PyTorch.
+`metadata_props` carrying the contract (labels, colour mode, size, scale, output kind, precision). The
+export is refused (and its folder removed) unless the checker passes and ONNX Runtime matches PyTorch.
+For fp16 and int8 the float32 graph is verified first, then the smaller one against it on the test
+split: top-1 agreement and the accuracy lost, both bounded (REDUCED_LIMITS).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,8 @@ import torch
 
 from serving.core.contract import ModelContract
 from training.model import ProbabilitiesModel
-from training.train import TEST_SPLIT, load_run, to_tensor
+from training.quantize import PRECISIONS, Precision, convert
+from training.train import CALIBRATION, TEST_SPLIT, load_run, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,8 @@ MODEL_FILE = "model.onnx"
 PARITY_BATCH_SIZES = (1, 7, 64)
 MAX_ABS_DIFF = 1e-5
 OPSET = 18
+# precision: (least top-1 agreement with float32, most accuracy lost in percentage points)
+REDUCED_LIMITS: dict[str, tuple[float, float]] = {"fp16": (0.995, 0.2), "int8": (0.98, 1.0)}
 
 
 class VerificationError(RuntimeError):
@@ -41,12 +47,40 @@ class ParityCheck:
 
 
 @dataclass(frozen=True)
+class ReducedPrecisionCheck:
+    """A fp16 / int8 graph against the verified float32 graph, on the whole test split."""
+
+    precision: str
+    images: int
+    agreement: float  # fraction of images with the same top-1 class
+    accuracy: float
+    float_accuracy: float
+    max_abs_diff: float  # largest difference of any probability
+    batch_sizes: tuple[int, ...]  # batch sizes the smaller graph ran at
+
+    @property
+    def min_agreement(self) -> float:
+        return REDUCED_LIMITS[self.precision][0]
+
+    @property
+    def max_drop_pp(self) -> float:
+        return REDUCED_LIMITS[self.precision][1]
+
+    @property
+    def accuracy_drop_pp(self) -> float:
+        """Positive: accuracy lost against float32, in percentage points."""
+        return (self.float_accuracy - self.accuracy) * 100
+
+
+@dataclass(frozen=True)
 class ExportReport:
     path: Path
     version: int
     parity: list[ParityCheck]
     torch_test_accuracy: float
     onnx_test_accuracy: float
+    precision: str = "fp32"
+    reduced: ReducedPrecisionCheck | None = None
 
 
 def next_version(model_dir: Path) -> int:
@@ -124,8 +158,65 @@ def check_report(report: ExportReport) -> None:
         raise VerificationError("ONNX export does not match PyTorch: " + "; ".join(failures))
 
 
-def export_run(run_dir: Path, repository: Path, name: str, version: int | None = None) -> ExportReport:
+def run_session(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Probabilities as float32 for uint8 images, fed in the graph's own input type (float16 or float)."""
+    spec = session.get_inputs()[0]
+    dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = (images[start : start + batch_size].astype(np.float32) / 255.0).astype(dtype)
+        outputs.append(session.run(None, {spec.name: x})[0].astype(np.float32))
+    return np.concatenate(outputs)
+
+
+def verify_reduced(
+    float_path: Path, path: Path, precision: str, images: np.ndarray, labels: np.ndarray
+) -> ReducedPrecisionCheck:
+    onnx.checker.check_model(str(path), full_check=True)
+    options = ["CPUExecutionProvider"]
+    reference = run_session(ort.InferenceSession(str(float_path), providers=options), images)
+    session = ort.InferenceSession(str(path), providers=options)
+    got = run_session(session, images)
+    for size in PARITY_BATCH_SIZES:  # the batch axis stays dynamic after conversion
+        batch = np.resize(images, (size, *images.shape[1:]))
+        if run_session(session, batch, batch_size=size).shape != (size, reference.shape[1]):
+            raise VerificationError(f"{precision} graph gives a wrong output shape at batch {size}")
+    return ReducedPrecisionCheck(
+        precision,
+        len(labels),
+        float((got.argmax(1) == reference.argmax(1)).mean()),
+        float((got.argmax(1) == labels).mean()),
+        float((reference.argmax(1) == labels).mean()),
+        float(np.abs(got - reference).max()),
+        PARITY_BATCH_SIZES,
+    )
+
+
+def check_reduced(check: ReducedPrecisionCheck) -> None:
+    failures = []
+    if check.agreement < check.min_agreement:
+        failures.append(f"top-1 agreement {check.agreement:.4f} < {check.min_agreement}")
+    if check.accuracy_drop_pp > check.max_drop_pp:
+        failures.append(
+            f"accuracy {check.accuracy:.4f} vs {check.float_accuracy:.4f} float32: "
+            f"{check.accuracy_drop_pp:.2f} points lost (limit {check.max_drop_pp})"
+        )
+    if failures:
+        raise VerificationError(
+            f"{check.precision} export is not close enough to float32: " + "; ".join(failures)
+        )
+
+
+def export_run(
+    run_dir: Path,
+    repository: Path,
+    name: str,
+    version: int | None = None,
+    precision: Precision = "fp32",
+) -> ExportReport:
     """Exports a finished run into `repository/name/version/model.onnx` and verifies it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     info, net = load_run(run_dir)
     model = ProbabilitiesModel(net).eval()
     version = version if version is not None else next_version(repository / name)
@@ -142,16 +233,33 @@ def export_run(run_dir: Path, repository: Path, name: str, version: int | None =
         layout="NCHW",
         scale=1.0 / 255.0,
         output_kind="probabilities",
-        extra={"dataset": info.dataset},
+        extra={"dataset": info.dataset, "precision": precision},
     )
     target_dir.mkdir(parents=True)
     path = target_dir / MODEL_FILE
     try:
-        export_onnx(model, to_tensor(images[:2]), path)
-        write_metadata(path, contract.to_metadata())
-        report = verify(path, model, images, labels)
-        check_report(report)
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path = path if precision == "fp32" else Path(tmp) / MODEL_FILE
+            export_onnx(model, to_tensor(images[:2]), float_path)
+            write_metadata(float_path, contract.to_metadata())
+            report = verify(float_path, model, images, labels)
+            check_report(report)
+            if precision != "fp32":
+                convert(float_path, path, precision, calibration_images(run_dir, precision))
+                write_metadata(path, contract.to_metadata())
+                reduced = verify_reduced(float_path, path, precision, images, labels)
+                check_reduced(reduced)
+                report = replace(report, path=path, precision=precision, reduced=reduced)
     except BaseException:
         shutil.rmtree(target_dir, ignore_errors=True)
         raise
     return report
+
+
+def calibration_images(run_dir: Path, precision: str) -> np.ndarray:
+    if precision != "int8":
+        return np.zeros((0,), dtype=np.uint8)
+    path = run_dir / CALIBRATION
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: int8 export needs the training images a run keeps there")
+    return np.load(path)["images"]
