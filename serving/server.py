@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving.config import ServerConfig
 from serving.core.batching import BatchingConfig
 from serving.core.budget import MIB, InputBudget
@@ -29,13 +30,14 @@ from serving.core.dataplane import DataPlane, Limits
 from serving.core.runtime import RuntimeOptions
 from serving.memory import configure_malloc, trim_when_quiet
 from serving.models.registry import ModelRegistry
-from serving.protocols import convserve_v1
+from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
 from serving.protocols.interceptors import AdmissionGate, ProtocolGuard
 
 log = logging.getLogger(__name__)
 
-SERVICES = (convserve_v1.SERVICE_NAME,)
+SERVICES = (convserve_v1.SERVICE_NAME, kserve_v2.SERVICE_NAME)
+DATA_METHODS = (*convserve_v1.DATA_METHODS, *kserve_v2.DATA_METHODS)
 DRAIN_SHARE = 0.6  # of the grace period, at most, for admitted work; the rest is for stopping
 
 
@@ -101,12 +103,16 @@ class Server:
         self.admission = Admission()
         self.grpc = grpc.aio.server(
             options=grpc_options(config),
-            interceptors=[ProtocolGuard(), AdmissionGate(self.admission, convserve_v1.DATA_METHODS)],
+            interceptors=[ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         pb_grpc.add_ClassifierServicer_to_server(
             convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), self.grpc
+        )
+        # The Open Inference Protocol on the same port, over the same data plane and batchers.
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+            kserve_v2.InferenceServicer(self.dataplane, self.registry, self.admission), self.grpc
         )
         if config.reflection:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -29,6 +29,7 @@ def test_reference_models_export_with_the_contract(tmp_path: Path) -> None:
 def test_bench_writes_a_report_with_ratios(model_repo: Path, tmp_path: Path) -> None:
     out, raw = tmp_path / "RESULTS.md", tmp_path / "results.json"
     scenarios = ["--scenario", "unary c1 png", "--scenario", "unary c1 tensor", "--scenario", "echo c1"]
+    scenarios += ["--scenario", "kserve c1 png", "--scenario", "kserve c1 tensor"]
     files = ["--out", str(out), "--json", str(raw)]
     command = [sys.executable, "-m", "serving", "bench", "--models", str(model_repo), "--model", "digits"]
     command += ["--duration", "0.3", "--rounds", "2", *scenarios, *files]
@@ -37,7 +38,13 @@ def test_bench_writes_a_report_with_ratios(model_repo: Path, tmp_path: Path) -> 
     report = json.loads(raw.read_text())
     (summary,) = report["results"]
     assert set(summary["limit"]) == {"1", "4", "16", "32"}
-    assert set(summary["scenarios"]) == {"unary c1 png", "unary c1 tensor", "echo c1"}
+    assert set(summary["scenarios"]) == {
+        "unary c1 png",
+        "unary c1 tensor",
+        "echo c1",
+        "kserve c1 png",
+        "kserve c1 tensor",
+    }
     for name, scenario in summary["scenarios"].items():
         assert scenario["images_per_s"] > 0 and scenario["errors"] == 0, name
         assert scenario["p50_ms"] <= scenario["p99_ms"]

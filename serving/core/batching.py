@@ -77,6 +77,12 @@ class BatchStats:
     rejected: int = 0
     expired: int = 0
     dropped_rows: int = 0
+    # Cumulative time, for Triton-style statistics: queued chunks and the wait from enqueue to their
+    # batch; model calls (stack + run) per batch size.
+    queued: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    batch_compute_ns: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
 class _Pending:
@@ -192,6 +198,9 @@ class DynamicBatcher:
             self._queued_rows -= size
             batch.append(item)
             rows += size
+        if batch:
+            self.stats.queued += len(batch)
+            self.stats.queue_ns += int(sum(now - item.enqueued for item in batch) * 1e9)
         return batch
 
     def _dispatch(self, batch: list[_Pending]) -> None:
@@ -203,36 +212,46 @@ class DynamicBatcher:
         if self._inflight == 0 and self._run_time_s < self.config.inline_below_s:
             # A fast model on an idle batcher: two thread hand-offs would cost more than the call.
             try:
-                output, error = self._run(parts), None
+                (output, took_ns), error = self._run(parts), None
             except Exception as exc:
-                output, error = None, exc
-            self._complete(batch, rows, output, error)
+                output, took_ns, error = None, 0, exc
+            self._complete(batch, rows, output, error, took_ns)
             return
         self._inflight += 1
         done = asyncio.get_running_loop().run_in_executor(self._executor, self._run, parts)
         done.add_done_callback(lambda result: self._deliver(batch, rows, result))
 
-    def _run(self, parts: list[np.ndarray]) -> np.ndarray:
-        """Stack the parts and call the model (in a worker thread, or inline for fast models)."""
-        started = time.perf_counter()
+    def _run(self, parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
+        """Stack the parts and call the model (in a worker thread, or inline for fast models);
+        returns the output and the call's duration in ns."""
+        started = time.perf_counter_ns()
         stacked = parts[0] if len(parts) == 1 else np.concatenate(parts)
         output = self.run_batch(stacked)
-        took = time.perf_counter() - started
+        took_ns = time.perf_counter_ns() - started
+        took = took_ns * 1e-9
         # A moving average, seeded by the first call, decides whether batches run inline.
         self._run_time_s = took if self._run_time_s == float("inf") else 0.8 * self._run_time_s + 0.2 * took
-        return output
+        return output, took_ns
 
     def _deliver(self, batch: list[_Pending], rows: int, result: asyncio.Future) -> None:
         """Event loop thread: a worker finished a batch."""
         self._inflight -= 1
         error = result.exception()
-        self._complete(batch, rows, None if error else result.result(), error)
+        output, took_ns = (None, 0) if error else result.result()
+        self._complete(batch, rows, output, error, took_ns)
         self._maybe_dispatch()
 
     def _complete(
-        self, batch: list[_Pending], rows: int, output: np.ndarray | None, error: BaseException | None
+        self,
+        batch: list[_Pending],
+        rows: int,
+        output: np.ndarray | None,
+        error: BaseException | None,
+        took_ns: int,
     ) -> None:
         """Hands each caller its own slice, in the order the batch was formed."""
+        self.stats.compute_ns += took_ns
+        self.stats.batch_compute_ns[rows] += took_ns
         if error is None and (output is None or len(output) != rows):
             error = RuntimeError(
                 f"batch function returned {0 if output is None else len(output)} rows for {rows}"

@@ -3,7 +3,7 @@
 resolve model and version → validate → reserve input memory → decode images / take raw tensors →
 dynamic batcher → ONNX Runtime → top-k. Requests and results are dataclasses (`serving.core.types`);
 failures are domain errors (`serving.core.errors`). Every protocol edge and the in-process tools
-call `DataPlane.classify`.
+call `DataPlane.classify` (top-k) or `DataPlane.predict` (full probability rows; the same path).
 
 One bad image in a request of many gets its own entry in `ClassifyResult.errors` and the others
 their results; only when every image fails does the whole request fail (InvalidInput).
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,11 +29,20 @@ from serving.core.postprocess import top_k
 from serving.core.preprocess import (
     ImageError,
     all_finite,
+    batch_to_input,
     decode_batch,
     open_image,
     tensor_to_input,
 )
-from serving.core.types import ClassifyRequest, ClassifyResult, ImageInput, RawTensor
+from serving.core.types import (
+    ClassifyRequest,
+    ClassifyResult,
+    ImageInput,
+    PredictRequest,
+    PredictResult,
+    RawBatch,
+    RawTensor,
+)
 
 INLINE_DECODE_PIXELS = 4096  # a request whose images hold fewer pixels in all is decoded on the event loop
 
@@ -69,7 +78,66 @@ class DataPlane:
         model = self.models.resolve(request.model, request.version)
         k = self._top_k(request.top_k)
         count = len(request.images)
-        if count == 0:
+
+        def check(errors: dict[int, str]) -> None:
+            if len(errors) == count:
+                summary = "; ".join(f"image {i}: {msg}" for i, msg in sorted(errors.items())[:5])
+                raise InvalidInput(summary)
+
+        probabilities, errors = await self._run(
+            model, count, lambda: self._prepare(model, request.images), check, request.deadline
+        )
+        indices, values = top_k(probabilities, k)
+        return ClassifyResult(
+            model.name, model.version, model.contract.labels, indices, values, count, errors
+        )
+
+    async def predict(self, request: PredictRequest) -> PredictResult:
+        """Full probability rows (N, classes) for every image; any unusable image fails the whole
+        request with InvalidInput naming the input and the first bad image (protocols without
+        per-item errors, such as the Open Inference Protocol, need exactly this)."""
+        model = self.models.resolve(request.model, request.version)
+        inputs, name = request.inputs, request.input_name
+
+        if isinstance(inputs, RawBatch):
+            count = int(inputs.shape[0]) if len(inputs.shape) else 0
+
+            async def prepare() -> tuple[np.ndarray, dict[int, str]]:
+                try:
+                    contract = model.contract
+                    return batch_to_input(
+                        inputs.shape, inputs.dtype, inputs.data, contract, model.input_dtype
+                    ), {}
+                except ImageError as exc:
+                    raise InvalidInput(f"input {name!r}: {exc}") from None
+        else:
+            count = len(inputs)
+
+            async def prepare() -> tuple[np.ndarray, dict[int, str]]:
+                return await self._prepare(model, inputs)  # type: ignore[arg-type]
+
+        def check(errors: dict[int, str]) -> None:
+            if errors:
+                first = min(errors)
+                more = f" ({len(errors) - 1} more unusable)" if len(errors) > 1 else ""
+                raise InvalidInput(f"input {name!r} image {first}: {errors[first]}{more}")
+
+        probabilities, _ = await self._run(model, count, prepare, check, request.deadline)
+        return PredictResult(model.name, model.version, model.contract.labels, probabilities)
+
+    async def _run(
+        self,
+        model: ServedModel,
+        count: int,
+        prepare: Callable[[], Awaitable[tuple[np.ndarray, dict[int, str]]]],
+        check: Callable[[dict[int, str]], None],
+        deadline: float | None,
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """The shared path: count → reserve input memory → prepare rows → check → batcher.
+
+        Returns the probabilities of the usable rows and {index: error} for the others.
+        """
+        if count <= 0:
             raise InvalidInput("request holds no images")
         if count > self.limits.max_images:
             raise InvalidInput(f"request holds {count} images; the limit is {self.limits.max_images}")
@@ -79,29 +147,24 @@ class DataPlane:
             model.stats.rejected += 1
             raise
         try:
-            rows, errors = await self._prepare(model, request.images)
-            if len(errors) == count:
-                summary = "; ".join(f"image {i}: {msg}" for i, msg in sorted(errors.items())[:5])
-                raise InvalidInput(summary)
-            if request.deadline is not None and time.monotonic() >= request.deadline:
+            rows, errors = await prepare()
+            check(errors)
+            if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed while the images were decoded")
             if errors:
                 rows = rows[[i for i in range(count) if i not in errors]]
-            probabilities = await model.infer(rows, request.deadline)
+            probabilities = await model.infer(rows, deadline)
         except DeadlineExceeded:
             model.stats.expired += 1
             raise
         except asyncio.CancelledError:
             # gRPC cancels the handler when the client's deadline passes: that is an expiry too.
-            if request.deadline is not None and time.monotonic() >= request.deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 model.stats.expired += 1
             raise
         finally:
             reservation.release()
-        indices, values = top_k(probabilities, k)
-        return ClassifyResult(
-            model.name, model.version, model.contract.labels, indices, values, count, errors
-        )
+        return probabilities, errors
 
     def _top_k(self, k: int | None) -> int:
         if k is None:

@@ -129,6 +129,33 @@ def tensor_to_input(
     return row
 
 
+def batch_to_input(
+    shape: Sequence[int], dtype: str, data: bytes, contract: ModelContract, input_dtype: np.dtype
+) -> np.ndarray:
+    """A whole raw batch (N, *image shape; either byte order) as input rows: zero copy when native.
+
+    Errors name what is wrong; a batch holding NaN or ±inf is refused naming the first such image.
+    """
+    expected = contract.image_shape
+    if len(shape) != 1 + len(expected) or tuple(shape[1:]) != expected or shape[0] < 1:
+        raise ImageError(
+            f"shape {list(shape)} does not match the model's input [N, {', '.join(map(str, expected))}]"
+        )
+    got = wire_dtype(dtype)
+    if got.newbyteorder("=") != input_dtype:
+        raise ImageError(f"dtype {got.name} does not match the model's input dtype {input_dtype.name}")
+    needed = int(np.prod(shape)) * got.itemsize
+    if len(data) != needed:
+        raise ImageError(f"data holds {len(data)} bytes; shape {list(shape)} of {got.name} needs {needed}")
+    rows = np.frombuffer(data, dtype=got).reshape(tuple(shape))
+    if not got.isnative:
+        rows = rows.astype(input_dtype)  # the other byte order: one swapped copy
+    if not all_finite(rows):
+        bad = int(np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))[0])
+        raise ImageError(f"image {bad} holds NaN or infinite values")
+    return rows
+
+
 def all_finite(values: np.ndarray) -> bool:
     """True when no value is NaN or ±inf. The sum is finite only then (or overflows): one fast pass first."""
     if values.dtype.kind != "f":

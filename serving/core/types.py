@@ -26,6 +26,16 @@ class RawTensor:
 ImageInput = bytes | RawTensor | None
 
 
+@dataclass(frozen=True, slots=True)
+class RawBatch:
+    """A whole batch in one buffer: shape (N, *image shape), a numpy dtype name (little-endian unless
+    it starts with '>'), C-order bytes. What tensor protocols such as the Open Inference Protocol send."""
+
+    shape: Sequence[int]
+    dtype: str
+    data: bytes
+
+
 @dataclass(slots=True)
 class ClassifyRequest:
     images: Sequence[ImageInput]
@@ -33,6 +43,28 @@ class ClassifyRequest:
     version: int = 0  # 0: the newest ready version
     top_k: int | None = None  # None: the server's default
     deadline: float | None = None  # on time.monotonic()'s clock
+
+
+@dataclass(slots=True)
+class PredictRequest:
+    """Full probability rows for every image; the request fails as a whole if any image is unusable.
+
+    `input_name` names the input in error messages ("input 'x' image 3: …").
+    """
+
+    inputs: Sequence[ImageInput] | RawBatch
+    model: str = ""
+    version: int = 0
+    deadline: float | None = None
+    input_name: str = "images"
+
+
+@dataclass(slots=True)
+class PredictResult:
+    model: str
+    version: int
+    labels: Sequence[str]
+    probabilities: np.ndarray  # (images, classes), float32
 
 
 @dataclass(frozen=True, slots=True)

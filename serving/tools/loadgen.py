@@ -3,8 +3,10 @@
 `python -m serving.tools.loadgen` reads one JSON scenario per line on stdin and answers one JSON result per
 line on stdout. Scenarios: `unary` (Classify from `concurrency` callers, `images` per request),
 `stream` (ClassifyStream as the scoring job uses it: `streams` calls, `images` per message, at most
-`inflight` images unanswered) and `echo` (the transport alone). Payloads are PNG files or raw tensors
-of the model's input shape, made here from seeded random pixels.
+`inflight` images unanswered), `kserve` (the Open Inference Protocol's ModelInfer from `concurrency`
+callers: `png` as a BYTES tensor of encoded images, `tensor` as the model's own input tensor in
+`raw_input_contents`, as tritonclient sends them) and `echo` (the transport alone). Payloads are PNG
+files or raw tensors of the model's input shape, made here from seeded random pixels.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from PIL import Image
 
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_service_pb2 as kserve
+from protos.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving.client import pixels_to_tensor, to_image
 
 DISTINCT_IMAGES = 64
@@ -76,6 +80,48 @@ def requests_of(info: pb.ModelInfo, payload: str, per_request: int) -> list[pb.C
         )
         for i in range(len(images))
     ]
+
+
+def kserve_requests_of(info: pb.ModelInfo, payload: str, per_request: int) -> list[kserve.ModelInferRequest]:
+    """The same images as `requests_of`, as ModelInfer requests (serialized as tritonclient does)."""
+    images = make_images(info, payload)
+    requests = []
+    for i in range(len(images)):
+        chosen = [images[(i + j) % len(images)] for j in range(per_request)]
+        request = kserve.ModelInferRequest(model_name=info.name, model_version=str(info.version))
+        if payload == "png":
+            request.inputs.add(name="image_bytes", datatype="BYTES", shape=[per_request, 1])
+            raw = b"".join(len(x.encoded).to_bytes(4, "little") + x.encoded for x in chosen)
+        else:
+            shape = [per_request, *info.input.shape]
+            request.inputs.add(name=info.input.name, datatype="FP32", shape=shape)
+            raw = b"".join(x.tensor.data for x in chosen)
+        request.raw_input_contents.append(raw)
+        requests.append(request)
+    return requests
+
+
+async def kserve_unary(
+    stub: kserve_grpc.GRPCInferenceServiceStub,
+    requests: list[kserve.ModelInferRequest],
+    concurrency: int,
+    until: float,
+    measure_from: float,
+    tally: Tally,
+) -> None:
+    async def caller(offset: int) -> None:
+        i = offset
+        while (start := time.perf_counter()) < until:
+            request = requests[i % len(requests)]
+            i += 1
+            try:
+                await stub.ModelInfer(request, timeout=30)
+                ok = True
+            except grpc.aio.AioRpcError:
+                ok = False
+            tally.record(start, request.inputs[0].shape[0], ok, measure_from, until)
+
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
 
 
 async def unary(
@@ -171,6 +217,10 @@ async def run_scenario(scenario: dict) -> dict:
         until = measure_from + scenario["duration"]
         if kind == "echo":
             work = echo(stub, scenario["concurrency"], until, measure_from, tally)
+        elif kind == "kserve":
+            inference = kserve_grpc.GRPCInferenceServiceStub(channel)
+            batch = kserve_requests_of(info, scenario["payload"], scenario["images"])
+            work = kserve_unary(inference, batch, scenario["concurrency"], until, measure_from, tally)
         elif kind == "unary":
             work = unary(stub, requests, scenario["concurrency"], until, measure_from, tally)
         else:

@@ -1,0 +1,415 @@
+"""The Open Inference Protocol (KServe v2, `inference.GRPCInferenceService`): protobuf ↔ data plane.
+
+What Triton, KServe, MLServer and Seldon speak, so `tritonclient` and `perf_analyzer` work unmodified.
+Every model takes one of two inputs, both listed by ModelMetadata:
+  * its own input tensor, `[N, *image shape]` in the model's dtype (`raw_input_contents` or the typed
+    `contents`), taken as one raw batch;
+  * `ENCODED_INPUT`, a BYTES tensor `[N]` or `[N, 1]` of encoded images, decoded exactly as
+    `convserve.v1` decodes them.
+It returns `OUTPUT`, the class probabilities `FP32 [N, classes]`, in `raw_output_contents`; asked with
+`parameters["classification"]` = k (Triton's classification extension) it is `BYTES [N, min(k, classes)]`
+of "value:index:label" instead. The protocol has no per-item errors: one unusable image fails the
+whole request (INVALID_ARGUMENT naming the input and the image); `convserve.v1` has per-image errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.inference import model_config_pb2 as mc
+from serving.core.dataplane import DataPlane
+from serving.core.errors import InvalidInput, Unavailable
+from serving.core.model import ServedModel
+from serving.core.postprocess import top_k
+from serving.core.types import PredictRequest, PredictResult, RawBatch
+from serving.models.registry import ModelRegistry, VersionState
+from serving.protocols.admission import Admission
+from serving.protocols.convserve_v1 import deadline_of
+from serving.protocols.status import status_of
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+DATA_METHODS = (f"/{SERVICE_NAME}/ModelInfer", f"/{SERVICE_NAME}/ModelStreamInfer")
+EXTENSIONS = ("classification", "model_configuration", "statistics")
+SERVER_NAME = "convserve"
+SERVER_VERSION = "0.1.0"
+PLATFORM = "onnxruntime_onnx"
+ENCODED_INPUT = "image_bytes"
+OUTPUT = "probabilities"
+STREAM_INFLIGHT = 64
+LENGTH = struct.Struct("<I")
+
+# KServe datatype ↔ numpy, and which typed `contents` field holds it.
+DTYPES: dict[str, tuple[np.dtype, str]] = {
+    "BOOL": (np.dtype(np.bool_), "bool_contents"),
+    "UINT8": (np.dtype("<u1"), "uint_contents"),
+    "UINT16": (np.dtype("<u2"), "uint_contents"),
+    "UINT32": (np.dtype("<u4"), "uint_contents"),
+    "UINT64": (np.dtype("<u8"), "uint64_contents"),
+    "INT8": (np.dtype("<i1"), "int_contents"),
+    "INT16": (np.dtype("<i2"), "int_contents"),
+    "INT32": (np.dtype("<i4"), "int_contents"),
+    "INT64": (np.dtype("<i8"), "int64_contents"),
+    "FP16": (np.dtype("<f2"), "fp32_contents"),
+    "FP32": (np.dtype("<f4"), "fp32_contents"),
+    "FP64": (np.dtype("<f8"), "fp64_contents"),
+}
+KSERVE_NAME = {dtype.newbyteorder("="): name for name, (dtype, _) in DTYPES.items()}
+
+
+def kserve_dtype(dtype: np.dtype) -> str:
+    return KSERVE_NAME.get(dtype.newbyteorder("="), "BYTES")
+
+
+def config_dtype(name: str) -> int:
+    return mc.DataType.Value("TYPE_STRING" if name == "BYTES" else f"TYPE_{name}")
+
+
+def parse_version(version: str) -> int:
+    """'' is the newest ready version; otherwise a positive integer."""
+    if not version:
+        return 0
+    if not version.isdigit() or int(version) < 1:
+        raise InvalidInput(f"model version must be a positive integer, got {version[:40]!r}")
+    return int(version)
+
+
+def split_bytes(data: bytes, count: int, name: str) -> list[bytes]:
+    """tritonclient's serialized BYTES tensor: each element a 4-byte little-endian length, then its bytes."""
+    elements: list[bytes] = []
+    offset, size = 0, len(data)
+    while offset < size:
+        if offset + 4 > size:
+            raise InvalidInput(f"input {name!r}: element {len(elements)} has a truncated length prefix")
+        (length,) = LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidInput(
+                f"input {name!r}: element {len(elements)} claims {length} bytes; {size - offset} remain"
+            )
+        elements.append(data[offset : offset + length])
+        offset += length
+    if len(elements) != count:
+        raise InvalidInput(f"input {name!r}: shape says {count} elements, the data holds {len(elements)}")
+    return elements
+
+
+def join_bytes(elements: list[bytes]) -> bytes:
+    return b"".join(LENGTH.pack(len(e)) + e for e in elements)
+
+
+@dataclass(slots=True)
+class Counter:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass(slots=True)
+class RequestStats:
+    """Per model version: the requests this protocol answered (Triton's success and fail)."""
+
+    success: Counter
+    fail: Counter
+    last_inference_ms: int = 0
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, registry: ModelRegistry, admission: Admission) -> None:
+        self.dataplane = dataplane
+        self.registry = registry
+        self.admission = admission
+        self.requests: dict[tuple[str, int], RequestStats] = {}
+
+    # Health and metadata -------------------------------------------------------------------------
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self.registry.ready()) and not self.admission.draining)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        entry = self.registry.entry(request.name, parse_version(request.version))
+        ready = entry.state is VersionState.READY and not self.admission.draining
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model = self.registry.resolve(request.name, parse_version(request.version))
+        Tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in sorted(self.registry.versions(model.name))],
+            platform=PLATFORM,
+            inputs=[
+                Tensor(
+                    name=model.runtime.input_name,
+                    datatype=kserve_dtype(model.input_dtype),
+                    shape=[-1, *model.contract.image_shape],
+                ),
+                Tensor(name=ENCODED_INPUT, datatype="BYTES", shape=[-1, 1]),
+            ],
+            outputs=[Tensor(name=OUTPUT, datatype="FP32", shape=[-1, model.num_classes])],
+        )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        model = self.registry.resolve(request.name, parse_version(request.version))
+        batching = model.batcher.config
+        config = mc.ModelConfig(
+            name=model.name,
+            platform=PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=batching.max_batch_size,
+            input=[
+                mc.ModelInput(
+                    name=model.runtime.input_name,
+                    data_type=config_dtype(kserve_dtype(model.input_dtype)),
+                    dims=list(model.contract.image_shape),
+                    optional=True,
+                ),
+                # Either input, not both: optional, so perf_analyzer sends only the one it has data for.
+                mc.ModelInput(name=ENCODED_INPUT, data_type=mc.TYPE_STRING, dims=[1], optional=True),
+            ],
+            output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[model.num_classes])],
+            dynamic_batching=mc.ModelDynamicBatching(
+                max_queue_delay_microseconds=int(batching.max_delay_s * 1e6)
+            ),
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            entries = [self.registry.entry(request.name, parse_version(request.version))]
+            if request.version:
+                entries = [e for e in entries if e.version == int(request.version)]
+        else:
+            entries = self.registry.entries()
+        return pb.ModelStatisticsResponse(
+            model_stats=[self._statistics(e.model) for e in entries if e.model is not None]
+        )
+
+    def _statistics(self, model: ServedModel) -> pb.ModelStatistics:
+        stats = model.stats
+        requests = self.requests.get((model.name, model.version)) or RequestStats(Counter(), Counter())
+        Duration = pb.StatisticDuration
+        return pb.ModelStatistics(
+            name=model.name,
+            version=str(model.version),
+            last_inference=requests.last_inference_ms,
+            inference_count=stats.items,
+            execution_count=stats.batches,
+            inference_stats=pb.InferStatistics(
+                success=Duration(count=requests.success.count, ns=requests.success.ns),
+                fail=Duration(count=requests.fail.count, ns=requests.fail.ns),
+                queue=Duration(count=stats.queued, ns=stats.queue_ns),
+                # Stacking and the model call are timed together, as compute_infer; input and output
+                # carry the same count (perf_analyzer requires it) and no time of their own.
+                compute_input=Duration(count=stats.batches),
+                compute_infer=Duration(count=stats.batches, ns=stats.compute_ns),
+                compute_output=Duration(count=stats.batches),
+            ),
+            batch_stats=[
+                pb.InferBatchStatistics(
+                    batch_size=size,
+                    compute_input=Duration(count=count),
+                    compute_infer=Duration(count=count, ns=stats.batch_compute_ns[size]),
+                    compute_output=Duration(count=count),
+                )
+                for size, count in sorted(stats.batch_sizes.items())
+            ],
+        )
+
+    # Inference ----------------------------------------------------------------------------------
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Up to STREAM_INFLIGHT requests at once; each gets one response (its error in error_message)."""
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_INFLIGHT)
+        tasks: set[asyncio.Task] = set()
+        deadline = deadline_of(context)
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                responses.put_nowait(await self._answer(request, deadline))
+            finally:
+                slots.release()
+
+        async def read_all() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                responses.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        unregister = self.admission.on_release(reader.cancel)  # shutdown ends the stream
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            if reader.cancelled():
+                raise Unavailable("server is shutting down")
+            await reader
+        finally:
+            unregister()
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _answer(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelStreamInferResponse:
+        with self.admission.working():
+            try:
+                if self.admission.draining:
+                    raise Unavailable("server is shutting down")
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+            except Exception as error:
+                _, message = status_of(error, f"/{SERVICE_NAME}/ModelStreamInfer")
+                return pb.ModelStreamInferResponse(error_message=message)
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        started = time.perf_counter_ns()
+        key: tuple[str, int] | None = None
+        try:
+            model = self.registry.resolve(request.model_name, parse_version(request.model_version))
+            key = (model.name, model.version)
+            classify = requested_outputs(request)
+            predict = PredictRequest(
+                to_inputs(request, model), model.name, model.version, deadline, request.inputs[0].name
+            )
+            result = await self.dataplane.predict(predict)
+            response = to_response(request, result, classify)
+        except Exception:
+            if key is not None:
+                self._stats(key).fail.add(time.perf_counter_ns() - started)
+            raise
+        stats = self._stats(key)
+        stats.success.add(time.perf_counter_ns() - started)
+        stats.last_inference_ms = int(time.time() * 1000)
+        return response
+
+    def _stats(self, key: tuple[str, int]) -> RequestStats:
+        stats = self.requests.get(key)
+        if stats is None:
+            stats = self.requests[key] = RequestStats(Counter(), Counter())
+        return stats
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> int | None:
+    """None for the probabilities, or k for the classification extension's top-k strings."""
+    if not request.outputs:
+        return None
+    if len(request.outputs) > 1:
+        raise InvalidInput(f"this model has one output, {OUTPUT!r}; {len(request.outputs)} were requested")
+    output = request.outputs[0]
+    if output.name != OUTPUT:
+        raise InvalidInput(f"unknown output {output.name[:80]!r}; this model's output is {OUTPUT!r}")
+    if "classification" not in output.parameters:
+        return None
+    parameter = output.parameters["classification"]
+    kind = parameter.WhichOneof("parameter_choice")
+    k = getattr(parameter, kind) if kind in ("int64_param", "uint64_param") else None
+    if k is None or k < 1:
+        raise InvalidInput("output parameter 'classification' must be a positive integer")
+    return int(k)
+
+
+def to_inputs(request: pb.ModelInferRequest, model: ServedModel) -> RawBatch | list[bytes]:
+    if len(request.inputs) != 1:
+        raise InvalidInput(
+            f"send exactly one input, {model.runtime.input_name!r} (a tensor) or {ENCODED_INPUT!r} "
+            f"(encoded images); the request has {len(request.inputs)}"
+        )
+    tensor = request.inputs[0]
+    name, shape = tensor.name, list(tensor.shape)
+    if request.raw_input_contents and len(request.raw_input_contents) != 1:
+        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for one input")
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    if name == ENCODED_INPUT:
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(f"input {name!r} must be BYTES, got {tensor.datatype[:20]!r}")
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+            raise InvalidInput(f"input {name!r} must have shape [N] or [N, 1], got {shape}")
+        if raw is not None:
+            return split_bytes(raw, shape[0], name)
+        elements = list(tensor.contents.bytes_contents)
+        if len(elements) != shape[0]:
+            raise InvalidInput(
+                f"input {name!r}: shape says {shape[0]} elements, contents hold {len(elements)}"
+            )
+        return elements
+    if name != model.runtime.input_name:
+        raise InvalidInput(
+            f"unknown input {name[:80]!r}; model {model.name!r} takes {model.runtime.input_name!r} "
+            f"or {ENCODED_INPUT!r}"
+        )
+    expected = kserve_dtype(model.input_dtype)
+    if tensor.datatype != expected:
+        raise InvalidInput(f"input {name!r} must be {expected}, got {tensor.datatype[:20]!r}")
+    dtype, field = DTYPES[expected]
+    if raw is None:
+        values = getattr(tensor.contents, field)
+        raw = np.asarray(values, dtype=dtype).tobytes()
+    return RawBatch(shape, dtype.str, raw)
+
+
+def to_response(request: pb.ModelInferRequest, result: PredictResult, k: int | None) -> pb.ModelInferResponse:
+    probabilities = result.probabilities
+    response = pb.ModelInferResponse(
+        model_name=result.model, model_version=str(result.version), id=request.id
+    )
+    if k is None:
+        response.outputs.add(name=OUTPUT, datatype="FP32", shape=probabilities.shape)
+        response.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())
+        return response
+    indices, values = top_k(probabilities, k)
+    labels = result.labels
+    # Triton prints the value with C++ std::to_string: six decimals.
+    elements = [
+        f"{value:f}:{index}:{labels[index]}".encode()
+        for index_row, value_row in zip(indices.tolist(), values.tolist(), strict=True)
+        for index, value in zip(index_row, value_row, strict=True)
+    ]
+    response.outputs.add(name=OUTPUT, datatype="BYTES", shape=indices.shape)
+    response.raw_output_contents.append(join_bytes(elements))
+    return response

@@ -1,0 +1,79 @@
+"""Triton's own load tool, perf_analyzer, runs against a convserve server process over gRPC with the
+model's tensor input and with the BYTES input of real PNG/JPEG files, and completes with no errors.
+
+perf_analyzer asks for ModelMetadata and ModelConfig first, sends only the input it has data for
+(both are optional in ModelConfig), and checks the server's statistics. It comes from the
+tritonclient 2.41 wheel (bin/perf_analyzer), in an environment of its own: it needs libcudart from
+nvidia-cuda-runtime-cu12 (no GPU used) and Debian's libb64-0d (scripts/system-deps.sh).
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import os
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.tools.launch import LaunchedServer
+from tests.conftest import encode, start_server
+from tests.venvs import missing, venv
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer() -> tuple[Path, dict[str, str]]:
+    if not glob.glob("/usr/lib/*/libb64.so.0d"):
+        missing("libb64-0d is not installed: run scripts/system-deps.sh")
+    env = venv("perf-analyzer", "tritonclient==2.41.0", "nvidia-cuda-runtime-cu12")
+    cudart = next(env.glob("lib/python*/site-packages/nvidia/cuda_runtime/lib"))
+    return env / "bin" / "perf_analyzer", {**os.environ, "LD_LIBRARY_PATH": str(cudart)}
+
+
+@pytest.fixture(scope="module")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedServer]:
+    launched = start_server(model_repo, tmp_path_factory.mktemp("perf"), "--max-delay-ms", "2")
+    yield launched
+    launched.stop()
+    assert "Traceback" not in launched.log()
+
+
+def run(perf_analyzer: tuple[Path, dict[str, str]], address: str, data: Path) -> str:
+    binary, env = perf_analyzer
+    command = [
+        str(binary), "-m", "digits", "-u", address, "-i", "grpc", "--input-data", str(data),
+        "--concurrency-range", "4", "--measurement-interval", "800", "-s", "1000", "-r", "6",
+    ]  # fmt: skip
+    # -s 1000: on a shared machine latency swings; stability is not what this test checks.
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Throughput:" in output and "p99 latency" in output, output[-3000:]
+    assert "error" not in output.lower(), output[-3000:]
+    return output
+
+
+def test_tensor_input(perf_analyzer, server: LaunchedServer, digit_samples, tmp_path: Path) -> None:
+    rows = digit_samples[0][:4].astype(np.float32) / 255
+    data = {"data": [{"image": {"content": row.ravel().tolist(), "shape": [1, 8, 8]}} for row in rows]}
+    (tmp_path / "tensor.json").write_text(json.dumps(data))
+    run(perf_analyzer, server.address, tmp_path / "tensor.json")
+
+
+def test_image_bytes_input(perf_analyzer, server: LaunchedServer, digit_samples, tmp_path: Path) -> None:
+    steps = []
+    for i, pixels in enumerate(digit_samples[0][:4]):
+        path = tmp_path / f"digit{i}.{'png' if i % 2 else 'jpg'}"
+        path.write_bytes(encode(pixels, "PNG" if i % 2 else "JPEG"))
+        # perf_analyzer's b64 holds the serialized BYTES tensor: a 4-byte little-endian length, the bytes.
+        serialized = struct.pack("<I", path.stat().st_size) + path.read_bytes()
+        steps.append({"image_bytes": {"b64": base64.b64encode(serialized).decode(), "shape": [1]}})
+    (tmp_path / "images.json").write_text(json.dumps({"data": steps}))
+    run(perf_analyzer, server.address, tmp_path / "images.json")
