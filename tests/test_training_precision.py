@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from serving.client import ClassifierClient
-from serving.contract import from_metadata
+from serving.core.contract import from_metadata
 from tests.conftest import encode
 from training.export import ExportReport, ReducedPrecisionCheck, VerificationError, check_reduced, export_run
 

@@ -248,14 +248,12 @@ def load_folder(root: Path, seed: int, size: int, color_mode: ColorMode) -> Data
 
 
 def image_file_pixels(path: Path, color_mode: ColorMode, height: int, width: int) -> np.ndarray:
-    """One image file as model input pixels, uint8 (C, H, W), converted as the folder loader does."""
+    """One image file as model input pixels, uint8 (C, H, W), converted as the server converts it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            # Read the pixels inside `with`: an image already in the right mode and size is returned
-            # as it is, still lazily bound to the file.
-            pixels = np.asarray(fit_image(image, color_mode, height, width), dtype=np.uint8)
+            pixels = image_pixels(image, color_mode, height, width)  # read inside `with`: still lazy
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"cannot read image {path}: {exc}") from exc
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return np.array(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
