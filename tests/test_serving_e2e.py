@@ -361,10 +361,11 @@ def test_queue_overflow_is_resource_exhausted(model_repo, digit_samples, server_
 
 
 def test_deadline_exceeded_drops_the_rows_before_the_model(conv_repo, server_factory) -> None:
-    # One session on one thread, one row per batch, every batch in a worker thread: three calls of 48
-    # rows keep the model busy for well over 100 ms on any machine, and a call queued behind them
-    # cannot make a 100 ms deadline.
+    # One session on one thread, one row per batch, every batch in a worker thread: eight calls of 48
+    # rows keep the model busy for well over 300 ms on any machine, and a call queued behind them
+    # cannot make a 300 ms deadline, which leaves it time to arrive on a loaded machine.
     flags = ("--max-batch-size", "1", "--inline-below-ms", "0", "--intra-op-threads", "1")
+    flags += ("--input-budget-mb", "1024")  # eight calls of 48 rows of 1.2 MB are admitted
     server = server_factory(conv_repo, *flags)
     stub = raw_stub(server.address)
     tensor = np.random.default_rng(0).random((3, 320, 320), dtype=np.float32)
@@ -372,19 +373,19 @@ def test_deadline_exceeded_drops_the_rows_before_the_model(conv_repo, server_fac
     late = make_request([tensor], "conv320")
     stats = lambda: stub.GetModel(pb.GetModelRequest(name="conv320")).stats  # noqa: E731
     before = stats()
-    with ThreadPoolExecutor(3) as pool:
-        first = [pool.submit(stub.Classify, busy, timeout=120) for _ in range(3)]
-        while stats().requests - before.requests < 3:  # the busy calls are queued
+    with ThreadPoolExecutor(8) as pool:
+        first = [pool.submit(stub.Classify, busy, timeout=120) for _ in range(8)]
+        while stats().requests - before.requests < 8:  # the busy calls are queued
             time.sleep(0.005)
-        expect_status(lambda: stub.Classify(late, timeout=0.1), grpc.StatusCode.DEADLINE_EXCEEDED, "")
+        expect_status(lambda: stub.Classify(late, timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED, "")
         assert all(len(call.result().results) == 48 for call in first)
     deadline = time.monotonic() + 10
     while (after := stats()).dropped_rows == before.dropped_rows and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert after.requests - before.requests == 4, "the late call reached the batcher"
+    assert after.requests - before.requests == 9, "the late call reached the batcher"
     assert after.expired - before.expired == 1
     assert after.dropped_rows - before.dropped_rows == 1  # the late call's row was dropped ...
-    assert after.items - before.items == 3 * 48  # ... and the model never saw it
+    assert after.items - before.items == 8 * 48  # ... and the model never saw it
 
 
 def test_sigterm_finishes_calls_in_flight_then_refuses(model_repo, digit_samples, server_factory) -> None:

@@ -79,8 +79,9 @@ def test_sigterm_under_continuous_load(repetition, model_repo, digit_samples, se
     # Health went NOT_SERVING at once, and every call sent after that was refused.
     assert not_serving_at and not_serving_at[0] - signalled < 2
     assert all(code == grpc.StatusCode.UNAVAILABLE for sent, _, code, _ in calls if sent > not_serving_at[0])
-    # Calls in flight at the signal finished with their results.
-    assert any(code == grpc.StatusCode.OK and answered > signalled for _, answered, code, _ in calls)
+    # (That calls admitted before the signal finish with their results is proven deterministically by
+    # test_serving_e2e's test_sigterm_finishes_calls_in_flight_then_refuses: a digits call here takes
+    # about a millisecond, so whether one is in flight at the signal is chance.)
     stopped = float(re.search(r"stopped after ([0-9.]+)s", server.log()).group(1))
     assert stopped <= GRACE_S and exited - signalled < GRACE_S + 3
     assert "Traceback" not in server.log()
