@@ -103,9 +103,9 @@ def test_early_stopping_waits_patience_epochs_without_improvement(tmp_path: Path
     assert metrics["best_val_accuracy"] == accuracies[best - 1]
 
 
-def run_training(*launcher: str, out: Path) -> subprocess.CompletedProcess:
+def run_training(*launcher: str, out: Path, seed: int = 0) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", *launcher, "training", "train", "--dataset", "digits"]
-    command += ["--device", "cpu", "--out", str(out)]
+    command += ["--device", "cpu", "--out", str(out), "--seed", str(seed)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280, env=env)
 
@@ -113,14 +113,20 @@ def run_training(*launcher: str, out: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo): each trains on its shard, rank 0 alone writes the run.
-    Both runs use the default digits settings, as the README's figures do."""
-    single = run_training(out=tmp_path / "single")
-    assert single.returncode == 0, single.stderr[-3000:]
+    Both use the default digits settings, as the README's figures do. One test image is 0.28 points
+    of digits' 359, and a change in the last bit of the input moves a run by one or two images, so
+    the accuracies are compared as the mean over two seeds."""
     torchrun = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    ddp = run_training(*torchrun, out=tmp_path / "ddp")
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = json.loads((tmp_path / "single" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    accuracy: dict[str, list[float]] = {"single": [], "ddp": []}
+    for seed in (0, 1):
+        single = run_training(out=tmp_path / f"single{seed}", seed=seed)
+        assert single.returncode == 0, single.stderr[-3000:]
+        ddp = run_training(*torchrun, out=tmp_path / f"ddp{seed}", seed=seed)
+        assert ddp.returncode == 0, ddp.stderr[-3000:]
+        one = json.loads((tmp_path / f"single{seed}" / "metrics.json").read_text())
+        two = json.loads((tmp_path / f"ddp{seed}" / "metrics.json").read_text())
+        accuracy["single"].append(one["test_accuracy"])
+        accuracy["ddp"].append(two["test_accuracy"])
     assert two["config"] == one["config"]
     assert one["processes"]["world_size"] == 1
     assert two["processes"] == {
@@ -129,7 +135,8 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
         "train_images_per_process": 647,  # half of the 1294 training images
         "batch_per_process": 32,  # half of the global batch of 64
     }
-    assert one["test_accuracy"] >= 0.98
-    assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.005
+    assert min(accuracy["single"]) >= 0.98, accuracy
+    mean = {kind: sum(values) / len(values) for kind, values in accuracy.items()}
+    assert abs(mean["ddp"] - mean["single"]) <= 0.005, accuracy
     assert ddp.stdout.count("run report:") == 1  # only rank 0 wrote and reported
-    assert (tmp_path / "ddp" / "report.html").exists() and not list((tmp_path / "ddp").glob("*.partial"))
+    assert (tmp_path / "ddp1" / "report.html").exists() and not list((tmp_path / "ddp1").glob("*.partial"))
