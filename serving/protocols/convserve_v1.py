@@ -7,7 +7,6 @@ that fails carries its status in `ClassifyResponse.error`, mapped through the sa
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -21,10 +20,10 @@ from serving.core.types import ClassifyRequest, ClassifyResult, ImageInput, RawT
 from serving.models.registry import ModelRegistry, ModelVersion
 from serving.protocols.admission import Admission
 from serving.protocols.status import status_of
+from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DATA_METHODS = (f"/{SERVICE_NAME}/Classify", f"/{SERVICE_NAME}/ClassifyStream")
-STREAM_INFLIGHT = 64  # requests of one stream processed concurrently
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
@@ -95,43 +94,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def ClassifyStream(
         self, requests: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyResponse]:
-        """Up to STREAM_INFLIGHT requests at once; each response carries its request's id."""
-        responses: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_INFLIGHT)
-        tasks: set[asyncio.Task] = set()
+        """Up to streams.STREAM_INFLIGHT requests at once; each response carries its request's id."""
         deadline = deadline_of(context)
-
-        async def answer(request: pb.ClassifyRequest) -> None:
-            try:
-                responses.put_nowait(await self._answer(request, deadline))
-            finally:
-                slots.release()
-
-        async def read_all() -> None:
-            try:
-                async for request in requests:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*list(tasks))
-            finally:
-                responses.put_nowait(None)
-
-        reader = asyncio.create_task(read_all())
-        unregister = self.admission.on_release(reader.cancel)  # shutdown ends the stream
-        try:
-            while (response := await responses.get()) is not None:
-                yield response
-            if reader.cancelled():
-                raise Unavailable("server is shutting down")
-            await reader  # surfaces a failure of the request stream itself (e.g. a bad message)
-        finally:
-            unregister()
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for response in answer_stream(requests, lambda r: self._answer(r, deadline), self.admission):
+            yield response
 
     async def _answer(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         """Exactly one response per stream request, whatever happens to it."""

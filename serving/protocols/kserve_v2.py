@@ -14,7 +14,6 @@ whole request (INVALID_ARGUMENT naming the input and the image); `convserve.v1` 
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +34,7 @@ from serving.models.registry import ModelRegistry, VersionState
 from serving.protocols.admission import Admission
 from serving.protocols.convserve_v1 import deadline_of
 from serving.protocols.status import status_of
+from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DATA_METHODS = (f"/{SERVICE_NAME}/ModelInfer", f"/{SERVICE_NAME}/ModelStreamInfer")
@@ -44,7 +44,6 @@ SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 ENCODED_INPUT = "image_bytes"
 OUTPUT = "probabilities"
-STREAM_INFLIGHT = 64
 LENGTH = struct.Struct("<I")
 
 # KServe datatype ↔ numpy, and which typed `contents` field holds it.
@@ -257,43 +256,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Up to STREAM_INFLIGHT requests at once; each gets one response (its error in error_message)."""
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_INFLIGHT)
-        tasks: set[asyncio.Task] = set()
+        """Up to streams.STREAM_INFLIGHT requests at once; each gets one response (its error in error_message)."""
         deadline = deadline_of(context)
-
-        async def answer(request: pb.ModelInferRequest) -> None:
-            try:
-                responses.put_nowait(await self._answer(request, deadline))
-            finally:
-                slots.release()
-
-        async def read_all() -> None:
-            try:
-                async for request in requests:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*list(tasks))
-            finally:
-                responses.put_nowait(None)
-
-        reader = asyncio.create_task(read_all())
-        unregister = self.admission.on_release(reader.cancel)  # shutdown ends the stream
-        try:
-            while (response := await responses.get()) is not None:
-                yield response
-            if reader.cancelled():
-                raise Unavailable("server is shutting down")
-            await reader
-        finally:
-            unregister()
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for response in answer_stream(requests, lambda r: self._answer(r, deadline), self.admission):
+            yield response
 
     async def _answer(
         self, request: pb.ModelInferRequest, deadline: float | None

@@ -1,0 +1,62 @@
+"""Answering a bidirectional stream: many requests in flight at once, exactly one response each.
+
+Shared by every protocol's streaming RPC. Responses come back in the order they are ready (each
+carries its request's id); `answer` must turn every failure into a response of its own. At shutdown
+(`Admission.release`) the stream stops reading and ends with UNAVAILABLE once its answers are out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from serving.core.errors import Unavailable
+from serving.protocols.admission import Admission
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+STREAM_INFLIGHT = 64  # requests of one stream processed concurrently
+
+
+async def answer_stream(
+    requests: AsyncIterator[Request],
+    answer: Callable[[Request], Awaitable[Response]],
+    admission: Admission,
+    inflight: int = STREAM_INFLIGHT,
+) -> AsyncIterator[Response]:
+    responses: asyncio.Queue[Response | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(inflight)
+    tasks: set[asyncio.Task] = set()
+
+    async def answer_one(request: Request) -> None:
+        try:
+            responses.put_nowait(await answer(request))
+        finally:
+            slots.release()
+
+    async def read_all() -> None:
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(answer_one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*list(tasks))
+        finally:
+            responses.put_nowait(None)
+
+    reader = asyncio.create_task(read_all())
+    unregister = admission.on_release(reader.cancel)  # shutdown ends the stream
+    try:
+        while (response := await responses.get()) is not None:
+            yield response
+        if reader.cancelled():
+            raise Unavailable("server is shutting down")
+        await reader  # surfaces a failure of the request stream itself (e.g. a bad message)
+    finally:
+        unregister()
+        reader.cancel()
+        for task in list(tasks):
+            task.cancel()
