@@ -256,7 +256,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Up to streams.STREAM_INFLIGHT requests at once; each gets one response (its error in error_message)."""
+        """Up to streams.STREAM_INFLIGHT requests at once; one response each (errors in error_message)."""
         deadline = deadline_of(context)
         async for response in answer_stream(requests, lambda r: self._answer(r, deadline), self.admission):
             yield response
