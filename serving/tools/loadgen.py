@@ -16,6 +16,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -101,48 +102,28 @@ def kserve_requests_of(info: pb.ModelInfo, payload: str, per_request: int) -> li
     return requests
 
 
-async def kserve_unary(
-    stub: kserve_grpc.GRPCInferenceServiceStub,
-    requests: list[kserve.ModelInferRequest],
-    concurrency: int,
-    until: float,
-    measure_from: float,
-    tally: Tally,
-) -> None:
-    async def caller(offset: int) -> None:
-        i = offset
-        while (start := time.perf_counter()) < until:
-            request = requests[i % len(requests)]
-            i += 1
-            try:
-                await stub.ModelInfer(request, timeout=30)
-                ok = True
-            except grpc.aio.AioRpcError:
-                ok = False
-            tally.record(start, request.inputs[0].shape[0], ok, measure_from, until)
-
-    await asyncio.gather(*(caller(i) for i in range(concurrency)))
-
-
 async def unary(
-    stub: pb_grpc.ClassifierStub,
-    requests: list[pb.ClassifyRequest],
+    call: Callable[..., Awaitable[object]],
+    requests: list,
+    images_of: Callable[[object], int],
     concurrency: int,
     until: float,
     measure_from: float,
     tally: Tally,
 ) -> None:
+    """`concurrency` callers, each sending its next request as soon as the last is answered."""
+
     async def caller(offset: int) -> None:
         i = offset
         while (start := time.perf_counter()) < until:
             request = requests[i % len(requests)]
             i += 1
             try:
-                await stub.Classify(request, timeout=30)
+                await call(request, timeout=30)
                 ok = True
             except grpc.aio.AioRpcError:
                 ok = False
-            tally.record(start, len(request.images), ok, measure_from, until)
+            tally.record(start, images_of(request), ok, measure_from, until)
 
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
 
@@ -220,9 +201,13 @@ async def run_scenario(scenario: dict) -> dict:
         elif kind == "kserve":
             inference = kserve_grpc.GRPCInferenceServiceStub(channel)
             batch = kserve_requests_of(info, scenario["payload"], scenario["images"])
-            work = kserve_unary(inference, batch, scenario["concurrency"], until, measure_from, tally)
+            count = scenario["concurrency"]
+            work = unary(
+                inference.ModelInfer, batch, lambda r: r.inputs[0].shape[0], count, until, measure_from, tally
+            )
         elif kind == "unary":
-            work = unary(stub, requests, scenario["concurrency"], until, measure_from, tally)
+            count = scenario["concurrency"]
+            work = unary(stub.Classify, requests, lambda r: len(r.images), count, until, measure_from, tally)
         else:
             streams, inflight = scenario.get("streams", 2), scenario.get("inflight", 256)
             work = stream(stub, requests, streams, inflight, until, measure_from, tally)
