@@ -41,9 +41,12 @@ def digit_samples(digits_run: Path) -> tuple[np.ndarray, np.ndarray]:
     return data["images"], data["labels"]
 
 
-def build_conv_model(path: Path, side: int = 320, classes: int = 10, seed: int = 0) -> Path:
-    """A real ONNX CNN of a few milliseconds per 3 x side x side image: conv (stride 2) -> ReLU -> global
-    average pooling -> fully connected -> softmax, with random weights and the convserve contract."""
+def build_conv_model(
+    path: Path, side: int = 320, classes: int = 10, seed: int = 0, channels: int = 8, stride: int = 2
+) -> Path:
+    """A real ONNX CNN of about a millisecond per 3 x side x side image (more with more `channels` or a
+    smaller `stride`): conv -> ReLU -> global average pooling -> fully connected -> softmax, with random
+    weights and the convserve contract."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -51,12 +54,12 @@ def build_conv_model(path: Path, side: int = 320, classes: int = 10, seed: int =
 
     rng = np.random.default_rng(seed)
     weights = [
-        numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.normal(0, 1.0, (8, classes)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (channels, 3, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(0, 1.0, (channels, classes)).astype(np.float32), "fc_w"),
         numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b"),
     ]
     nodes = [
-        helper.make_node("Conv", ["image", "conv_w"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["image", "conv_w"], ["c"], strides=[stride, stride], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["r"]),
         helper.make_node("GlobalAveragePool", ["r"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from PIL import Image
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from serving.client import ClassifierClient, make_request
-from tests.conftest import bomb_png, encode
+from tests.conftest import bomb_png, build_conv_model, encode
 
 pytestmark = pytest.mark.slow
 
@@ -360,32 +361,49 @@ def test_queue_overflow_is_resource_exhausted(model_repo, digit_samples, server_
         assert client.get_model("digits").stats.rejected == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def test_deadline_exceeded_drops_the_rows_before_the_model(conv_repo, server_factory) -> None:
-    # One session on one thread, one row per batch, every batch in a worker thread: eight calls of 48
-    # rows keep the model busy for well over 300 ms on any machine, and a call queued behind them
-    # cannot make a 300 ms deadline, which leaves it time to arrive on a loaded machine.
+def seconds_per_row(model: Path, side: int) -> float:
+    """The model's warm time for one row on one thread, measured here: the machine decides, not a guess."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    row = np.zeros((1, 3, side, side), np.float32)
+    session.run(None, {"image": row})
+    start = time.perf_counter()
+    for _ in range(10):
+        session.run(None, {"image": row})
+    return (time.perf_counter() - start) / 10
+
+
+def test_deadline_exceeded_drops_the_rows_before_the_model(tmp_path, server_factory) -> None:
+    # One session on one thread, one row per batch, every batch in a worker thread. Eight busy calls hold
+    # at least two seconds of model time (sized from the row time measured on this machine), so a call
+    # queued behind them cannot make its 300 ms deadline, and 300 ms leaves it time to arrive when loaded.
+    model = build_conv_model(tmp_path / "models" / "heavy" / "1" / "model.onnx", channels=64, stride=1)
+    rows = min(48, math.ceil(2.0 / seconds_per_row(model, 320) / 8))
     flags = ("--max-batch-size", "1", "--inline-below-ms", "0", "--intra-op-threads", "1")
-    flags += ("--input-budget-mb", "1024")  # eight calls of 48 rows of 1.2 MB are admitted
-    server = server_factory(conv_repo, *flags)
+    flags += ("--input-budget-mb", "1024")  # eight calls of up to 48 rows of 1.2 MB are admitted
+    server = server_factory(tmp_path / "models", *flags)
     stub = raw_stub(server.address)
     tensor = np.random.default_rng(0).random((3, 320, 320), dtype=np.float32)
-    busy = make_request([tensor] * 48, "conv320")
-    late = make_request([tensor], "conv320")
-    stats = lambda: stub.GetModel(pb.GetModelRequest(name="conv320")).stats  # noqa: E731
+    busy = make_request([tensor] * rows, "heavy")
+    late = make_request([tensor], "heavy")
+    stats = lambda: stub.GetModel(pb.GetModelRequest(name="heavy")).stats  # noqa: E731
     before = stats()
     with ThreadPoolExecutor(8) as pool:
         first = [pool.submit(stub.Classify, busy, timeout=120) for _ in range(8)]
         while stats().requests - before.requests < 8:  # the busy calls are queued
             time.sleep(0.005)
         expect_status(lambda: stub.Classify(late, timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED, "")
-        assert all(len(call.result().results) == 48 for call in first)
+        assert all(len(call.result().results) == rows for call in first)
     deadline = time.monotonic() + 10
-    while (after := stats()).dropped_rows == before.dropped_rows and time.monotonic() < deadline:
+    while (after := stats()).dropped_rows == before.dropped_rows or after.expired == before.expired:
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.01)
     assert after.requests - before.requests == 9, "the late call reached the batcher"
     assert after.expired - before.expired == 1
     assert after.dropped_rows - before.dropped_rows == 1  # the late call's row was dropped ...
-    assert after.items - before.items == 8 * 48  # ... and the model never saw it
+    assert after.items - before.items == 8 * rows  # ... and the model never saw it
 
 
 def test_sigterm_finishes_calls_in_flight_then_refuses(model_repo, digit_samples, server_factory) -> None:
