@@ -30,6 +30,12 @@ class ServerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     models: Path = Field(Path("models"), description="model repository: MODELS/<name>/<version>/model.onnx")
+    model_control: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="none: load the repository at start; poll: rescan it every --poll-s; "
+        "explicit: load and unload on RepositoryModelLoad/Unload",
+    )
+    poll_s: float = Field(5.0, gt=0, le=3600, description="seconds between repository scans (poll mode)")
     host: str = Field("127.0.0.1", min_length=1, description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8500, ge=0, le=65535, description="port to listen on; 0 picks a free one")
     port_file: Path | None = Field(

@@ -29,7 +29,9 @@ from serving.core.budget import MIB, InputBudget
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.runtime import RuntimeOptions
 from serving.memory import configure_malloc, trim_when_quiet
+from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry
+from serving.models.settings import LoadOptions
 from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
 from serving.protocols.interceptors import AdmissionGate, ProtocolGuard
@@ -110,9 +112,19 @@ class Server:
         pb_grpc.add_ClassifierServicer_to_server(
             convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), self.grpc
         )
+        # What --model-control says: load at start, poll the repository, or load/unload on request.
+        self.lifecycle = ModelLifecycle(
+            self.registry,
+            config.models,
+            LoadOptions(runtime_of(config), batching_of(config)),
+            config.model_control,
+            config.poll_s,
+            on_change=self._update_health,
+        )
         # The Open Inference Protocol on the same port, over the same data plane and batchers.
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            kserve_v2.InferenceServicer(self.dataplane, self.registry, self.admission), self.grpc
+            kserve_v2.InferenceServicer(self.dataplane, self.registry, self.admission, self.lifecycle),
+            self.grpc,
         )
         if config.reflection:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -120,6 +132,8 @@ class Server:
         self.port = 0
         self._trimmer: asyncio.Task | None = None
         self._arrivals_seen = 0
+        self._started = False
+        self._serving = False
 
     def _busy(self) -> bool:
         """Whether calls arrived since the last look."""
@@ -137,30 +151,45 @@ class Server:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await self.grpc.start()  # health answers NOT_SERVING (and Classify UNAVAILABLE) while models load
         log.info("listening on %s:%d (NOT_SERVING until the models are loaded)", config.host, self.port)
-        if not self.registry.entries() and not self.registry.add_repository(config.models):
+        await self.lifecycle.start()
+        if not self.registry.entries():
             log.error(
                 "no models under %s (expected %s/<name>/<version>/model.onnx)", config.models, config.models
             )
-        await asyncio.to_thread(self.registry.load_all, runtime_of(config), batching_of(config))
         for model in self.registry.ready():
+            batching = model.batcher.config
             log.info(
                 "serving %s version %d: batching max_batch_size=%d max_delay=%.1fms max_queue=%d; "
                 "%d decode thread(s); input budget %d MiB",
                 model.name,
                 model.version,
-                config.max_batch_size,
-                config.max_delay_ms,
-                config.max_queue_size,
+                batching.max_batch_size,
+                batching.max_delay_s * 1000,
+                batching.max_queue_rows,
                 config.resolved_decode_threads,
                 config.input_budget_mb,
             )
         self._trimmer = asyncio.create_task(trim_when_quiet(self._busy))
-        if self.registry.ready():
-            await set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
-            log.info("SERVING on %s:%d", config.host, self.port)
-        else:
+        self._started = True
+        await self._update_health()
+        if not self._serving:
             log.error("no model version could be loaded: health stays NOT_SERVING")
         return self.port
+
+    async def _update_health(self) -> None:
+        """SERVING while any version is READY (models come and go with --model-control poll/explicit)."""
+        if not self._started or self.admission.draining:
+            return
+        serving = bool(self.registry.ready())
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse
+        await set_health(self.health, status.SERVING if serving else status.NOT_SERVING)
+        if serving:
+            log.info("SERVING on %s:%d", self.config.host, self.port)
+        else:
+            log.warning("no model version is ready: NOT_SERVING")
 
     async def shut_down(self) -> None:
         """Drains, stops and closes everything within the grace period (see the module's docstring)."""
@@ -171,6 +200,7 @@ class Server:
         admission.begin_drain()
         if self._trimmer is not None:
             self._trimmer.cancel()
+        await self.lifecycle.stop_polling()
         await self.health.enter_graceful_shutdown()
         await admission.wait_drained(started + DRAIN_SHARE * config.grace_s)
         log.info(
@@ -186,6 +216,7 @@ class Server:
         await admission.wait_idle(end - 0.2 * (end - time.monotonic()))
         await self.grpc.stop(None)  # what is left (health watchers) is cancelled now, not at the grace's end
         await stopping
+        await self.lifecycle.wait_drained(max(0.0, end - time.monotonic()))
         await self.registry.close()
         self.decode_pool.shutdown(wait=True)
         log.info("stopped after %.2fs", time.monotonic() - started)

@@ -78,6 +78,10 @@ class DataPlane:
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResult:
         model = self.models.resolve(request.model, request.version)
+        with model.hold():  # a version swapped out meanwhile is closed only after this request ends
+            return await self._classify(model, request)
+
+    async def _classify(self, model: ServedModel, request: ClassifyRequest) -> ClassifyResult:
         k = self._top_k(request.top_k)
         count = len(request.images)
 
@@ -99,6 +103,10 @@ class DataPlane:
         request with InvalidInput naming the input and the first bad image (protocols without
         per-item errors, such as the Open Inference Protocol, need exactly this)."""
         model = self.models.resolve(request.model, request.version)
+        with model.hold():
+            return await self._predict(model, request)
+
+    async def _predict(self, model: ServedModel, request: PredictRequest) -> PredictResult:
         inputs, name = request.inputs, request.input_name
 
         if isinstance(inputs, RawBatch):

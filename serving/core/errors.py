@@ -23,6 +23,11 @@ class Unavailable(ServingError):
     """The model (or the whole server) cannot take work now: loading, failed, draining, shutting down."""
 
 
+class FailedPrecondition(ServingError):
+    """The request is well formed but the server's state or mode does not allow it (e.g. loading a
+    model while the server is not in explicit model control, or a model whose files do not load)."""
+
+
 class Overloaded(ServingError):
     """A queue or memory budget is full; the client may retry later or elsewhere."""
 

@@ -7,9 +7,11 @@ plane and the in-process tools (`score --local`, the bench's limit) call it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,6 +82,10 @@ class ServedModel:
         self._shape = list(self.contract.image_shape)
         self._dtype_name = self.input_dtype.name
         self.row_nbytes = int(np.prod(self._shape)) * self.input_dtype.itemsize
+        # Requests that resolved this version and have not finished (event loop thread only): a version
+        # swapped out or removed is closed only once this is back to zero.
+        self.in_flight = 0
+        self._unused: asyncio.Event | None = None
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -113,9 +119,27 @@ class ServedModel:
         """Probabilities of `rows`, batched with every other caller's rows."""
         return await self.batcher.submit(rows, deadline)
 
-    def warm_up(self) -> None:
-        """One call per batch size a run can take, so live traffic pays for no allocation or tuning."""
-        for size in self.runtime.warm_up_sizes(self.batching.max_batch_size):
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Counts one request using this version, from its resolution to its end."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._unused is not None:
+                self._unused.set()
+
+    async def wait_unused(self) -> None:
+        """Returns once no request holds this version (new ones must no longer resolve to it)."""
+        while self.in_flight:
+            self._unused = asyncio.Event()
+            await self._unused.wait()
+
+    def warm_up(self, sizes: Iterable[int] | None = None) -> None:
+        """One call per batch size a run can take (or per size given), so live traffic pays for no
+        allocation or tuning."""
+        for size in sizes or self.runtime.warm_up_sizes(self.batching.max_batch_size):
             batch = np.zeros((size, *self.contract.image_shape), dtype=self.input_dtype)
             for session in range(self.runtime.instances):
                 self.runtime.run(batch, session)

@@ -2,14 +2,23 @@
 
 Every version found in the repository gets an entry, loaded or not: a version that fails to load is
 UNAVAILABLE with its reason, and the others serve. Requests resolve through `resolve`: version 0
-means the newest READY version.
+means the newest READY version. States:
+
+    LOADING -> WARMING -> READY -> DRAINING -> UNLOADED
+           `-----------`-> UNAVAILABLE (+ reason)
+
+A DRAINING version takes no new requests (a call naming it gets NotFound) while those that resolved
+it before finish; then its sessions are released and it is UNLOADED. A reload builds a new entry
+off to the side and swaps it in only once it is READY (`swap`), then drains the old one.
+The event loop thread makes every change that decides where a request goes (swap, drain); loading
+runs in a worker thread and publishes READY last.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +48,12 @@ class ModelVersion:
     state: VersionState = VersionState.LOADING
     reason: str = ""
     model: ServedModel | None = None
+    signature: tuple = ()  # the files' stamps this entry was (or will be) loaded from (repository.scan)
+
+    @property
+    def gone(self) -> bool:
+        """Draining or unloaded: no new request may use it."""
+        return self.state in (VersionState.DRAINING, VersionState.UNLOADED)
 
 
 class ModelRegistry:
@@ -46,6 +61,7 @@ class ModelRegistry:
 
     def __init__(self) -> None:
         self._models: dict[str, dict[int, ModelVersion]] = {}
+        self._draining: set[ModelVersion] = set()  # swapped-out entries still finishing their requests
 
     # -- loading (in a worker thread at start-up) -------------------------------------------------
 
@@ -59,24 +75,33 @@ class ModelRegistry:
                 added.append(self.add(name, version, path))
         return added
 
-    def add(self, name: str, version: int, path: Path) -> ModelVersion:
-        entry = ModelVersion(name, version, path)
+    def add(self, name: str, version: int, path: Path, signature: tuple = ()) -> ModelVersion:
+        entry = ModelVersion(name, version, path, signature=signature)
         self._models.setdefault(name, {})[version] = entry
         return entry
 
-    def load(self, entry: ModelVersion, runtime: RuntimeOptions, batching: BatchingConfig) -> None:
+    def load(
+        self,
+        entry: ModelVersion,
+        runtime: RuntimeOptions,
+        batching: BatchingConfig,
+        warm_up_sizes: Sequence[int] | None = None,
+    ) -> None:
         """Loads and warms one version; a failure leaves it UNAVAILABLE with the reason, logged once."""
+        entry.state, entry.reason = VersionState.LOADING, ""
         try:
-            entry.model = load_model(entry.name, entry.version, entry.path, runtime, batching)
-            entry.state = VersionState.WARMING
-            entry.model.warm_up()
+            model = load_model(entry.name, entry.version, entry.path, runtime, batching)
         except ModelLoadError as exc:
-            self._fail(entry, str(exc))
+            self.fail(entry, str(exc))
             return
+        entry.state = VersionState.WARMING
+        try:
+            model.warm_up(warm_up_sizes)
         except Exception as exc:  # warm-up can fail in ONNX Runtime for a model that loaded
-            self._fail(entry, f"cannot serve {entry.name} version {entry.version}: warm-up failed: {exc}")
+            self.fail(entry, f"cannot serve {entry.name} version {entry.version}: warm-up failed: {exc}")
             return
-        entry.state = VersionState.READY
+        entry.model = model
+        entry.state = VersionState.READY  # last: from here on requests may resolve to it
         log.info(
             "loaded model %s version %d from %s: %s",
             entry.name,
@@ -86,7 +111,7 @@ class ModelRegistry:
         )
 
     @staticmethod
-    def _fail(entry: ModelVersion, reason: str) -> None:
+    def fail(entry: ModelVersion, reason: str) -> None:
         entry.state, entry.reason = VersionState.UNAVAILABLE, reason
         log.error("model %s version %d is unavailable: %s", entry.name, entry.version, reason)
 
@@ -128,20 +153,64 @@ class ModelRegistry:
         versions = self.versions(name)
         if version == 0:
             ready = [v for v, e in versions.items() if e.state is VersionState.READY]
-            return versions[max(ready)] if ready else versions[max(versions)]
+            present = [v for v, e in versions.items() if not e.gone]
+            return versions[max(ready or present or versions)]
         if version not in versions:
             raise NotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})")
         return versions[version]
 
     def resolve(self, name: str, version: int) -> ServedModel:
         entry = self.entry(name, version)
+        if entry.gone:
+            detail = f" ({entry.reason})" if entry.reason else ""
+            raise NotFound(f"model {entry.name} version {entry.version} is {entry.state}{detail}")
         if entry.state is not VersionState.READY or entry.model is None:
             detail = f": {entry.reason}" if entry.reason else ""
             raise Unavailable(f"model {entry.name} version {entry.version} is {entry.state}{detail}")
         return entry.model
 
+    # -- changes while serving (event loop thread) -------------------------------------------------
+
+    def swap(self, entry: ModelVersion) -> ModelVersion | None:
+        """Puts `entry` in its version's place; returns the entry it replaced, if any."""
+        versions = self._models.setdefault(entry.name, {})
+        previous = versions.get(entry.version)
+        versions[entry.version] = entry
+        return previous
+
+    def known(self, name: str) -> dict[int, ModelVersion]:
+        """The versions of `name` (any state), or none when the name was never seen."""
+        return dict(self._models.get(name, {}))
+
+    def begin_drain(self, entry: ModelVersion, reason: str) -> bool:
+        """DRAINING at once: no new request resolves to it. True when `finish_drain` has work to do."""
+        if entry.gone:
+            return False
+        entry.reason = reason
+        if entry.model is None:  # never served (failed to load): nothing to drain
+            entry.state = VersionState.UNLOADED
+            return False
+        entry.state = VersionState.DRAINING
+        self._draining.add(entry)
+        log.info("draining model %s version %d: %s", entry.name, entry.version, reason)
+        return True
+
+    async def finish_drain(self, entry: ModelVersion) -> None:
+        """Waits for the requests that hold the version, then releases its sessions: UNLOADED.
+
+        Cancelled while waiting, the entry stays listed as draining and `close` releases it."""
+        model = entry.model
+        if model is None or entry.state is not VersionState.DRAINING:
+            return
+        await model.wait_unused()
+        await model.close()
+        self._draining.discard(entry)
+        entry.state, entry.model = VersionState.UNLOADED, None
+        log.info("unloaded model %s version %d", entry.name, entry.version)
+
     async def close(self, entries: Iterable[ModelVersion] | None = None) -> None:
-        for entry in list(entries or self.entries()):
-            if entry.model is not None:
-                await entry.model.close()
-            entry.state, entry.model = VersionState.UNLOADED, None
+        for entry in list(entries or [*self.entries(), *self._draining]):
+            model, entry.model = entry.model, None
+            entry.state = VersionState.UNLOADED
+            if model is not None:
+                await model.close()

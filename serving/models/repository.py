@@ -1,21 +1,76 @@
-"""The model repository on disk: `MODELS/<name>/<version>/model.onnx`."""
+"""The model repository on disk: `MODELS/<name>/<version>/model.onnx`.
+
+Only folders named by a positive integer are versions, and names starting with `.` are skipped, so
+a version copied in as `.tmp-3` or `3.partial` is invisible until it is renamed to `3`. `scan` also
+gives each version a signature (size and modification time of its files and of the model's
+config.json): the poll loop loads a version only once its signature holds still across two scans,
+and reloads it when the signature changes.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from serving.core.contract import SIDECAR_NAME
 from serving.core.model import MODEL_FILE
+from serving.models.settings import SETTINGS_FILE
+
+FileStamp = tuple[int, int] | None  # (size, mtime in ns), None when the file is absent
+
+
+@dataclass(frozen=True)
+class VersionFiles:
+    path: Path  # the version's model.onnx
+    signature: tuple[FileStamp, ...]  # model.onnx, model.json, ../config.json
+
+
+def stamp(path: Path) -> FileStamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def model_dirs(root: Path, only: str | None = None) -> list[Path]:
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (only is None or p.name == only)
+    )
+
+
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    return {
+        int(v.name): v
+        for v in model_dir.iterdir()
+        if v.is_dir() and v.name.isdigit() and int(v.name) > 0 and (v / MODEL_FILE).is_file()
+    }
+
+
+def scan(root: Path, only: str | None = None) -> dict[str, dict[int, VersionFiles]]:
+    """{name: {version: files}} for every published version under `root` (or of model `only`)."""
+    found: dict[str, dict[int, VersionFiles]] = {}
+    for model_dir in model_dirs(root, only):
+        try:
+            versions = version_dirs(model_dir)
+        except OSError:  # the folder went away while we looked
+            continue
+        settings = stamp(model_dir / SETTINGS_FILE)
+        found[model_dir.name] = {
+            version: VersionFiles(
+                folder / MODEL_FILE, (stamp(folder / MODEL_FILE), stamp(folder / SIDECAR_NAME), settings)
+            )
+            for version, folder in sorted(versions.items())
+        }
+    return {name: versions for name, versions in found.items() if versions}
 
 
 def discover(root: Path) -> dict[str, dict[int, Path]]:
     """{name: {version: path to model.onnx}} for every `root/<name>/<int>/model.onnx`."""
-    found: dict[str, dict[int, Path]] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = {
-            int(v.name): v / MODEL_FILE
-            for v in model_dir.iterdir()
-            if v.is_dir() and v.name.isdigit() and int(v.name) > 0 and (v / MODEL_FILE).is_file()
-        }
-        if versions:
-            found[model_dir.name] = dict(sorted(versions.items()))
-    return found
+    return {
+        name: {version: files.path for version, files in versions.items()}
+        for name, versions in scan(root).items()
+    }

@@ -8,8 +8,11 @@ Every model takes one of two inputs, both listed by ModelMetadata:
     `convserve.v1` decodes them.
 It returns `OUTPUT`, the class probabilities `FP32 [N, classes]`, in `raw_output_contents`; asked with
 `parameters["classification"]` = k (Triton's classification extension) it is `BYTES [N, min(k, classes)]`
-of "value:index:label" instead. The protocol has no per-item errors: one unusable image fails the
-whole request (INVALID_ARGUMENT naming the input and the image); `convserve.v1` has per-image errors.
+of "value:index:label" instead. The model repository extension maps onto the registry's states:
+`RepositoryIndex` lists every version with its state and reason; `RepositoryModelLoad`/`Unload` work
+with `--model-control explicit` and are refused with FAILED_PRECONDITION otherwise.
+The protocol has no per-item errors: one unusable image fails the whole request (INVALID_ARGUMENT
+naming the input and the image); `convserve.v1` has per-image errors.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from serving.core.dataplane import DataPlane
-from serving.core.errors import InvalidInput, Unavailable
+from serving.core.errors import FailedPrecondition, InvalidInput, Unavailable
 from serving.core.model import ServedModel
 from serving.core.postprocess import top_k
 from serving.core.types import PredictRequest, PredictResult, RawBatch
+from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry, VersionState
 from serving.protocols.admission import Admission
 from serving.protocols.convserve_v1 import deadline_of
@@ -38,7 +42,7 @@ from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DATA_METHODS = (f"/{SERVICE_NAME}/ModelInfer", f"/{SERVICE_NAME}/ModelStreamInfer")
-EXTENSIONS = ("classification", "model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 SERVER_NAME = "convserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
@@ -125,10 +129,17 @@ class RequestStats:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, registry: ModelRegistry, admission: Admission) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        registry: ModelRegistry,
+        admission: Admission,
+        lifecycle: ModelLifecycle | None = None,
+    ) -> None:
         self.dataplane = dataplane
         self.registry = registry
         self.admission = admission
+        self.lifecycle = lifecycle
         self.requests: dict[tuple[str, int], RequestStats] = {}
 
     # Health and metadata -------------------------------------------------------------------------
@@ -162,7 +173,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         Tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[str(v) for v in sorted(self.registry.versions(model.name))],
+            versions=[str(v) for v, e in sorted(self.registry.versions(model.name).items()) if not e.gone],
             platform=PLATFORM,
             inputs=[
                 Tensor(
@@ -245,6 +256,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 for size, count in sorted(stats.batch_sizes.items())
             ],
         )
+
+    # Model repository extension ---------------------------------------------------------------
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        """Every version the registry knows, with its state and reason; `ready` keeps the READY ones.
+        There is one repository, so `repository_name` is not looked at."""
+        Index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                Index(name=e.name, version=str(e.version), state=e.state.value, reason=e.reason)
+                for e in self.registry.entries()
+                if not request.ready or e.state is VersionState.READY
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        """Loads or reloads a model's versions from the repository (--model-control explicit)."""
+        self._lifecycle()  # the mode is checked first: outside explicit mode, FAILED_PRECONDITION
+        if request.parameters:
+            raise InvalidInput("RepositoryModelLoad takes no parameters; put the files in the repository")
+        await self._lifecycle().load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Drains and unloads every version of a model (--model-control explicit); returns once no new
+        call can reach it, while the calls already admitted finish."""
+        await self._lifecycle().unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _lifecycle(self) -> ModelLifecycle:
+        if self.lifecycle is None:
+            raise FailedPrecondition("this server does not load or unload models on request")
+        return self.lifecycle
 
     # Inference ----------------------------------------------------------------------------------
 

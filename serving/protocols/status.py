@@ -14,6 +14,7 @@ import grpc
 
 from serving.core.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidInput,
     NotFound,
     Overloaded,
@@ -29,6 +30,7 @@ STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
 }
 INTERNAL_MESSAGE = "internal error; the server's log has the details"
 
