@@ -40,7 +40,7 @@ class VersionState(enum.StrEnum):
     UNLOADED = "UNLOADED"
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a reload makes a second entry of one version
 class ModelVersion:
     name: str
     version: int
