@@ -160,3 +160,67 @@ def test_publish_corrupt_and_remove_versions_under_load_with_zero_failed_calls(r
     log = server.log()
     assert "Traceback" not in log
     assert "model tiny version 3 is unavailable" in log and "unloaded model tiny version 1" in log
+
+
+def test_explicit_load_and_unload_through_tritonclient(repo, server_factory) -> None:
+    triton = pytest.importorskip("tritonclient.grpc")
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from tritonclient.utils import InferenceServerException
+
+    server = server_factory(repo, "--model-control", "explicit")
+    channel = grpc.insecure_channel(server.address)
+    health = health_pb2_grpc.HealthStub(channel).Check
+    kserve = kserve_grpc.GRPCInferenceServiceStub(channel)
+    serving = lambda: health(health_pb2.HealthCheckRequest(), timeout=10).status  # noqa: E731
+    image = encode(np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))
+
+    def index() -> dict[tuple[str, str], tuple[str, str]]:
+        models = client.get_model_repository_index(as_json=True).get("models", [])
+        return {(m["name"], m["version"]): (m.get("state", ""), m.get("reason", "")) for m in models}
+
+    def infer(model: str = NAME) -> str:
+        images = triton.InferInput("image_bytes", [1], "BYTES")
+        images.set_data_from_numpy(np.array([image], dtype=np.object_))
+        return client.infer(model, [images]).get_response().model_version
+
+    def refused(call: Callable[[], object], status: str, words: str) -> None:
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        assert caught.value.status() == f"StatusCode.{status}" and words in caught.value.message()
+
+    with triton.InferenceServerClient(server.address) as client:
+        assert "model_repository" in client.get_server_metadata().extensions
+        assert index() == {(NAME, "1"): ("READY", "")} and infer() == "1"
+        publish(repo, 2)
+        assert (NAME, "2") not in index() and infer() == "1"  # nothing changes without a request
+        client.load_model(NAME)
+        assert index()[(NAME, "2")] == ("READY", "") and infer() == "2" and client.is_model_ready(NAME, "2")
+
+        client.unload_model(NAME)
+        assert not client.is_model_ready(NAME)
+        refused(infer, "NOT_FOUND", "model tiny version 2 is")  # DRAINING, then UNLOADED
+        assert serving() == health_pb2.HealthCheckResponse.NOT_SERVING  # no version is ready
+        assert {s for s, _ in index().values()} <= {"DRAINING", "UNLOADED"}
+        wait_for(lambda: {s for s, _ in index().values()} == {"UNLOADED"}, "the versions to unload")
+        assert index()[(NAME, "1")] == ("UNLOADED", "unloaded on request")
+        assert not kserve.RepositoryIndex(kpb.RepositoryIndexRequest(ready=True), timeout=10).models
+
+        client.load_model(NAME)
+        assert infer() == "2" and serving() == health_pb2.HealthCheckResponse.SERVING
+        refused(lambda: client.load_model("nothing-here"), "NOT_FOUND", "no model 'nothing-here'")
+        refused(lambda: client.unload_model("nothing-here"), "NOT_FOUND", "unknown model")
+        (repo / "broken" / "1").mkdir(parents=True)
+        (repo / "broken" / "1" / "model.onnx").write_bytes(b"not a model")
+        refused(lambda: client.load_model("broken"), "FAILED_PRECONDITION", "cannot serve broken version 1")
+        assert index()[("broken", "1")][0] == "UNAVAILABLE" and infer() == "2"
+
+    # Without --model-control explicit the repository is the server's to manage: refused, nothing changes.
+    polling = server_factory(repo, "--model-control", "poll", "--poll-s", "60")
+    with triton.InferenceServerClient(polling.address) as client:
+        for call in (client.load_model, client.unload_model):
+            refused(lambda call=call: call(NAME), "FAILED_PRECONDITION", "--model-control poll")
+        assert client.is_model_ready(NAME) and index()[(NAME, "2")] == ("READY", "")
+    channel.close()
+    for launched in (server, polling):
+        launched.stop()
+        assert "Traceback" not in launched.log()
