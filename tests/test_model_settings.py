@@ -87,3 +87,26 @@ def test_bad_settings_name_the_file_and_the_key(tmp_path: Path, config: object, 
 )
 def test_version_policy_selects_like_triton(policy: object, versions: list[int], selected: set[int]) -> None:
     assert ModelSettings.model_validate({"version_policy": policy}).select(versions) == selected
+
+
+def test_model_control_flags_are_checked_before_anything_starts(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from serving.config import ConfigError, add_config_arguments, config_from_args
+
+    def parse(*flags: str):
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        return config_from_args(parser.parse_args(["--models", str(tmp_path), *flags]))
+
+    assert (parse().model_control, parse().poll_s) == ("none", 5.0)
+    assert parse("--model-control", "explicit").model_control == "explicit"
+    with pytest.raises(
+        ConfigError, match="--model-control 'watch': Input should be 'none', 'poll' or 'explicit'"
+    ):
+        parse("--model-control", "watch")
+    with pytest.raises(ConfigError, match="--poll-s '0': Input should be greater than 0"):
+        parse("--poll-s", "0")
+    monkeypatch.setenv("CONVSERVE_MODEL_CONTROL", "poll")
+    monkeypatch.setenv("CONVSERVE_POLL_S", "0.5")
+    assert (parse().model_control, parse().poll_s) == ("poll", 0.5)
