@@ -207,6 +207,7 @@ def test_explicit_load_and_unload_through_tritonclient(repo, server_factory) -> 
 
         client.load_model(NAME)
         assert infer() == "2" and serving() == health_pb2.HealthCheckResponse.SERVING
+        refused(lambda: client.load_model(NAME, config="{}"), "INVALID_ARGUMENT", "takes no parameters")
         refused(lambda: client.load_model("nothing-here"), "NOT_FOUND", "no model 'nothing-here'")
         refused(lambda: client.unload_model("nothing-here"), "NOT_FOUND", "unknown model")
         (repo / "broken" / "1").mkdir(parents=True)
@@ -219,6 +220,7 @@ def test_explicit_load_and_unload_through_tritonclient(repo, server_factory) -> 
     with triton.InferenceServerClient(polling.address) as client:
         for call in (client.load_model, client.unload_model):
             refused(lambda call=call: call(NAME), "FAILED_PRECONDITION", "--model-control poll")
+        refused(lambda: client.load_model(NAME, config="{}"), "FAILED_PRECONDITION", "--model-control poll")
         assert client.is_model_ready(NAME) and index()[(NAME, "2")] == ("READY", "")
     channel.close()
     for launched in (server, polling):

@@ -102,7 +102,7 @@ class ModelLifecycle:
 
     # -- explicit control -------------------------------------------------------------------------
 
-    def _require_explicit(self, action: str) -> None:
+    def require_explicit(self, action: str) -> None:
         if self.control is not ModelControl.EXPLICIT:
             raise FailedPrecondition(
                 f"cannot {action} a model: the server runs with --model-control {self.control.value}; "
@@ -112,7 +112,7 @@ class ModelLifecycle:
     async def load(self, name: str) -> None:
         """Loads (or reloads) every version of `name` its policy selects; FailedPrecondition when none
         of them is READY afterwards."""
-        self._require_explicit("load")
+        self.require_explicit("load")
         if not name or name.startswith(".") or "/" in name or not (self.root / name).is_dir():
             raise NotFound(f"no model {name[:100]!r} in the repository {self.root}")
         await self.sync(stable_only=False, only=name)
@@ -123,7 +123,7 @@ class ModelLifecycle:
 
     async def unload(self, name: str) -> None:
         """Drains and unloads every version of `name`: new calls get NotFound at once."""
-        self._require_explicit("unload")
+        self.require_explicit("unload")
         versions = self.registry.known(name)
         if not versions:
             raise NotFound(f"unknown model {name[:100]!r}")

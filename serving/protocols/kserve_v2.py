@@ -277,7 +277,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         """Loads or reloads a model's versions from the repository (--model-control explicit)."""
-        self._lifecycle()  # the mode is checked first: outside explicit mode, FAILED_PRECONDITION
+        self._lifecycle().require_explicit("load")  # outside explicit mode: FAILED_PRECONDITION first
         if request.parameters:
             raise InvalidInput("RepositoryModelLoad takes no parameters; put the files in the repository")
         await self._lifecycle().load(request.model_name)
