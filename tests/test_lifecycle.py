@@ -310,3 +310,28 @@ def test_polling_goes_on_after_a_failed_scan(repo: Path, caplog: pytest.LogCaptu
 
     with caplog.at_level(logging.INFO):
         asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_changed_config_json_reloads_the_model_and_a_bad_one_keeps_it_serving(repo: Path) -> None:
+    async def scenario() -> None:
+        life = lifecycle(repo)
+        await life.start()
+        registry = life.registry
+        first = registry.resolve(NAME, 1)
+        assert first.batcher.config.max_batch_size == DEFAULTS.batching.max_batch_size
+        config = repo / NAME / "config.json"
+        config.write_text(json.dumps({"max_batch_size": 2, "max_queue_size": 8}))
+        await life.sync(stable_only=True)
+        await life.sync(stable_only=True)
+        second = registry.resolve(NAME, 1)
+        assert second is not first and second.batcher.config.max_batch_size == 2
+        config.write_text(json.dumps({"max_batch_size": 2, "max_queue": 8}))
+        await life.sync(stable_only=True)
+        await life.sync(stable_only=True)
+        entry = registry.known(NAME)[1]
+        assert entry.state is READY and entry.model is second
+        assert entry.reason.endswith(f"{config}: max_queue: Extra inputs are not permitted")
+        await settle(life)
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -2,7 +2,7 @@
 
 Only folders named by a positive integer are versions, and names starting with `.` are skipped, so
 a version copied in as `.tmp-3` or `3.partial` is invisible until it is renamed to `3`. `scan` also
-gives each version a signature (size and modification time of its files and of the model's
+gives each version a signature (size, modification time and inode of its files and of the model's
 config.json): the poll loop loads a version only once its signature holds still across two scans,
 and reloads it when the signature changes.
 """
@@ -17,7 +17,9 @@ from serving.core.contract import SIDECAR_NAME
 from serving.core.model import MODEL_FILE
 from serving.models.settings import SETTINGS_FILE
 
-FileStamp = tuple[int, int] | None  # (size, mtime in ns), None when the file is absent
+# (size, mtime in ns, inode), None when the file is absent. The inode tells a file renamed into place
+# even when its copy kept the old one's size and modification time (cp -p, rsync -a).
+FileStamp = tuple[int, int, int] | None
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ def stamp(path: Path) -> FileStamp:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def model_dirs(root: Path, only: str | None = None) -> list[Path]:
