@@ -124,10 +124,10 @@ class ModelLifecycle:
     async def unload(self, name: str) -> None:
         """Drains and unloads every version of `name`: new calls get NotFound at once."""
         self.require_explicit("unload")
-        versions = self.registry.known(name)
-        if not versions:
-            raise NotFound(f"unknown model {name[:100]!r}")
-        async with self._lock:
+        async with self._lock:  # after any load in progress, so what it swapped in drains too
+            versions = self.registry.known(name)
+            if not versions:
+                raise NotFound(f"unknown model {name[:100]!r}")
             for entry in versions.values():
                 self._drain(entry, "unloaded on request")
         await self._changed()
