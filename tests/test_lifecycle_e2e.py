@@ -71,6 +71,10 @@ class Client(threading.Thread):
     def versions_since(self, mark: int) -> list[int]:
         return [v for v, _, _ in self.outcomes[mark:]]
 
+    def mark(self) -> int:
+        """Where the calls sent from now on begin: past the one call that may be in flight."""
+        return len(self.outcomes) + 1
+
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
@@ -108,7 +112,7 @@ def test_publish_corrupt_and_remove_versions_under_load_with_zero_failed_calls(r
         # 1. Version 2 appears: calls that name no version move to it once it is loaded and warmed.
         publish(repo, 2)
         wait_for(lambda: info().version == 2, "version 2 to serve")
-        marks = [len(c.outcomes) for c in free]
+        marks = [c.mark() for c in free]
         wait_for(lambda: all(len(c.outcomes) > m + 5 for c, m in zip(free, marks, strict=True)), "more calls")
         for client, mark in zip(free, marks, strict=True):
             assert set(client.versions_since(mark)) == {2}
@@ -122,7 +126,7 @@ def test_publish_corrupt_and_remove_versions_under_load_with_zero_failed_calls(r
         listed = {(m.name, m.version): (m.state, m.reason) for m in index}
         assert listed[(NAME, "3")][0] == "UNAVAILABLE" and "cannot serve" in listed[(NAME, "3")][1]
         assert listed[(NAME, "2")] == ("READY", "")
-        marks = [len(c.outcomes) for c in free]
+        marks = [c.mark() for c in free]
         wait_for(lambda: all(len(c.outcomes) > m + 5 for c, m in zip(free, marks, strict=True)), "more calls")
         assert info().version == 2
         for client, mark in zip(free, marks, strict=True):
