@@ -1,7 +1,8 @@
 """The composition root and lifecycle: build the rooms, serve gRPC, shut down gracefully.
 
-Health (`grpc.health.v1`) is NOT_SERVING while the models load and warm up, SERVING once any
-version is ready (a version that fails to load is UNAVAILABLE with its reason; the others serve),
+Health (`grpc.health.v1`) is NOT_SERVING while the models load and warm up, SERVING while any
+version is ready (a version that fails to load is UNAVAILABLE with its reason; the others serve;
+with --model-control poll or explicit, versions come and go: `models.lifecycle`),
 and NOT_SERVING again from the moment SIGTERM/SIGINT arrives. Then (see `protocols.admission`):
 admitted calls finish with their results; new calls are parked and refused with UNAVAILABLE once
 the server has stopped accepting; open streams end with UNAVAILABLE; what is left (health
