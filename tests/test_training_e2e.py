@@ -55,6 +55,7 @@ def test_export_is_verified_and_carries_the_contract(model_repo: Path, digit_sam
 def test_export_report_figures(digits_run: Path, tmp_path: Path) -> None:
     report = export_run(digits_run, tmp_path, "digits", version=7)
     assert report.path == tmp_path / "digits" / "7" / "model.onnx"
+    assert [p.name for p in (tmp_path / "digits").iterdir()] == ["7"]  # staged, renamed, nothing left
     assert [p.batch_size for p in report.parity] == [1, 7, 64]
     assert all(p.max_abs_diff <= 1e-5 and p.top1_identical for p in report.parity)
     assert report.onnx_test_accuracy == report.torch_test_accuracy

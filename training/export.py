@@ -10,6 +10,7 @@ split: top-1 agreement and the accuracy lost, both bounded (REDUCED_LIMITS).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -235,8 +236,11 @@ def export_run(
         output_kind="probabilities",
         extra={"dataset": info.dataset, "precision": precision},
     )
-    target_dir.mkdir(parents=True)
-    path = target_dir / MODEL_FILE
+    # Written under a hidden name and renamed into place once verified, so a server polling the
+    # repository never loads a half-written or unverified export (README, "Model lifecycle").
+    staging = repository / name / f".tmp-{version}-{os.getpid()}"
+    staging.mkdir(parents=True)
+    path = staging / MODEL_FILE
     try:
         with tempfile.TemporaryDirectory() as tmp:
             float_path = path if precision == "fp32" else Path(tmp) / MODEL_FILE
@@ -250,10 +254,11 @@ def export_run(
                 reduced = verify_reduced(float_path, path, precision, images, labels)
                 check_reduced(reduced)
                 report = replace(report, path=path, precision=precision, reduced=reduced)
+        os.rename(staging, target_dir)
     except BaseException:
-        shutil.rmtree(target_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    return report
+    return replace(report, path=target_dir / MODEL_FILE)
 
 
 def calibration_images(run_dir: Path, precision: str) -> np.ndarray:
