@@ -300,11 +300,16 @@ def test_polling_goes_on_after_a_failed_scan(repo: Path, caplog: pytest.LogCaptu
         os.rename(repo, hidden)  # the whole repository vanishes: every scan fails
         while not any("polling goes on" in r.getMessage() for r in caplog.records):
             await asyncio.sleep(0.01)
+        while life.failed_scans < 5:  # the same failure, again and again
+            await asyncio.sleep(0.01)
         os.rename(hidden, repo)
         publish(repo, 2)
         while states(life.registry).get(2) is not READY:
             await asyncio.sleep(0.01)
         assert life.registry.resolve(NAME, 0).version == 2
+        failures = [r for r in caplog.records if "polling goes on" in r.getMessage()]
+        assert len(failures) == 1  # one line for a failure that repeats, not one per scan
+        assert any("works again" in r.getMessage() for r in caplog.records)
         await life.stop_polling()
         await life.registry.close()
 

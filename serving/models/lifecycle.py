@@ -64,7 +64,8 @@ class ModelLifecycle:
         self._seen: dict[tuple[str, int], tuple] = {}  # each version's signature at the last scan
         self._poller: asyncio.Task | None = None
         self._drains: set[asyncio.Task] = set()
-        self.scans = 0
+        self.scans = 0  # completed scans
+        self.failed_scans = 0
 
     # -- start and stop ---------------------------------------------------------------------------
 
@@ -93,12 +94,21 @@ class ModelLifecycle:
                 task.cancel()
 
     async def _poll(self) -> None:
+        failing = ""  # the last failure, logged once until it changes or scanning works again
         while True:
             await asyncio.sleep(self.poll_s)
             try:
                 await self.sync(stable_only=True)
-            except Exception as exc:  # never stop polling over one bad scan
-                log.error("scanning %s failed (%s: %s); polling goes on", self.root, type(exc).__name__, exc)
+            except Exception as exc:  # never stop polling over a bad scan (triton#6534)
+                self.failed_scans += 1
+                problem = f"{type(exc).__name__}: {exc}"
+                if problem != failing:
+                    log.error("scanning %s failed (%s); polling goes on", self.root, problem)
+                failing = problem
+                continue
+            if failing:
+                log.info("scanning %s works again", self.root)
+                failing = ""
 
     # -- explicit control -------------------------------------------------------------------------
 
