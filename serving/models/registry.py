@@ -1,8 +1,8 @@
 """The registry of model versions and their states.
 
-Every version found in the repository gets an entry, loaded or not: a version that fails to load is
-UNAVAILABLE with its reason, and the others serve. Requests resolve through `resolve`: version 0
-means the newest READY version. States:
+Every version registered (by `lifecycle`: those its model's version policy selects) gets an entry,
+loaded or not: a version that fails to load is UNAVAILABLE with its reason, and the others serve.
+Requests resolve through `resolve`: version 0 means the newest READY version. States:
 
     LOADING -> WARMING -> READY -> DRAINING -> UNLOADED
            `-----------`-> UNAVAILABLE (+ reason)
