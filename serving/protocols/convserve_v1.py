@@ -19,12 +19,26 @@ from serving.core.errors import Unavailable
 from serving.core.types import ClassifyRequest, ClassifyResult, ImageInput, RawTensor
 from serving.models.registry import ModelRegistry, ModelVersion
 from serving.protocols.admission import Admission
+from serving.protocols.calls import Reading
 from serving.protocols.status import status_of
 from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DATA_METHODS = (f"/{SERVICE_NAME}/Classify", f"/{SERVICE_NAME}/ClassifyStream")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+PROTOCOL = "convserve_v1"  # the metrics' protocol label
+
+
+def answered(response: pb.ClassifyResponse) -> tuple[str, str, int] | None:
+    """(model, version, images) of an answer; None for a stream's error response."""
+    if response.HasField("error"):
+        return None
+    return response.model, str(response.version), len(response.results)
+
+
+# How the metrics read this protocol's requests and answers (the CallCounter interceptor).
+READING = Reading(PROTOCOL, pb.ClassifyRequest.FromString, lambda r: (r.model, r.version), answered)
+COUNTED = dict.fromkeys(DATA_METHODS, READING)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
