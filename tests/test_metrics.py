@@ -6,6 +6,7 @@ profile's Prometheus configuration passes `promtool check config`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.convserve.v1 import convserve_pb2 as pb
@@ -28,6 +30,7 @@ from protos.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving.protocols.kserve_v2 import ENCODED_INPUT, join_bytes
 from serving.tools.launch import free_port
 from tests.conftest import ROOT, encode
+from tests.test_deploy import compose_config, require
 
 pytestmark = pytest.mark.slow
 V1, V2 = "convserve_v1", "kserve_v2"
@@ -326,3 +329,86 @@ def test_a_taken_metrics_port_is_one_log_line_and_exit_code_1(model_repo: Path, 
     assert done.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- the compose monitoring profile ---------------------------------------------------------------
+
+
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+def test_the_prometheus_configuration_passes_promtool(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [require("promtool"), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # And promtool is a real check: a configuration with a mistake is refused.
+    broken = tmp_path / "prometheus.yml"
+    broken.write_text(PROMETHEUS_CONFIG.read_text().replace("type: A", "type: NOPE"))
+    refused = subprocess.run(
+        [require("promtool"), "check", "config", str(broken)], capture_output=True, text=True
+    )
+    assert refused.returncode != 0
+
+
+def volume(entry: str | dict) -> tuple[str, str]:
+    """(target, source) of a volume in either of `config`'s spellings (docker-compose 1.x: short)."""
+    if isinstance(entry, dict):
+        return entry["target"], entry.get("source", "")
+    source, target = entry.split(":")[:2]
+    return target, source
+
+
+def published(entry: str | dict) -> tuple[str, str, str]:
+    """(host address, host port, container port) of a published port, in either spelling."""
+    if isinstance(entry, dict):
+        return entry.get("host_ip", ""), str(entry.get("published", "")), str(entry["target"])
+    parts = entry.split("/")[0].split(":")
+    host_ip = parts[0] if len(parts) == 3 else ""
+    return host_ip, parts[-2] if len(parts) > 1 else "", parts[-1]
+
+
+def test_the_monitoring_profile_scrapes_every_server_on_its_metrics_port() -> None:
+    services = compose_config("monitoring", "gpu", "scale")["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    mounts = dict(volume(v) for v in prometheus["volumes"])
+    assert Path(mounts["/etc/prometheus/prometheus.yml"]) == PROMETHEUS_CONFIG
+    # Published on the host's loopback only; the servers publish no metrics port at all.
+    assert [published(p)[:2] for p in prometheus["ports"]] == [("127.0.0.1", "9090")]
+    (job,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+    (discovery,) = job["dns_sd_configs"]
+    servers = ("server", "server-gpu", "replica")
+    assert set(discovery["names"]) == set(servers)
+    for name in servers:
+        environment = services[name]["environment"]
+        assert environment["CONVSERVE_HOST"] == "0.0.0.0"
+        assert int(environment["CONVSERVE_METRICS_PORT"]) == discovery["port"], name
+        assert str(discovery["port"]) not in {published(p)[2] for p in services[name].get("ports", [])}, name
+    assert prometheus["profiles"] == ["monitoring"]  # started only when asked for
+
+
+# -- the cost, measured by the bench --------------------------------------------------------------
+
+
+def test_bench_runs_each_scenario_with_metrics_on_and_off(model_repo: Path, tmp_path: Path) -> None:
+    out, raw = tmp_path / "RESULTS.md", tmp_path / "results.json"
+    command = [sys.executable, "-m", "serving", "bench", "--models", str(model_repo), "--model", "digits"]
+    command += ["--scenario", "unary c1 tensor", "--metrics", "on,off", "--duration", "0.2", "--rounds", "1"]
+    done = subprocess.run(
+        [*command, "--out", str(out), "--json", str(raw)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (summary,) = json.loads(raw.read_text())["results"]
+    assert set(summary["scenarios"]) == {"unary c1 tensor", "unary c1 tensor (metrics off)"}
+    for name, scenario in summary["scenarios"].items():
+        assert scenario["images_per_s"] > 0 and scenario["errors"] == 0, name
+    assert "| digits: unary c1 tensor metrics on ≥ 0.97× off |" in out.read_text()
+    refused = subprocess.run(
+        [*command, "--server", "127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "--metrics off needs servers the bench starts" in refused.stderr
