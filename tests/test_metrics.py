@@ -37,6 +37,24 @@ V1, V2 = "convserve_v1", "kserve_v2"
 STATES = {"LOADING", "WARMING", "READY", "UNAVAILABLE", "DRAINING", "UNLOADED"}
 
 
+# -- the plain-number histograms the request path keeps ----------------------------------------------
+
+
+def test_histograms_count_each_value_in_the_first_bucket_that_holds_it() -> None:
+    from serving.core.timing import Histogram
+    from serving.metrics import batch_size_bounds
+
+    histogram = Histogram((0.001, 0.01, 0.1))
+    for value in (0.0005, 0.001, 0.002, 0.01, 0.5, 3.0):
+        histogram.observe(value)
+    # Prometheus's `le`: a value equal to a bound counts in that bound's bucket.
+    assert histogram.cumulative() == [(0.001, 2), (0.01, 4), (0.1, 4), (float("inf"), 6)]
+    assert histogram.count == 6 and histogram.total == pytest.approx(3.5135)
+    assert batch_size_bounds(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_size_bounds(24) == [1, 2, 4, 8, 16, 24]
+    assert batch_size_bounds(1) == [1]
+
+
 # -- scraping -------------------------------------------------------------------------------------
 
 
