@@ -2,8 +2,10 @@
 
 The `CallCounter` interceptor (unary calls) and `streams.answer_stream` (each message of a stream)
 record here; the server's metrics endpoint reads the figures when it is scraped. A request's status
-is the one the status table gives it: `status.status_of` notes it on the request's `Outcome`, found
-through a context variable, so no handler counts anything itself.
+is the one the status table gives it: a unary call's is the code it was aborted with; a stream
+message's failure never leaves its handler (it becomes an error response), so `status.status_of`
+notes its code on the message's `Outcome`, found through a context variable. No handler counts
+anything itself.
 
 Labels stay bounded whatever clients send: a request answered OK is labelled with the model and
 version that answered it; a failed one with those its request resolves to, or "" when it names no
@@ -37,7 +39,7 @@ class Reading:
 
 
 class Outcome:
-    """One request's status code name, noted by `status.status_of` when it fails."""
+    """One stream message's status code name, noted by `status.status_of` when it fails."""
 
     __slots__ = ("code",)
 
@@ -105,7 +107,7 @@ class CallStats:
         return entry.name, str(entry.version)
 
     def record(self, reading: Reading, request: Any, response: Any, outcome: Outcome, seconds: float) -> None:
-        """One request's end: answered OK (a response without an error) or failed with its code."""
+        """One stream message's end: answered OK (a response without an error) or failed with its code."""
         answer = reading.answered(response) if response is not None and outcome.code is None else None
         if answer is not None:
             self.answered(reading.protocol, answer[0], answer[1], answer[2], seconds)

@@ -29,16 +29,24 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 PROTOCOL = "convserve_v1"  # the metrics' protocol label
 
 
-def answered(response: pb.ClassifyResponse) -> tuple[str, str, int] | None:
-    """(model, version, images) of an answer; None for a stream's error response."""
-    if response.HasField("error"):
-        return None
+def asked(request: pb.ClassifyRequest) -> tuple[str, int]:
+    return request.model, request.version
+
+
+def answered(response: pb.ClassifyResponse) -> tuple[str, str, int]:
+    """(model, version, images) of an answer."""
     return response.model, str(response.version), len(response.results)
 
 
+def answered_stream(response: pb.ClassifyResponse) -> tuple[str, str, int] | None:
+    return None if response.HasField("error") else answered(response)
+
+
 # How the metrics read this protocol's requests and answers (the CallCounter interceptor).
-READING = Reading(PROTOCOL, pb.ClassifyRequest.FromString, lambda r: (r.model, r.version), answered)
-COUNTED = dict.fromkeys(DATA_METHODS, READING)
+COUNTED = {
+    DATA_METHODS[0]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered),
+    DATA_METHODS[1]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered_stream),
+}
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

@@ -29,7 +29,7 @@ import grpc
 from serving.core.dataplane import CLIENT_DEADLINE_LEAD_S
 from serving.core.errors import InvalidInput
 from serving.protocols.admission import Admission
-from serving.protocols.calls import CURRENT, STREAM, CallStats, Outcome, Reading
+from serving.protocols.calls import STREAM, CallStats, Reading
 from serving.protocols.status import log_limited, status_of
 
 Behavior = Callable[..., Any]
@@ -173,9 +173,10 @@ class AdmissionGate(CachingInterceptor):
         return rebuild(handler, wrap, raw=False)
 
 
-def unmapped_code(error: BaseException, context: grpc.aio.ServicerContext) -> str:
-    """The status of a call that ended without passing through the status table: the client went away
-    (at its deadline or before), or a handler aborted by itself."""
+def ended_with(error: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The status a failed unary call ended with: the one it was aborted with (ProtocolGuard maps every
+    failure through the status table and aborts), or, when the client went away, CANCELLED or (at its
+    deadline) DEADLINE_EXCEEDED."""
     if isinstance(error, asyncio.CancelledError) or context.cancelled():
         remaining = context.time_remaining()
         expired = remaining is not None and remaining <= CLIENT_DEADLINE_LEAD_S
@@ -209,8 +210,6 @@ class CallCounter(CachingInterceptor):
                 return stream_behavior
 
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                outcome = Outcome()
-                CURRENT.set(outcome)  # the call's own task: status_of notes a failure's code here
                 started = time.perf_counter()
                 try:
                     response = await inner(request, context)
@@ -219,9 +218,10 @@ class CallCounter(CachingInterceptor):
                         message = reading.parse(request)  # only now: a failure's labels
                     except Exception:
                         message = None
-                    stats.failed(reading, message, outcome.code or unmapped_code(error, context))
+                    stats.failed(reading, message, ended_with(error, context))
                     raise
-                stats.record(reading, None, response, outcome, time.perf_counter() - started)
+                model, version, images = reading.answered(response)  # a unary answer is always one
+                stats.answered(reading.protocol, model, version, images, time.perf_counter() - started)
                 return response
 
             return behavior
