@@ -7,6 +7,8 @@ missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # loads the run report in tests/test_report.py
+# promtool (Debian's prometheus package) checks deploy/prometheus/prometheus.yml in tests/test_metrics.py.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # libb64: perf_analyzer (Triton's load tool, from the tritonclient 2.41 wheel) links against it.
 ls /usr/lib/*/libb64.so.0d >/dev/null 2>&1 || missing+=(libb64-0d)
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -38,6 +38,12 @@ class ServerConfig(BaseSettings):
     poll_s: float = Field(5.0, gt=0, le=3600, description="seconds between repository scans (poll mode)")
     host: str = Field("127.0.0.1", min_length=1, description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8500, ge=0, le=65535, description="port to listen on; 0 picks a free one")
+    metrics_port: int = Field(
+        8502,
+        ge=0,
+        le=65535,
+        description="Prometheus metrics over HTTP on this port of --host, at /metrics; 0: off",
+    )
     port_file: Path | None = Field(
         None, description="write the bound port here once serving (for tests and scripts)"
     )
@@ -102,6 +108,8 @@ class ServerConfig(BaseSettings):
     def _consistent(self) -> ServerConfig:
         if self.max_queue_size < self.max_batch_size:
             raise ValueError("max_queue_size must be at least max_batch_size")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port ({self.port})")
         if not self.models.is_dir():
             raise ValueError(f"models: {self.models} is not a directory")
         return self

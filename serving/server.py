@@ -30,17 +30,20 @@ from serving.core.budget import MIB, InputBudget
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.runtime import RuntimeOptions
 from serving.memory import configure_malloc, trim_when_quiet
+from serving.metrics import MetricsEndpoint, ServerCollector
 from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry
 from serving.models.settings import LoadOptions
 from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
-from serving.protocols.interceptors import AdmissionGate, ProtocolGuard
+from serving.protocols.calls import CallStats
+from serving.protocols.interceptors import AdmissionGate, CallCounter, ProtocolGuard
 
 log = logging.getLogger(__name__)
 
 SERVICES = (convserve_v1.SERVICE_NAME, kserve_v2.SERVICE_NAME)
 DATA_METHODS = (*convserve_v1.DATA_METHODS, *kserve_v2.DATA_METHODS)
+COUNTED = {**convserve_v1.COUNTED, **kserve_v2.COUNTED}  # the metrics' request counts, per method
 DRAIN_SHARE = 0.6  # of the grace period, at most, for admitted work; the rest is for stopping
 
 
@@ -104,10 +107,14 @@ class Server:
             self.registry, self.decode_pool, limits_of(config), InputBudget(config.input_budget_mb * MIB)
         )
         self.admission = Admission()
+        # Metrics on: every data-plane request is counted, by the outermost interceptor.
+        self.calls = CallStats(self.registry) if config.metrics_port else None
+        counting = [CallCounter(self.calls, COUNTED)] if self.calls is not None else []
         self.grpc = grpc.aio.server(
             options=grpc_options(config),
-            interceptors=[ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
+            interceptors=[*counting, ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
         )
+        self.metrics: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         pb_grpc.add_ClassifierServicer_to_server(
@@ -152,6 +159,17 @@ class Server:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await self.grpc.start()  # health answers NOT_SERVING (and Classify UNAVAILABLE) while models load
         log.info("listening on %s:%d (NOT_SERVING until the models are loaded)", config.host, self.port)
+        if config.metrics_port:
+            collector = ServerCollector(
+                asyncio.get_running_loop(), self.registry, self.dataplane.budget, self.calls
+            )
+            self.metrics = MetricsEndpoint(collector)
+            try:
+                port = self.metrics.start(config.host, config.metrics_port)
+            except OSError:
+                await self.grpc.stop(None)
+                raise
+            log.info("metrics on http://%s:%d/metrics", config.host, port)
         await self.lifecycle.start()
         if not self.registry.entries():
             log.error(
@@ -220,20 +238,27 @@ class Server:
         await self.lifecycle.wait_drained(max(0.0, end - time.monotonic()))
         await self.registry.close()
         self.decode_pool.shutdown(wait=True)
+        if self.metrics is not None:  # scraped until the end: the versions show UNLOADED last
+            await asyncio.to_thread(self.metrics.stop)
         log.info("stopped after %.2fs", time.monotonic() - started)
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(config)
-    port = await server.start()
+    try:
+        port = await server.start()
+    except OSError as exc:  # a port taken: one line, no traceback
+        log.error("%s", exc)
+        return 1
     if config.port_file:
         config.port_file.write_text(str(port))
     await stop.wait()
     await server.shut_down()
+    return 0
 
 
 def run_server(config: ServerConfig) -> int:
@@ -243,5 +268,5 @@ def run_server(config: ServerConfig) -> int:
         "convserve server config: %s; event loop: %s", config.describe(), "uvloop" if uvloop else "asyncio"
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+        return asyncio.run(serve(config))
     return 0

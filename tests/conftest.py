@@ -162,7 +162,9 @@ class ThreadedServer:
         parser = argparse.ArgumentParser()
         add_config_arguments(parser)
         config = config_from_args(
-            parser.parse_args(["--models", str(models), "--host", "127.0.0.1", "--port", "0", *flags])
+            parser.parse_args(
+                ["--models", str(models), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags]
+            )
         )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

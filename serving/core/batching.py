@@ -32,6 +32,7 @@ import numpy as np
 
 from serving.core import defaults
 from serving.core.errors import DeadlineExceeded, Overloaded, Unavailable
+from serving.core.timing import Histogram
 
 BatchFunction = Callable[[np.ndarray], np.ndarray]
 
@@ -83,6 +84,11 @@ class BatchStats:
     queue_ns: int = 0
     compute_ns: int = 0
     batch_compute_ns: collections.Counter[int] = field(default_factory=collections.Counter)
+    # The same waits and calls one by one, in seconds, for the metrics' histograms; `decode` is the
+    # data plane's: the time to turn each request's images into rows.
+    queue_wait: Histogram = field(default_factory=Histogram)
+    compute: Histogram = field(default_factory=Histogram)
+    decode: Histogram = field(default_factory=Histogram)
 
 
 class _Pending:
@@ -155,6 +161,11 @@ class DynamicBatcher:
             return await futures[0]
         return np.concatenate(await asyncio.gather(*futures))
 
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch (not yet handed to the model)."""
+        return self._queued_rows
+
     def _dispatch_soon(self) -> None:
         self._dispatch_pending = False
         self._maybe_dispatch()
@@ -199,8 +210,14 @@ class DynamicBatcher:
             batch.append(item)
             rows += size
         if batch:
-            self.stats.queued += len(batch)
-            self.stats.queue_ns += int(sum(now - item.enqueued for item in batch) * 1e9)
+            stats = self.stats
+            waited = 0.0
+            for item in batch:
+                wait = now - item.enqueued
+                stats.queue_wait.observe(wait)
+                waited += wait
+            stats.queued += len(batch)
+            stats.queue_ns += int(waited * 1e9)
         return batch
 
     def _dispatch(self, batch: list[_Pending]) -> None:
@@ -252,6 +269,8 @@ class DynamicBatcher:
         """Hands each caller its own slice, in the order the batch was formed."""
         self.stats.compute_ns += took_ns
         self.stats.batch_compute_ns[rows] += took_ns
+        if took_ns:  # 0: the call failed before it could be timed
+            self.stats.compute.observe(took_ns * 1e-9)
         if error is None and (output is None or len(output) != rows):
             error = RuntimeError(
                 f"batch function returned {0 if output is None else len(output)} rows for {rows}"

@@ -157,7 +157,9 @@ class DataPlane:
             model.stats.rejected += 1
             raise
         try:
+            started = time.perf_counter()
             rows, errors = await prepare()
+            model.stats.decode.observe(time.perf_counter() - started)
             check(errors)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed while the images were decoded")

@@ -19,12 +19,34 @@ from serving.core.errors import Unavailable
 from serving.core.types import ClassifyRequest, ClassifyResult, ImageInput, RawTensor
 from serving.models.registry import ModelRegistry, ModelVersion
 from serving.protocols.admission import Admission
+from serving.protocols.calls import Reading
 from serving.protocols.status import status_of
 from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DATA_METHODS = (f"/{SERVICE_NAME}/Classify", f"/{SERVICE_NAME}/ClassifyStream")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+PROTOCOL = "convserve_v1"  # the metrics' protocol label
+
+
+def asked(request: pb.ClassifyRequest) -> tuple[str, int]:
+    return request.model, request.version
+
+
+def answered(response: pb.ClassifyResponse) -> tuple[str, str, int]:
+    """(model, version, images) of an answer."""
+    return response.model, str(response.version), len(response.results)
+
+
+def answered_stream(response: pb.ClassifyResponse) -> tuple[str, str, int] | None:
+    return None if response.HasField("error") else answered(response)
+
+
+# How the metrics read this protocol's requests and answers (the CallCounter interceptor).
+COUNTED = {
+    DATA_METHODS[0]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered),
+    DATA_METHODS[1]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered_stream),
+}
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

@@ -8,21 +8,28 @@
     keep their message, anything else is INTERNAL with a generic one.
 `AdmissionGate` (the data-plane methods only): parks and refuses new calls while the server drains
 (see `admission`), and counts unary calls as work in flight.
+`CallCounter` (the data-plane methods only, when metrics are on; first, outside the others, so it
+sees every outcome a client sees): counts each request by protocol, model, version and status in
+`calls.CallStats` (a stream's messages one by one, in `streams.answer_stream`).
 
 Wrapped handlers are built once per method and cached.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import grpc
 
+from serving.core.dataplane import CLIENT_DEADLINE_LEAD_S
 from serving.core.errors import InvalidInput
 from serving.protocols.admission import Admission
+from serving.protocols.calls import STREAM, CallStats, Reading
 from serving.protocols.status import log_limited, status_of
 
 Behavior = Callable[..., Any]
@@ -164,3 +171,60 @@ class AdmissionGate(CachingInterceptor):
             return behavior
 
         return rebuild(handler, wrap, raw=False)
+
+
+def ended_with(error: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The status a failed unary call ended with: the one it was aborted with (ProtocolGuard maps every
+    failure through the status table and aborts), or, when the client went away, CANCELLED or (at its
+    deadline) DEADLINE_EXCEEDED."""
+    if isinstance(error, asyncio.CancelledError) or context.cancelled():
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= CLIENT_DEADLINE_LEAD_S
+        return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL.name
+
+
+class CallCounter(CachingInterceptor):
+    """Counts the requests of the methods in `readings` (full names) into `stats`."""
+
+    def __init__(self, stats: CallStats, readings: Mapping[str, Reading]) -> None:
+        super().__init__()
+        self.stats = stats
+        self.readings = dict(readings)
+
+    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
+        reading = self.readings.get(method)
+        if reading is None:
+            return None
+        stats = self.stats
+
+        def wrap(inner: Behavior, streaming_response: bool) -> Behavior:
+            if streaming_response:
+                # Each message is a request: answer_stream counts them, finding the counter here.
+                async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+                    STREAM.set((reading, stats))
+                    async for response in inner(request, context):
+                        yield response
+
+                return stream_behavior
+
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    response = await inner(request, context)
+                except BaseException as error:
+                    try:
+                        message = reading.parse(request)  # only now: a failure's labels
+                    except Exception:
+                        message = None
+                    stats.failed(reading, message, ended_with(error, context))
+                    raise
+                model, version, images = reading.answered(response)  # a unary answer is always one
+                stats.answered(reading.protocol, model, version, images, time.perf_counter() - started)
+                return response
+
+            return behavior
+
+        # Outside ProtocolGuard, whose handler takes the request's bytes: they pass through unparsed.
+        return rebuild(handler, wrap, raw=True)

@@ -36,6 +36,7 @@ from serving.core.types import PredictRequest, PredictResult, RawBatch
 from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry, VersionState
 from serving.protocols.admission import Admission
+from serving.protocols.calls import Reading
 from serving.protocols.convserve_v1 import deadline_of
 from serving.protocols.status import status_of
 from serving.protocols.streams import answer_stream
@@ -49,6 +50,8 @@ PLATFORM = "onnxruntime_onnx"
 ENCODED_INPUT = "image_bytes"
 OUTPUT = "probabilities"
 LENGTH = struct.Struct("<I")
+
+PROTOCOL = "kserve_v2"  # the metrics' protocol label
 
 # KServe datatype ↔ numpy, and which typed `contents` field holds it.
 DTYPES: dict[str, tuple[np.dtype, str]] = {
@@ -83,6 +86,21 @@ def parse_version(version: str) -> int:
     if not version.isdigit() or int(version) < 1:
         raise InvalidInput(f"model version must be a positive integer, got {version[:40]!r}")
     return int(version)
+
+
+def asked(request: pb.ModelInferRequest) -> tuple[str, int]:
+    return request.model_name, parse_version(request.model_version)
+
+
+def answered(response: pb.ModelInferResponse) -> tuple[str, str, int]:
+    """(model, version, images) of an answer."""
+    outputs = response.outputs
+    images = outputs[0].shape[0] if outputs and outputs[0].shape else 0
+    return response.model_name, response.model_version, images
+
+
+def answered_stream(response: pb.ModelStreamInferResponse) -> tuple[str, str, int] | None:
+    return None if response.error_message else answered(response.infer_response)
 
 
 def split_bytes(data: bytes, count: int, name: str) -> list[bytes]:
@@ -429,3 +447,10 @@ def to_response(request: pb.ModelInferRequest, result: PredictResult, k: int | N
     response.outputs.add(name=OUTPUT, datatype="BYTES", shape=indices.shape)
     response.raw_output_contents.append(join_bytes(elements))
     return response
+
+
+# How the metrics read this protocol's requests and answers (the CallCounter interceptor).
+COUNTED = {
+    DATA_METHODS[0]: Reading(PROTOCOL, pb.ModelInferRequest.FromString, asked, answered),
+    DATA_METHODS[1]: Reading(PROTOCOL, pb.ModelInferRequest.FromString, asked, answered_stream),
+}

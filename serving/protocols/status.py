@@ -2,7 +2,8 @@
 
 Every protocol edge maps failures through `status_of`: a domain error keeps its message; anything
 else is a bug, reaches the client as INTERNAL with a generic message, and its details are logged
-(with a traceback, rate-limited) on the server only.
+(with a traceback, rate-limited) on the server only. The code is also noted on the request's
+`calls.Outcome`, so the metrics count every failure by the status its client got.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from serving.core.errors import (
     ServingError,
     Unavailable,
 )
+from serving.protocols.calls import note
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, 
     for kind in type(error).__mro__:
         code = STATUS_OF.get(kind)  # type: ignore[call-overload]
         if code is not None:
+            note(code.name)
             return code, str(error)
     log_limited(
         f"internal:{type(error).__name__}",
@@ -76,4 +79,5 @@ def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, 
         error,
         exc_info=error,
     )
+    note(grpc.StatusCode.INTERNAL.name)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

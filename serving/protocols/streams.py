@@ -3,16 +3,19 @@
 Shared by every protocol's streaming RPC. Responses come back in the order they are ready (each
 carries its request's id); `answer` must turn every failure into a response of its own. At shutdown
 (`Admission.release`) the stream stops reading and ends with UNAVAILABLE once its answers are out.
+When the CallCounter interceptor counts the call, each message is counted as a request of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from serving.core.errors import Unavailable
 from serving.protocols.admission import Admission
+from serving.protocols.calls import CURRENT, STREAM, Outcome
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -29,9 +32,19 @@ async def answer_stream(
     slots = asyncio.Semaphore(inflight)
     tasks: set[asyncio.Task] = set()
 
+    counted = STREAM.get()  # (reading, stats) when the CallCounter interceptor counts this call
+
     async def answer_one(request: Request) -> None:
         try:
-            responses.put_nowait(await answer(request))
+            if counted is None:
+                responses.put_nowait(await answer(request))
+                return
+            outcome = Outcome()
+            CURRENT.set(outcome)  # this task's own context: status_of notes a failure's code here
+            started = time.perf_counter()
+            response = await answer(request)
+            counted[1].record(counted[0], request, response, outcome, time.perf_counter() - started)
+            responses.put_nowait(response)
         finally:
             slots.release()
 

@@ -7,6 +7,8 @@ For each model, in one run:
       ClassifyStream as the scoring job uses it, each with PNG images and with raw tensors;
   (c) a second server with batching off (max_batch_size 1), the baseline batching must beat;
   (d) the transport's ceiling: the Echo RPC on the same server and load generator.
+With `--metrics on,off` every scenario runs against a server with its metrics endpoint on and one with
+it off, in the same rounds (names ending "(metrics off)"), to measure what the metrics cost.
 The limit and the scenarios alternate in short rounds, so drift in the machine's speed hits both
 alike; figures are medians over the rounds with their range. Writes a Markdown table and JSON.
 """
@@ -32,6 +34,13 @@ from serving.tools.launch import LaunchedServer, launch_server
 
 LIMIT_BATCH_SIZES = (1, 4, 16, 32)
 KEPT = "<!-- bench keeps what follows: figures recorded by hand -->"
+METRICS_OFF = " (metrics off)"
+METRICS_GOAL = 0.97  # metrics on over metrics off, images/s
+
+
+def variant(name: str, metrics: str) -> str:
+    """A scenario's name in the report: as is with metrics on (the server's default), marked when off."""
+    return name if metrics == "on" else name + METRICS_OFF
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--metrics",
+        choices=("on", "off", "on,off"),
+        default="on",
+        help="the servers' metrics endpoint; on,off: every scenario against both, to compare",
+    )
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -192,30 +207,37 @@ def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadG
     )
     limit = InProcessLimit(path, args.device)
     flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
-    servers: dict[str, LaunchedServer | ExternalServer] = {}
+    servers: dict[tuple[str, str], LaunchedServer | ExternalServer] = {}
     chosen = [s for s in scenarios() if not args.scenario or s.name in args.scenario]
+    states = args.metrics.split(",")
+    batch_flags = {"batching": str(args.max_batch_size), "no-batching": "1"}
     try:
-        if args.server:
-            servers["batching"] = ExternalServer(args.server)
-        else:
-            servers["batching"] = launch_server(
-                args.models, workdir, "--max-batch-size", str(args.max_batch_size), *flags
-            )
-        if any(s.server == "no-batching" for s in chosen):
-            servers["no-batching"] = launch_server(args.models, workdir, "--max-batch-size", "1", *flags)
+        for kind in dict.fromkeys(s.server for s in chosen):
+            for state in states:
+                if args.server and kind == "batching":
+                    servers[kind, state] = ExternalServer(args.server)
+                else:
+                    servers[kind, state] = launch_server(
+                        args.models,
+                        workdir,
+                        "--max-batch-size",
+                        batch_flags[kind],
+                        *flags,
+                        metrics=state == "on",
+                    )
         limits: dict[int, list[tuple[float, float]]] = {b: [] for b in LIMIT_BATCH_SIZES}
-        results = {s.name: Measured() for s in chosen}
+        results = {variant(s.name, state): Measured() for s in chosen for state in states}
         for round_index in range(args.rounds):
             for batch in LIMIT_BATCH_SIZES:  # the limit, then the server, alternating every round
                 limits[batch].append(limit.measure(batch, min(args.duration, 1.0)))
-            for scenario in chosen:
-                server = servers[scenario.server]
+            for scenario, state in ((s, state) for s in chosen for state in states):
+                server = servers[scenario.server, state]
                 items0, batches0 = model_stats(server.address, model)
                 cpu0 = server.cpu_seconds()
                 result = load.run(scenario.command(server.address, model, args.duration))
                 cpu1 = server.cpu_seconds()
                 items1, batches1 = model_stats(server.address, model)
-                measured = results[scenario.name]
+                measured = results[variant(scenario.name, state)]
                 measured.images_per_s.append(result["images_per_s"])
                 measured.p50.append(result["p50_ms"])
                 measured.p95.append(result["p95_ms"])
@@ -326,6 +348,16 @@ def targets(summary: dict) -> list[tuple[str, bool | None, str]]:
                     f"vs {fmt(v1['mean_batch'], '.1f')})",
                 )
             )
+    for name, on in s.items():
+        if (off := get(name + METRICS_OFF)) is not None:
+            ratio = on["images_per_s"] / off["images_per_s"]
+            out.append(
+                (
+                    f"{model}: {name} metrics on ≥ {METRICS_GOAL}× off",
+                    ratio >= METRICS_GOAL,
+                    f"{ratio:.3f}× ({on['images_per_s']:.0f} vs {off['images_per_s']:.0f} images/s)",
+                )
+            )
     for payload in ("png", "tensor"):
         if (r := get(f"unary c1 {payload}")) is not None:
             over = r["p50_ms"] - summary["limit"]["1"]["latency_ms"]
@@ -432,6 +464,9 @@ def run_bench(args: argparse.Namespace) -> int:
             f"`python -m training reference digits|resnet18 --repository {args.models}` (make bench does)",
             file=sys.stderr,
         )
+        return 2
+    if args.server and "off" in args.metrics.split(","):
+        print("error: --metrics off needs servers the bench starts (not --server)", file=sys.stderr)
         return 2
     load = LoadGenerator()
     summaries = []

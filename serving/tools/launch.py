@@ -1,13 +1,16 @@
 """Starting a server process from another program (bench, the demo, tests) and waiting until it serves.
 
 The server is told `--port 0 --port-file F`: it binds a free port and writes it to F only once every
-model is loaded and health says SERVING, so the caller never races the start-up.
+model is loaded and health says SERVING, so the caller never races the start-up. Its metrics endpoint
+is off unless asked for (`metrics=True`: a free port, tried again should another program take it first),
+so that servers started side by side never compete for the default metrics port.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +25,7 @@ class LaunchedServer:
     process: subprocess.Popen
     address: str
     log_path: Path | None = None
+    metrics_address: str | None = None  # HOST:PORT of /metrics when launched with metrics=True
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path else ""
@@ -45,6 +49,12 @@ class LaunchedServer:
             return self.process.wait()
 
 
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def launch_server(
     models: Path,
     workdir: Path,
@@ -53,8 +63,33 @@ def launch_server(
     log: bool = False,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    metrics: bool = False,
 ) -> LaunchedServer:
     """Starts `python -m serving serve` on a free port of `host`; returns once it is SERVING."""
+    if not metrics:
+        return _launch(models, workdir, ("--metrics-port", "0", *flags), host, log, env, timeout)
+    for attempt in range(3):
+        port = free_port(host)
+        try:
+            server = _launch(models, workdir, ("--metrics-port", str(port), *flags), host, log, env, timeout)
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            continue
+        server.metrics_address = f"{host}:{port}"
+        return server
+    raise AssertionError("unreachable")
+
+
+def _launch(
+    models: Path,
+    workdir: Path,
+    flags: tuple[str, ...],
+    host: str,
+    log: bool,
+    env: dict[str, str] | None,
+    timeout: float,
+) -> LaunchedServer:
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     port_file = workdir / f"port-{stamp}"

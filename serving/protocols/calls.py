@@ -1,0 +1,121 @@
+"""Every data-plane request counted by protocol, model, version and status code, as plain numbers.
+
+The `CallCounter` interceptor (unary calls) and `streams.answer_stream` (each message of a stream)
+record here; the server's metrics endpoint reads the figures when it is scraped. A request's status
+is the one the status table gives it: a unary call's is the code it was aborted with; a stream
+message's failure never leaves its handler (it becomes an error response), so `status.status_of`
+notes its code on the message's `Outcome`, found through a context variable. No handler counts
+anything itself.
+
+Labels stay bounded whatever clients send: a request answered OK is labelled with the model and
+version that answered it; a failed one with those its request resolves to, or "" when it names no
+model or version the server has.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from serving.core.timing import Histogram
+from serving.models.registry import ModelRegistry
+
+# (model, version as asked: 0 for the newest) of a request message.
+Asked = Callable[[Any], tuple[str, int]]
+# (model, version, images) of a response message, or None when it carries an error (a stream's).
+Answered = Callable[[Any], tuple[str, str, int] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """How one data method's messages say what a request was for; each protocol module declares its own."""
+
+    protocol: str  # the `protocol` label: convserve_v1, kserve_v2
+    parse: Callable[[bytes], Any]  # the request message from its bytes (to label a failed unary call)
+    asked: Asked
+    answered: Answered
+
+
+class Outcome:
+    """One stream message's status code name, noted by `status.status_of` when it fails."""
+
+    __slots__ = ("code",)
+
+    def __init__(self) -> None:
+        self.code: str | None = None
+
+
+CURRENT: contextvars.ContextVar[Outcome | None] = contextvars.ContextVar("convserve_outcome", default=None)
+
+
+def note(code_name: str) -> None:
+    """Records the status of the request being answered in this task, if it is counted."""
+    outcome = CURRENT.get()
+    if outcome is not None:
+        outcome.code = code_name
+
+
+class Series:
+    """The figures of one (protocol, model, version)."""
+
+    __slots__ = ("duration", "failed", "images", "ok")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.images = 0
+        self.duration = Histogram()  # requests answered OK
+        self.failed: dict[str, int] = {}  # status code name -> requests
+
+
+class CallStats:
+    """Requests by (protocol, model, version) and status; images and duration of those answered OK.
+
+    Written from the event loop thread only; the metrics endpoint reads a copy made on that thread.
+    """
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.series: dict[tuple[str, str, str], Series] = {}
+
+    def _series(self, key: tuple[str, str, str]) -> Series:
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series()
+        return series
+
+    def answered(self, protocol: str, model: str, version: str, images: int, seconds: float) -> None:
+        series = self._series((protocol, model, version))
+        series.ok += 1
+        series.images += images
+        series.duration.observe(seconds)
+
+    def failed(self, reading: Reading, request: Any, code: str) -> None:
+        model, version = self.labels(reading, request)
+        failed = self._series((reading.protocol, model, version)).failed
+        failed[code] = failed.get(code, 0) + 1
+
+    def labels(self, reading: Reading, request: Any) -> tuple[str, str]:
+        """The model and version a request resolves to, or "" for what the server does not have."""
+        if request is None:
+            return "", ""
+        try:
+            entry = self.registry.entry(*reading.asked(request))
+        except Exception:  # a name or version the server does not know, or not a valid one
+            return "", ""
+        return entry.name, str(entry.version)
+
+    def record(self, reading: Reading, request: Any, response: Any, outcome: Outcome, seconds: float) -> None:
+        """One stream message's end: answered OK (a response without an error) or failed with its code."""
+        answer = reading.answered(response) if response is not None and outcome.code is None else None
+        if answer is not None:
+            self.answered(reading.protocol, answer[0], answer[1], answer[2], seconds)
+        else:
+            self.failed(reading, request, outcome.code or "UNKNOWN")
+
+
+# Set by the CallCounter interceptor around a stream call: how answer_stream counts each message.
+STREAM: contextvars.ContextVar[tuple[Reading, CallStats] | None] = contextvars.ContextVar(
+    "convserve_stream", default=None
+)
