@@ -32,7 +32,9 @@ from serving.memory import configure_malloc, trim_when_quiet
 from serving.models.registry import ModelRegistry
 from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
+from serving.protocols.auth import TokenAuth, TokenFile
 from serving.protocols.interceptors import AdmissionGate, ProtocolGuard
+from serving.transport import connection_options, describe_security, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
+        *connection_options(config),  # keepalive, ping policy, streams per connection
     ]
     if config.max_connection_age_s:  # GOAWAY after this age: clients reconnect and rebalance
         options += [
@@ -101,9 +104,11 @@ class Server:
             self.registry, self.decode_pool, limits_of(config), InputBudget(config.input_budget_mb * MIB)
         )
         self.admission = Admission()
+        # Outermost first: a call without a valid token is refused before it is parsed or admitted.
+        auth = [TokenAuth(TokenFile(config.auth_token_file))] if config.auth_token_file else []
         self.grpc = grpc.aio.server(
             options=grpc_options(config),
-            interceptors=[ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
+            interceptors=[*auth, ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -114,9 +119,13 @@ class Server:
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             kserve_v2.InferenceServicer(self.dataplane, self.registry, self.admission), self.grpc
         )
+        services = list(SERVICES)
+        if config.bench_service:
+            pb_grpc.add_BenchServicer_to_server(convserve_v1.BenchServicer(), self.grpc)
+            services.append(convserve_v1.BENCH_SERVICE_NAME)
         if config.reflection:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-            reflection.enable_server_reflection((*SERVICES, health_name, reflection.SERVICE_NAME), self.grpc)
+            reflection.enable_server_reflection((*services, health_name, reflection.SERVICE_NAME), self.grpc)
         self.port = 0
         self._trimmer: asyncio.Task | None = None
         self._arrivals_seen = 0
@@ -132,11 +141,21 @@ class Server:
         """Listens (NOT_SERVING), loads and warms every model, turns SERVING; returns the bound port."""
         config = self.config
         await set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await self.grpc.start()  # health answers NOT_SERVING (and Classify UNAVAILABLE) while models load
-        log.info("listening on %s:%d (NOT_SERVING until the models are loaded)", config.host, self.port)
+        log.info(
+            "listening on %s:%d, %s (NOT_SERVING until the models are loaded)",
+            config.host,
+            self.port,
+            describe_security(config),
+        )
         if not self.registry.entries() and not self.registry.add_repository(config.models):
             log.error(
                 "no models under %s (expected %s/<name>/<version>/model.onnx)", config.models, config.models
