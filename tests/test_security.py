@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -264,6 +265,26 @@ def test_tokens_missing_wrong_and_right_on_every_service_with_health_open(
         assert refused_code(lambda: echo(b"", timeout=10, metadata=bearer(TOKEN))) == (
             grpc.StatusCode.UNIMPLEMENTED
         )
+    # Our channels send the token on every kind of call: unary and streams, sync and asyncio.
+    connection = Connection(token_file=tokens)
+    with connection.channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        assert len(list(stub.ClassifyStream(iter([request, request]), timeout=10))) == 2
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+
+    async def over_asyncio() -> None:
+        async with connection.aio_channel(server.address) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            assert len((await stub.Classify(request, timeout=10)).results) == len(images)
+            call = stub.ClassifyStream()
+            await call.write(request)
+            assert len((await call.read()).results) == len(images)
+            await call.done_writing()
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            async for answer in reflection.ServerReflectionInfo(iter([list_services]), timeout=10):
+                assert answer.list_services_response.service
+
+    asyncio.run(over_asyncio())
     log = server.log()
     assert TOKEN not in log and OTHER_TOKEN not in log and "not-" not in log
     assert "refused a call" in log and "Traceback" not in log

@@ -70,7 +70,7 @@ class Connection:
 
     def aio_channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
         metadata = self.metadata()
-        interceptors = [AioAddMetadata(metadata)] if metadata else None
+        interceptors = aio_metadata_interceptors(metadata) if metadata else None
         credentials = self.credentials()
         if credentials:
             return grpc.aio.secure_channel(target, credentials, options, interceptors=interceptors)
@@ -136,13 +136,9 @@ class AddMetadata(
         return continuation(self._details(client_call_details), requests)
 
 
-class AioAddMetadata(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """The same for an asyncio channel."""
+class _AioMetadata:
+    """Adds fixed metadata (the bearer token) to every call of an asyncio channel. grpc.aio files an
+    interceptor under the first call kind it implements only, hence one class per kind."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.extra = metadata
@@ -150,17 +146,30 @@ class AioAddMetadata(
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), *self.extra))
 
+
+class _AioUnaryUnary(_AioMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioUnaryStream(_AioMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioStreamUnary(_AioMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, requests):  # type: ignore[no-untyped-def]
         return await continuation(self._details(client_call_details), requests)
 
+
+class _AioStreamStream(_AioMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, requests):  # type: ignore[no-untyped-def]
         return await continuation(self._details(client_call_details), requests)
+
+
+def aio_metadata_interceptors(metadata: tuple[tuple[str, str], ...]) -> list[Any]:
+    kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+    return [kind(metadata) for kind in kinds]
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
