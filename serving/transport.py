@@ -25,7 +25,7 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(config.keepalive_permit_without_calls)),
         ("grpc.http2.max_pings_without_data", 0),  # the server's own pings go on while a connection idles
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),  # the least between pings received
         ("grpc.http2.max_ping_strikes", 2),  # then GOAWAY too_many_pings
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ]

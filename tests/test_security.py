@@ -317,7 +317,7 @@ def test_connection_limits_become_grpc_options(model_repo) -> None:
     options = dict(grpc_options(config))
     assert options["grpc.keepalive_time_ms"] == 30_000
     assert options["grpc.keepalive_timeout_ms"] == 5_000
-    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] == 7_000
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 7_000
     assert options["grpc.keepalive_permit_without_calls"] == 0
     assert options["grpc.max_concurrent_streams"] == 9
 
@@ -351,23 +351,27 @@ def test_a_connection_carries_at_most_max_concurrent_streams_calls(
 
 
 def test_a_client_pinging_too_often_is_sent_away(model_repo, server_factory) -> None:
-    """A client whose keepalive pings come faster than --keepalive-min-ping-interval-s gets GOAWAY
-    (too_many_pings): its channel leaves READY without any call failing or the server noticing more."""
-    server = server_factory(model_repo, "--keepalive-min-ping-interval-s", "30")
+    """A client pinging every 100 ms: a server with --keepalive-min-ping-interval-s 30 sends it GOAWAY
+    (too_many_pings) and its channel leaves READY; one allowing a ping every 50 ms keeps it."""
+    strict = server_factory(model_repo, "--keepalive-min-ping-interval-s", "30")
+    lenient = server_factory(model_repo, "--keepalive-min-ping-interval-s", "0.05")
     options = [
         ("grpc.keepalive_time_ms", 100),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    states: list[grpc.ChannelConnectivity] = []
-    with grpc.insecure_channel(server.address, options) as channel:
-        channel.subscribe(states.append, try_to_connect=True)
-        grpc.channel_ready_future(channel).result(timeout=10)
-        assert eventually(
-            lambda: (
-                (grpc.ChannelConnectivity.READY in states and states[-1] != grpc.ChannelConnectivity.READY)
-                or states.count(grpc.ChannelConnectivity.READY) > 1
-            )
-        )
-        channel.unsubscribe(states.append)
-    assert "Traceback" not in server.log()
+    states: dict[str, list[grpc.ChannelConnectivity]] = {"strict": [], "lenient": []}
+    with (
+        grpc.insecure_channel(strict.address, options) as to_strict,
+        grpc.insecure_channel(lenient.address, options) as to_lenient,
+    ):
+        for name, channel in (("strict", to_strict), ("lenient", to_lenient)):
+            channel.subscribe(states[name].append, try_to_connect=True)
+            grpc.channel_ready_future(channel).result(timeout=10)
+        assert eventually(lambda: states["strict"][-1] != grpc.ChannelConnectivity.READY)
+        time.sleep(0.5)  # pings the lenient server would count as strikes, were it strict
+        assert states["lenient"][-1] == grpc.ChannelConnectivity.READY
+        assert states["lenient"].count(grpc.ChannelConnectivity.READY) == 1
+        for name, channel in (("strict", to_strict), ("lenient", to_lenient)):
+            channel.unsubscribe(states[name].append)
+    assert "Traceback" not in strict.log() + lenient.log()
