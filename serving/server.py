@@ -6,6 +6,9 @@ and NOT_SERVING again from the moment SIGTERM/SIGINT arrives. Then (see `protoco
 admitted calls finish with their results; new calls are parked and refused with UNAVAILABLE once
 the server has stopped accepting; open streams end with UNAVAILABLE; what is left (health
 watchers) is cancelled; the batchers close. All of it within `--grace-s`, and the process exits 0.
+
+Security and connection limits come from `transport` (TLS/mTLS credentials, keepalive, streams per
+connection) and `protocols.auth` (bearer tokens: the outermost interceptor, before parsing and admission).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
 `AdmissionGate` (the data-plane methods only): parks and refuses new calls while the server drains
 (see `admission`), and counts unary calls as work in flight.
 
-Wrapped handlers are built once per method and cached.
+Wrapped handlers are built once per method and cached. With `--auth-token-file`, `auth.TokenAuth`
+runs before both: a call without a valid token is neither parsed nor admitted.
 """
 
 from __future__ import annotations
