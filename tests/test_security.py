@@ -195,6 +195,24 @@ def test_tokens_missing_wrong_and_right_on_every_service_with_health_open(
     assert "refused a call" in log and "Traceback" not in log
 
 
+def test_token_file_parsing_and_the_bearer_header(tmp_path) -> None:
+    from serving.protocols.auth import TokenFile, bearer_token, parse_tokens
+
+    assert parse_tokens("# comment\n\n  alpha  \nbeta\n#gamma\n") == (b"alpha", b"beta")
+    assert bearer_token((("x-other", "1"), ("authorization", "Bearer  abc "))) == b"abc"
+    assert bearer_token((("authorization", "bearer abc"),)) == b"abc"  # the scheme is case-insensitive
+    for missing in ((), (("authorization", "Basic abc"),), (("authorization", "Bearer "),), None):
+        assert bearer_token(missing) is None
+    path = tmp_path / "tokens"
+    path.write_text("alpha\nbeta\n")
+    tokens = TokenFile(path)
+    assert tokens.accepts(b"alpha") and tokens.accepts(b"beta")
+    assert not tokens.accepts(b"alph") and not tokens.accepts(b"alphaa") and not tokens.accepts(b"")
+    path.write_text("# none\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        TokenFile(path)
+
+
 def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
     """Whether `predicate` holds within `timeout` (the server looks at the token file once a second)."""
     end = time.monotonic() + timeout
