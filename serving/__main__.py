@@ -8,7 +8,7 @@ import sys
 
 import grpc
 
-from serving.client import DEFAULT_SERVER
+from serving.client import DEFAULT_SERVER, add_connection_arguments, connection_from_args
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -18,6 +18,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="model name (default: the server's only model)")
     parser.add_argument("--version", type=int, default=0, help="model version (default: newest)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    add_connection_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("health", help="exit 0 when the server answers SERVING (for HEALTHCHECK)")
     check.add_argument("--server", default=DEFAULT_SERVER)
     check.add_argument("--timeout", type=float, default=3.0)
+    add_connection_arguments(check)
 
     from serving.tools.score import add_score_arguments
 
@@ -67,12 +69,24 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_server(config)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        connection = connection_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "classify":
         from serving.tools.classify import classify_files
 
         try:
             text, _ = classify_files(
-                args.images, args.server, args.model, args.version, args.top_k, args.json, args.timeout
+                args.images,
+                args.server,
+                args.model,
+                args.version,
+                args.top_k,
+                args.json,
+                args.timeout,
+                connection,
             )
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -86,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         from serving.client import ClassifierClient
 
         try:
-            with ClassifierClient(args.server, timeout=args.timeout, retries=0) as client:
+            with ClassifierClient(
+                args.server, timeout=args.timeout, retries=0, connection=connection
+            ) as client:
                 status = client.health()
         except grpc.RpcError as exc:
             print(f"unhealthy: {exc.code().name}", file=sys.stderr)

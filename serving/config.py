@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,31 @@ from serving.core import defaults
 
 ENV_PREFIX = "CONVSERVE_"
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
+def has_token(text: str) -> bool:
+    """Whether a token file holds a token: a line that is neither blank nor a # comment."""
+    return any(line.strip() and not line.strip().startswith("#") for line in text.splitlines())
+
+
+def check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
+    """PEM files that parse, and a key that matches the certificate (what gRPC would fail on later)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as error:
+            raise ValueError(
+                f"--tls-cert/--tls-key: {cert} and {key} are not a PEM certificate and its key "
+                f"({error.reason})"
+            ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as error:
+            raise ValueError(
+                f"--tls-client-ca: {client_ca} is not a PEM CA certificate ({error.reason})"
+            ) from None
 
 
 class ConfigError(ValueError):
@@ -97,6 +123,38 @@ class ServerConfig(BaseSettings):
         10.0, gt=0, le=3600, description="on SIGTERM, the whole shutdown takes at most this"
     )
     reflection: bool = Field(True, description="serve gRPC server reflection")
+    bench_service: bool = Field(
+        False, description="serve convserve.v1.Bench (Echo: the transport's ceiling, for `bench`)"
+    )
+    tls_cert: Path | None = Field(
+        None, description="TLS: the server's certificate chain (PEM); with --tls-key"
+    )
+    tls_key: Path | None = Field(None, description="TLS: the server's private key (PEM); with --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="mTLS: require client certificates signed by this CA (PEM); needs --tls-cert"
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="require `authorization: Bearer <token>` with a token from this file (one per line; "
+        "re-read when it changes); grpc.health.v1 stays open",
+    )
+    keepalive_time_s: float = Field(
+        60.0, gt=0, description="ping a client connection after this long without activity"
+    )
+    keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="close a connection whose ping is not answered within this"
+    )
+    keepalive_min_ping_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="clients pinging more often than this get GOAWAY (too_many_pings)",
+    )
+    keepalive_permit_without_calls: bool = Field(
+        True, description="allow client keepalive pings on connections with no call in flight"
+    )
+    max_concurrent_streams: int = Field(
+        256, ge=1, le=1_000_000, description="calls (HTTP/2 streams) open at once per client connection"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @field_validator("log_level", mode="before")
@@ -112,6 +170,17 @@ class ServerConfig(BaseSettings):
             raise ValueError(f"metrics_port must differ from port ({self.port})")
         if not self.models.is_dir():
             raise ValueError(f"models: {self.models} is not a directory")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+                raise ValueError(f"{flag(name)}: {path} is not a readable file")
+        check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.auth_token_file is not None and not has_token(self.auth_token_file.read_text()):
+            raise ValueError(f"--auth-token-file: {self.auth_token_file} holds no token")
         return self
 
     @property

@@ -7,6 +7,9 @@ and NOT_SERVING again from the moment SIGTERM/SIGINT arrives. Then (see `protoco
 admitted calls finish with their results; new calls are parked and refused with UNAVAILABLE once
 the server has stopped accepting; open streams end with UNAVAILABLE; what is left (health
 watchers) is cancelled; the batchers close. All of it within `--grace-s`, and the process exits 0.
+
+Security and connection limits come from `transport` (TLS/mTLS credentials, keepalive, streams per
+connection) and `protocols.auth` (bearer tokens: the outermost interceptor, before parsing and admission).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from serving.models.registry import ModelRegistry
 from serving.models.settings import LoadOptions
 from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
+from serving.protocols.auth import TokenAuth, TokenFile
 from serving.protocols.calls import CallStats
 from serving.protocols.interceptors import AdmissionGate, CallCounter, ProtocolGuard
+from serving.transport import connection_options, describe_security, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
+        *connection_options(config),  # keepalive, ping policy, streams per connection
     ]
     if config.max_connection_age_s:  # GOAWAY after this age: clients reconnect and rebalance
         options += [
@@ -107,12 +113,15 @@ class Server:
             self.registry, self.decode_pool, limits_of(config), InputBudget(config.input_budget_mb * MIB)
         )
         self.admission = Admission()
-        # Metrics on: every data-plane request is counted, by the outermost interceptor.
+        # Metrics on: every data-plane request is counted, by the outermost interceptor (refusals for a
+        # missing or wrong token included). Then a call without a valid token is refused before it is
+        # parsed or admitted.
         self.calls = CallStats(self.registry) if config.metrics_port else None
         counting = [CallCounter(self.calls, COUNTED)] if self.calls is not None else []
+        auth = [TokenAuth(TokenFile(config.auth_token_file))] if config.auth_token_file else []
         self.grpc = grpc.aio.server(
             options=grpc_options(config),
-            interceptors=[*counting, ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
+            interceptors=[*counting, *auth, ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
         )
         self.metrics: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
@@ -134,9 +143,13 @@ class Server:
             kserve_v2.InferenceServicer(self.dataplane, self.registry, self.admission, self.lifecycle),
             self.grpc,
         )
+        services = list(SERVICES)
+        if config.bench_service:
+            pb_grpc.add_BenchServicer_to_server(convserve_v1.BenchServicer(), self.grpc)
+            services.append(convserve_v1.BENCH_SERVICE_NAME)
         if config.reflection:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-            reflection.enable_server_reflection((*SERVICES, health_name, reflection.SERVICE_NAME), self.grpc)
+            reflection.enable_server_reflection((*services, health_name, reflection.SERVICE_NAME), self.grpc)
         self.port = 0
         self._trimmer: asyncio.Task | None = None
         self._arrivals_seen = 0
@@ -154,11 +167,21 @@ class Server:
         """Listens (NOT_SERVING), loads and warms every model, turns SERVING; returns the bound port."""
         config = self.config
         await set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await self.grpc.start()  # health answers NOT_SERVING (and Classify UNAVAILABLE) while models load
-        log.info("listening on %s:%d (NOT_SERVING until the models are loaded)", config.host, self.port)
+        log.info(
+            "listening on %s:%d, %s (NOT_SERVING until the models are loaded)",
+            config.host,
+            self.port,
+            describe_security(config),
+        )
         if config.metrics_port:
             collector = ServerCollector(
                 asyncio.get_running_loop(), self.registry, self.dataplane.budget, self.calls

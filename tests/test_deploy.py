@@ -153,44 +153,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render_template(path: Path, values: dict[str, str]) -> str:
-    """envsubst, as the nginx image does for /etc/nginx/templates/*.template."""
-    return subprocess.run(
-        ["envsubst", " ".join(f"${{{k}}}" for k in values)],
-        input=path.read_text(),
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, **values},
-    ).stdout
+def start_lb(prefix: Path, upstream: str, port: int, **settings: str) -> subprocess.Popen:
+    """docker/lb-entrypoint.sh as the lb image runs it (rendering docker/nginx.conf.template), with this
+    machine's nginx (1.22, the offline stand-in's) and its files under `prefix`."""
+    nginx = require("nginx")
+    prefix.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(nginx).parent}:{os.environ['PATH']}",
+        "CONVSERVE_LB_TEMPLATE": str(ROOT / "docker" / "nginx.conf.template"),
+        "CONVSERVE_LB_PREFIX": str(prefix),
+        "CONVSERVE_LB_RESOLVER": "127.0.0.1",
+        "CONVSERVE_LB_UPSTREAM": upstream,
+        "CONVSERVE_LB_PORT": f"127.0.0.1:{port}",
+        "CONVSERVE_LB_RESOLVE_S": "2",
+        **settings,
+    }
+    with (prefix / "output.log").open("w") as output:
+        return subprocess.Popen(
+            ["sh", str(ROOT / "docker" / "lb-entrypoint.sh")],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def test_the_load_balancer_config_carries_a_scoring_job_to_a_server(
     model_repo, server_factory, tmp_path, digit_samples
 ) -> None:
-    """docker/nginx.conf.template as the lb image renders it, with this machine's nginx (1.22, the
-    offline stand-in's). Following replicas through DNS is checked with real containers."""
-    nginx = require("nginx")
+    """Plaintext, the default. Following replicas through DNS is checked with real containers."""
     server = server_factory(model_repo)
     port = free_port()
-    conf = render_template(
-        ROOT / "docker" / "nginx.conf.template",
-        {
-            "CONVSERVE_LB_RESOLVER": "127.0.0.1",
-            "CONVSERVE_LB_UPSTREAM": server.address,
-            "CONVSERVE_LB_PORT": f"127.0.0.1:{port}",
-            "CONVSERVE_LB_RESOLVE_S": "2",
-        },
-    )
     prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    (prefix / "nginx.conf").write_text(conf.replace("error_log stderr", f"error_log {prefix}/error.log"))
-    (prefix / "error.log").touch()
-    process = subprocess.Popen(
-        [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = start_lb(prefix, server.address, port)
     try:
         images = tmp_path / "images"
         images.mkdir()
@@ -223,12 +218,68 @@ def test_the_load_balancer_config_carries_a_scoring_job_to_a_server(
             text=True,
             timeout=120,
         )
-        assert job.returncode == 0, job.stderr + (prefix / "error.log").read_text()
+        assert job.returncode == 0, job.stderr + (prefix / "output.log").read_text()
         assert "scored 300, failed 0" in job.stdout
         assert out.read_text().count("\n") == 300
         time.sleep(0.1)
         with ClassifierClient(server.address) as direct:
             assert direct.get_model("digits").stats.items == 300
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_the_load_balancer_terminates_tls_and_re_encrypts_to_a_replica(
+    model_repo, server_factory, tmp_path, digit_samples
+) -> None:
+    """TLS from the client to nginx, TLS again (with nginx's client certificate) to a replica that
+    requires one; the bearer token passes through to the replica, which checks it."""
+    import grpc
+
+    from serving.client import Connection, make_request
+    from tests.conftest import encode
+    from tests.pki import make_pki
+
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("lb-test-token\n")
+    server = server_factory(
+        model_repo,
+        *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
+        *("--tls-client-ca", str(pki.ca), "--auth-token-file", str(tokens)),
+    )
+    port = free_port()
+    prefix = tmp_path / "nginx"
+    process = start_lb(
+        prefix,
+        server.address,
+        port,
+        CONVSERVE_LB_TLS_CERT=str(
+            pki.server_cert
+        ),  # the certificate names 127.0.0.1: it serves for nginx too
+        CONVSERVE_LB_TLS_KEY=str(pki.server_key),
+        CONVSERVE_LB_UPSTREAM_CA=str(pki.ca),
+        CONVSERVE_LB_UPSTREAM_NAME="localhost",
+        CONVSERVE_LB_UPSTREAM_CERT=str(pki.client_cert),
+        CONVSERVE_LB_UPSTREAM_KEY=str(pki.client_key),
+    )
+    try:
+        images, labels = [encode(p) for p in digit_samples[0][:8]], digit_samples[1][:8]
+        good = Connection(tls_ca=pki.ca, token_file=tokens)
+        with ClassifierClient(f"127.0.0.1:{port}", connection=good, timeout=10) as client:
+            client.wait_ready(10)
+            predicted = [r.top.index for r in client.classify(images)]
+            assert sum(p == y for p, y in zip(predicted, labels, strict=True)) >= 6
+            assert client.get_model("digits").stats.items == 8  # the replica counted them
+        no_token = Connection(tls_ca=pki.ca)
+        with ClassifierClient(f"127.0.0.1:{port}", connection=no_token, retries=0) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.classify(images, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # from the replica, through nginx
+        with ClassifierClient(f"127.0.0.1:{port}", retries=0) as plaintext, pytest.raises(grpc.RpcError):
+            plaintext.stub.Classify(make_request(images), timeout=5)
+        assert "TLS, re-encrypted to the replicas" in (prefix / "output.log").read_text()
     finally:
         process.terminate()
         process.wait(10)

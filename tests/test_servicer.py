@@ -56,7 +56,7 @@ class ExplodingRegistry(ModelRegistry):
 def served(model_repo: Path, threaded_server):
     registry = ExplodingRegistry()
     registry.add_repository(model_repo)
-    server = threaded_server(model_repo, registry=registry)
+    server = threaded_server(model_repo, "--bench-service", registry=registry)
     channel = grpc.insecure_channel(server.address)
     yield server, channel
     channel.close()
@@ -89,7 +89,7 @@ def test_bytes_that_are_no_message_are_invalid_argument_on_every_method(served, 
         "/convserve.v1.Classifier/Classify": channel.unary_unary,
         "/convserve.v1.Classifier/ListModels": channel.unary_unary,
         "/convserve.v1.Classifier/GetModel": channel.unary_unary,
-        "/convserve.v1.Classifier/Echo": channel.unary_unary,
+        "/convserve.v1.Bench/Echo": channel.unary_unary,
         "/grpc.health.v1.Health/Check": channel.unary_unary,
         "/grpc.health.v1.Health/Watch": channel.unary_stream,
         "/convserve.v1.Classifier/ClassifyStream": channel.stream_stream,

@@ -3,7 +3,8 @@
 Images may be paths, encoded bytes, PIL images (sent as PNG) or numpy arrays (sent as raw tensors in
 the model's input layout and dtype). Retries on UNAVAILABLE / RESOURCE_EXHAUSTED with exponential
 backoff are gRPC's own (a retry policy in the channel's service config); several targets, or a DNS
-name with several addresses, are balanced round-robin by gRPC. Pass `credentials` for TLS.
+name with several addresses, are balanced round-robin by gRPC. Pass a `Connection` for TLS, mTLS
+and a bearer token (or bare `credentials` for TLS).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from serving.client.connection import Connection
 
 ImageInput = str | Path | bytes | np.ndarray | Any  # Any: a PIL.Image.Image
 SERVICE = "convserve.v1.Classifier"
@@ -137,6 +139,7 @@ class ClassifierClient:
         timeout: float = 30.0,
         retries: int = 4,
         credentials: grpc.ChannelCredentials | None = None,
+        connection: Connection | None = None,
         max_message_mb: int = 64,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -149,11 +152,10 @@ class ClassifierClient:
             *options,
         ]
         target = channel_target(servers)
-        self.channel = (
-            grpc.secure_channel(target, credentials, channel_options)
-            if credentials
-            else grpc.insecure_channel(target, channel_options)
-        )
+        if credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, channel_options)
+        else:
+            self.channel = (connection or Connection()).channel(target, channel_options)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout = timeout
 

@@ -24,6 +24,7 @@ from serving.protocols.status import status_of
 from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+BENCH_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bench"].full_name
 DATA_METHODS = (f"/{SERVICE_NAME}/Classify", f"/{SERVICE_NAME}/ClassifyStream")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 PROTOCOL = "convserve_v1"  # the metrics' protocol label
@@ -148,9 +149,6 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self._model_info(self.registry.entry(request.name, request.version))
 
-    async def Echo(self, request: pb.EchoMessage, context: grpc.aio.ServicerContext) -> pb.EchoMessage:
-        return request
-
     def _model_info(self, entry: ModelVersion) -> pb.ModelInfo:
         versions = self.registry.versions(entry.name)
         info = pb.ModelInfo(
@@ -204,3 +202,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         )
         info.provider = model.runtime.provider
         return info
+
+
+class BenchServicer(pb_grpc.BenchServicer):
+    """Benchmark-only (`--bench-service`): the transport's own ceiling, no model involved."""
+
+    async def Echo(self, request: pb.EchoMessage, context: grpc.aio.ServicerContext) -> pb.EchoMessage:
+        return request

@@ -12,7 +12,8 @@
 sees every outcome a client sees): counts each request by protocol, model, version and status in
 `calls.CallStats` (a stream's messages one by one, in `streams.answer_stream`).
 
-Wrapped handlers are built once per method and cached.
+Wrapped handlers are built once per method and cached. With `--auth-token-file`, `auth.TokenAuth`
+runs before both: a call without a valid token is neither parsed nor admitted.
 """
 
 from __future__ import annotations

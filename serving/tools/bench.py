@@ -6,7 +6,9 @@ For each model, in one run:
       unary single-image requests at concurrency 1, 16 and 64, unary requests of 32 images, and
       ClassifyStream as the scoring job uses it, each with PNG images and with raw tensors;
   (c) a second server with batching off (max_batch_size 1), the baseline batching must beat;
-  (d) the transport's ceiling: the Echo RPC on the same server and load generator.
+  (d) the transport's ceiling: the Echo RPC on the same server and load generator (the benchmark-only
+      `convserve.v1.Bench` service: servers started here get `--bench-service`; a server given with
+      --server needs it too for the echo scenarios, and takes the connection flags: TLS, token).
 With `--metrics on,off` every scenario runs against a server with its metrics endpoint on and one with
 it off, in the same rounds (names ending "(metrics off)"), to measure what the metrics cost.
 The limit and the scenarios alternate in short rounds, so drift in the machine's speed hits both
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.client.connection import PLAINTEXT, Connection, add_connection_arguments, connection_from_args
 from serving.tools.launch import LaunchedServer, launch_server
 
 LIMIT_BATCH_SIZES = (1, 4, 16, 32)
@@ -52,9 +55,10 @@ class Scenario:
     images: int = 1
     server: str = "batching"  # batching | no-batching
 
-    def command(self, target: str, model: str, duration: float) -> dict:
+    def command(self, target: str, model: str, duration: float, connection: Connection = PLAINTEXT) -> dict:
         return {
             "target": target,
+            "connection": connection.to_json(),
             "kind": self.kind,
             "payload": self.payload,
             "concurrency": self.concurrency,
@@ -101,6 +105,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default="on",
         help="the servers' metrics endpoint; on,off: every scenario against both, to compare",
     )
+    add_connection_arguments(parser)  # for --server; the servers started here are plaintext
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -191,10 +196,10 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def model_stats(address: str, model: str) -> tuple[int, int]:
+def model_stats(address: str, model: str, connection: Connection) -> tuple[int, int]:
     from serving.client import ClassifierClient
 
-    with ClassifierClient(address, timeout=10) as client:
+    with ClassifierClient(address, timeout=10, connection=connection) as client:
         stats = client.get_model(model).stats
     return stats.items, stats.batches
 
@@ -207,6 +212,8 @@ def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadG
     )
     limit = InProcessLimit(path, args.device)
     flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
+    flags.append("--bench-service")  # the Echo RPC: the transport's ceiling
+    connection = connection_from_args(args) if args.server else PLAINTEXT
     servers: dict[tuple[str, str], LaunchedServer | ExternalServer] = {}
     chosen = [s for s in scenarios() if not args.scenario or s.name in args.scenario]
     states = args.metrics.split(",")
@@ -232,11 +239,12 @@ def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadG
                 limits[batch].append(limit.measure(batch, min(args.duration, 1.0)))
             for scenario, state in ((s, state) for s in chosen for state in states):
                 server = servers[scenario.server, state]
-                items0, batches0 = model_stats(server.address, model)
+                link = connection if isinstance(server, ExternalServer) else PLAINTEXT
+                items0, batches0 = model_stats(server.address, model, link)
                 cpu0 = server.cpu_seconds()
-                result = load.run(scenario.command(server.address, model, args.duration))
+                result = load.run(scenario.command(server.address, model, args.duration, link))
                 cpu1 = server.cpu_seconds()
-                items1, batches1 = model_stats(server.address, model)
+                items1, batches1 = model_stats(server.address, model, link)
                 measured = results[variant(scenario.name, state)]
                 measured.images_per_s.append(result["images_per_s"])
                 measured.p50.append(result["p50_ms"])

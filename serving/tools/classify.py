@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.client import ClassifierClient, ImageResult
+from serving.client import ClassifierClient, Connection, ImageResult
 
 
 def format_table(paths: Sequence[str], results: Sequence[ImageResult]) -> str:
@@ -39,8 +39,15 @@ def as_json(paths: Sequence[str], results: Sequence[ImageResult]) -> str:
 
 
 def classify_files(
-    paths: Sequence[str], server: str, model: str, version: int, top_k: int, emit_json: bool, timeout: float
+    paths: Sequence[str],
+    server: str,
+    model: str,
+    version: int,
+    top_k: int,
+    emit_json: bool,
+    timeout: float,
+    connection: Connection | None = None,
 ) -> tuple[str, list[ImageResult]]:
-    with ClassifierClient(server, timeout=timeout) as client:
+    with ClassifierClient(server, timeout=timeout, connection=connection) as client:
         results = client.classify([Path(p) for p in paths], model=model, version=version, top_k=top_k)
     return (as_json if emit_json else format_table)(paths, results), results

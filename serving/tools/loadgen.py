@@ -27,7 +27,7 @@ from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as kserve
 from protos.inference import grpc_service_pb2_grpc as kserve_grpc
-from serving.client import pixels_to_tensor, to_image
+from serving.client import Connection, pixels_to_tensor, to_image
 
 DISTINCT_IMAGES = 64
 WARMUP_S = 0.3
@@ -129,7 +129,7 @@ async def unary(
 
 
 async def echo(
-    stub: pb_grpc.ClassifierStub, concurrency: int, until: float, measure_from: float, tally: Tally
+    stub: pb_grpc.BenchStub, concurrency: int, until: float, measure_from: float, tally: Tally
 ) -> None:
     message = pb.EchoMessage(payload=b"\0" * 256)
 
@@ -186,7 +186,8 @@ async def stream(
 async def run_scenario(scenario: dict) -> dict:
     size = 64 * 1024 * 1024
     options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
-    async with grpc.aio.insecure_channel(scenario["target"], options=options) as channel:
+    connection = Connection.from_json(scenario.get("connection"))
+    async with connection.aio_channel(scenario["target"], options) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         tally = Tally()
         kind = scenario["kind"]
@@ -197,7 +198,7 @@ async def run_scenario(scenario: dict) -> dict:
         measure_from = time.perf_counter() + WARMUP_S
         until = measure_from + scenario["duration"]
         if kind == "echo":
-            work = echo(stub, scenario["concurrency"], until, measure_from, tally)
+            work = echo(pb_grpc.BenchStub(channel), scenario["concurrency"], until, measure_from, tally)
         elif kind == "kserve":
             inference = kserve_grpc.GRPCInferenceServiceStub(channel)
             batch = kserve_requests_of(info, scenario["payload"], scenario["images"])

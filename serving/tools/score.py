@@ -37,7 +37,7 @@ import grpc
 from tqdm import tqdm
 
 from protos.convserve.v1 import convserve_pb2 as pb
-from serving.client import DEFAULT_SERVER
+from serving.client import DEFAULT_SERVER, add_connection_arguments, connection_from_args
 from serving.tools.shard import parse_shard, select_shard
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="INDEX/COUNT: score only this shard of the input (serving/tools/shard.py)",
     )
+    add_connection_arguments(parser)
 
 
 # -- inputs and outputs ---------------------------------------------------------------------------
@@ -262,6 +263,7 @@ def stream_once(job: Job, target: str) -> int:
     from serving.client import ClassifierClient
 
     args = job.args
+    connection = connection_from_args(args)  # per stream: a rotated token file is read again
     pending: dict[str, tuple[Chunk, dict]] = {}
     lock = threading.Lock()
     closed = threading.Event()  # gRPC may still pull from `requests` after the call ended
@@ -280,7 +282,7 @@ def stream_once(job: Job, target: str) -> int:
                 pending[request.id] = (chunk, unreadable)
             yield request
 
-    client = ClassifierClient(target, retries=0)
+    client = ClassifierClient(target, retries=0, connection=connection)
     try:
         for response in client.stream(requests()):
             with lock:

@@ -54,11 +54,6 @@ class ClassifierStub:
                 request_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
-        self.Echo = channel.unary_unary(
-                '/convserve.v1.Classifier/Echo',
-                request_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.SerializeToString,
-                response_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.FromString,
-                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -90,13 +85,6 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Echo(self, request, context):
-        """Answers with its payload: the transport's own ceiling, measured by `bench`.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,11 +107,6 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.GetModelRequest.FromString,
                     response_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.ModelInfo.SerializeToString,
-            ),
-            'Echo': grpc.unary_unary_rpc_method_handler(
-                    servicer.Echo,
-                    request_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.FromString,
-                    response_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -244,6 +227,55 @@ class Classifier:
             metadata,
             _registered_method=True)
 
+
+class BenchStub:
+    """Benchmark-only: registered only when the server runs with --bench-service (bench starts its servers so).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Echo = channel.unary_unary(
+                '/convserve.v1.Bench/Echo',
+                request_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.SerializeToString,
+                response_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.FromString,
+                _registered_method=True)
+
+
+class BenchServicer:
+    """Benchmark-only: registered only when the server runs with --bench-service (bench starts its servers so).
+    """
+
+    def Echo(self, request, context):
+        """Answers with its payload: the transport's own ceiling, measured by `bench`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BenchServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Echo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.FromString,
+                    response_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'convserve.v1.Bench', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('convserve.v1.Bench', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Bench:
+    """Benchmark-only: registered only when the server runs with --bench-service (bench starts its servers so).
+    """
+
     @staticmethod
     def Echo(request,
             target,
@@ -258,7 +290,7 @@ class Classifier:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/convserve.v1.Classifier/Echo',
+            '/convserve.v1.Bench/Echo',
             protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.SerializeToString,
             protos_dot_convserve_dot_v1_dot_convserve__pb2.EchoMessage.FromString,
             options,

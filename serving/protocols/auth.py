@@ -1,0 +1,149 @@
+"""Bearer tokens: every call but `grpc.health.v1` must carry `authorization: Bearer <token>`.
+
+`TokenFile` holds the accepted tokens (one per line; blank lines and `#` comments ignored) and
+re-reads the file when it changes, looking at most once a second, on the request path (a `stat`;
+the file is read only when its size, mtime or inode changed). A file that turns empty or unreadable
+keeps the tokens read before, with one warning per change. Tokens are compared in constant time
+against every accepted token, and never logged.
+
+`TokenAuth` is the outermost interceptor: a call without a token is answered UNAUTHENTICATED, one
+with a wrong token PERMISSION_DENIED, by an aborting handler of the method's own kind (so a stream
+is refused without waiting for its first message), before it is parsed or admitted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from serving.protocols.status import log_limited
+
+log = logging.getLogger(__name__)
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes need no token
+CHECK_EVERY_S = 1.0
+MISSING = "this server needs a bearer token: send metadata `authorization: Bearer <token>`"
+WRONG = "the bearer token is not accepted"
+
+
+def parse_tokens(text: str) -> tuple[bytes, ...]:
+    """One token per line; blank lines and lines starting with # are ignored."""
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line.encode() for line in lines if line and not line.startswith("#"))
+
+
+def bearer_token(metadata: Any) -> bytes | None:
+    """The token of an `authorization: Bearer <token>` entry, or None when there is none."""
+    for key, value in metadata or ():
+        if key != "authorization":
+            continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip().encode()
+    return None
+
+
+class TokenFile:
+    def __init__(self, path: Path, check_every_s: float = CHECK_EVERY_S) -> None:
+        self.path = path
+        self.check_every_s = check_every_s
+        self._stamp = self._stat()
+        self._tokens = parse_tokens(path.read_text())
+        if not self._tokens:
+            raise ValueError(f"{path} holds no token")
+        self._next_check = time.monotonic() + check_every_s
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def tokens(self) -> tuple[bytes, ...]:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self.check_every_s
+            self._reload_if_changed()
+        return self._tokens
+
+    def _reload_if_changed(self) -> None:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            tokens = parse_tokens(self.path.read_text())
+            problem = "holds no token"
+        except (OSError, UnicodeDecodeError) as error:
+            tokens, problem = (), f"cannot be read ({type(error).__name__})"
+        if not tokens:
+            log.warning(
+                "token file %s %s: keeping the %d token(s) read before", self.path, problem, len(self._tokens)
+            )
+            return
+        self._tokens = tokens
+        log.info("token file %s re-read: %d token(s)", self.path, len(tokens))
+
+    def accepts(self, presented: bytes) -> bool:
+        """Constant time: compared against every token, whatever matched before."""
+        accepted = False
+        for token in self.tokens():
+            accepted |= hmac.compare_digest(presented, token)
+        return accepted
+
+
+def denying_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> Any:
+    """A handler of the same kind as `handler` that aborts at once, reading nothing of a stream."""
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler is None or not (handler.request_streaming or handler.response_streaming):
+        return grpc.unary_unary_rpc_method_handler(deny)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    return grpc.unary_stream_rpc_method_handler(deny_stream)
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: TokenFile) -> None:
+        self.tokens = tokens
+        self._denials: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method.startswith(OPEN_PREFIXES):
+            return await continuation(details)
+        presented = bearer_token(details.invocation_metadata)
+        if presented is not None and self.tokens.accepts(presented):
+            return await continuation(details)
+        code = grpc.StatusCode.UNAUTHENTICATED if presented is None else grpc.StatusCode.PERMISSION_DENIED
+        log_limited(f"auth:{code.name}", logging.WARNING, "refused a call to %s: %s", method, code.name)
+        return self._denial(await continuation(details), method, code)
+
+    def _denial(self, handler: grpc.RpcMethodHandler | None, method: str, code: grpc.StatusCode) -> Any:
+        cached = self._denials.get((method, code))
+        if cached is None or cached[0] is not handler:
+            message = MISSING if code == grpc.StatusCode.UNAUTHENTICATED else WRONG
+            cached = (handler, denying_handler(handler, code, message))
+            self._denials[(method, code)] = cached
+        return cached[1]
