@@ -1,4 +1,4 @@
-"""`python -m serving serve|classify|health|score|bench` (console script: `convserve`)."""
+"""`python -m serving serve|classify|health|score|bench|inspect` (console script: `convserve`)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(
         commands.add_parser("bench", help="measure the server against in-process ONNX Runtime")
     )
+    from serving.inspection import add_inspect_arguments
+
+    add_inspect_arguments(
+        commands.add_parser(
+            "inspect", help="an ONNX file's inputs, outputs, metadata and a starting model.json"
+        )
+    )
     return parser
 
 
@@ -93,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(status)
         return 0 if status == "SERVING" else 1
+    if args.command == "inspect":
+        from serving.inspection import run_inspect
+
+        return run_inspect(args)
     if args.command == "score":
         from serving.tools.score import run_score
 
