@@ -43,8 +43,11 @@ class Scenario:
     images: int = 1
     server: str = "batching"  # batching | no-batching
 
-    def command(self, target: str, model: str, duration: float) -> dict:
+    def command(
+        self, target: str, model: str, duration: float, image_size: tuple[int, int] | None = None
+    ) -> dict:
         return {
+            "image_size": list(image_size) if image_size else None,
             "target": target,
             "kind": self.kind,
             "payload": self.payload,
@@ -86,6 +89,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--image-size",
+        type=image_size,
+        default=None,
+        metavar="WxH",
+        help="PNG images of this size (default: the model's input size), so the server resizes them",
+    )
+
+
+def image_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return width, height
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -212,7 +232,7 @@ def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadG
                 server = servers[scenario.server]
                 items0, batches0 = model_stats(server.address, model)
                 cpu0 = server.cpu_seconds()
-                result = load.run(scenario.command(server.address, model, args.duration))
+                result = load.run(scenario.command(server.address, model, args.duration, args.image_size))
                 cpu1 = server.cpu_seconds()
                 items1, batches1 = model_stats(server.address, model)
                 measured = results[scenario.name]
@@ -360,6 +380,37 @@ def fmt(value: float | None, spec: str = ".0f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+RESIZE_MODES = ("letterbox", "crop")
+RESIZE_COST = 1.10  # letterbox and crop may cost at most 10 % more than stretch
+
+
+def resize_targets(summaries: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """`<model>-letterbox` and `<model>-crop` against `<model>` (stretch), scenario by scenario: the
+    server's CPU time per image (decoding is where the modes differ) and images/s."""
+    by_name = {s["model"]: s for s in summaries}
+    out: list[tuple[str, bool | None, str]] = []
+    for name, summary in by_name.items():
+        base, _, mode = name.rpartition("-")
+        if mode not in RESIZE_MODES or base not in by_name:
+            continue
+        for scenario, r in summary["scenarios"].items():
+            stretch = by_name[base]["scenarios"].get(scenario)
+            if stretch is None or "png" not in scenario:
+                continue
+            cpu, cpu0 = r["cpu_ms_per_image"], stretch["cpu_ms_per_image"]
+            held = None if not cpu or not cpu0 else cpu <= RESIZE_COST * cpu0
+            speed = r["images_per_s"] / stretch["images_per_s"] if stretch["images_per_s"] else float("nan")
+            out.append(
+                (
+                    f"{name}: {scenario} CPU/img ≤ {RESIZE_COST:.2f}× {base}'s (stretch)",
+                    held,
+                    f"{fmt(cpu, '.3f')} vs {fmt(cpu0, '.3f')} ms "
+                    f"({fmt(cpu / cpu0 if cpu and cpu0 else None, '.2f')}×); images/s {speed:.2f}×",
+                )
+            )
+    return out
+
+
 def write_report(summaries: list[dict], command: str, path: Path) -> str:
     lines = [
         "# convserve benchmark",
@@ -406,6 +457,11 @@ def write_report(summaries: list[dict], command: str, path: Path) -> str:
         lines += ["", "| target | held | figure |", "|---|---|---|"]
         for target, held, figure in targets(summary):
             lines.append(f"| {target} | {'yes' if held else 'NO'} | {figure} |")
+        lines.append("")
+    if compared := resize_targets(summaries):
+        lines += ["## resize modes against stretch", "", "| target | held | figure |", "|---|---|---|"]
+        for target, held, figure in compared:
+            lines.append(f"| {target} | {'–' if held is None else 'yes' if held else 'NO'} | {figure} |")
         lines.append("")
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
