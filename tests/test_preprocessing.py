@@ -3,6 +3,7 @@ output selection, output kinds, uint8 inputs, and the refusals that name the key
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -292,3 +293,30 @@ def test_inspect_reads_our_own_contract(tmp_path: Path) -> None:
     path = build_conv_model(tmp_path / "conv" / "1" / "model.onnx", side=16)
     sidecar = json.loads(inspect(path, "--sidecar"))
     assert sidecar["_guessed"] == [] and sidecar["height"] == 16 and sidecar["labels"][0] == "c0"
+
+
+def test_bench_compares_each_resize_mode_with_stretch() -> None:
+    from serving.tools.bench import resize_targets
+
+    def summary(model: str, cpu: float) -> dict:
+        return {
+            "model": model,
+            "scenarios": {"unary c64 png": {"cpu_ms_per_image": cpu, "images_per_s": 100.0}},
+        }
+
+    rows = resize_targets(
+        [summary("resnet18", 10.0), summary("resnet18-letterbox", 10.5), summary("resnet18-crop", 12.0)]
+    )
+    assert [(target.split(":")[0], held) for target, held, _ in rows] == [
+        ("resnet18-letterbox", True),
+        ("resnet18-crop", False),
+    ]
+
+
+def test_bench_images_of_another_size_reach_the_resize() -> None:
+    from protos.convserve.v1 import convserve_pb2 as pb
+    from serving.tools.loadgen import make_images
+
+    info = pb.ModelInfo(input=pb.InputSpec(color_mode="RGB", height=32, width=32, layout="NCHW"))
+    (image,) = make_images(info, "png", count=1, size=(48, 40))
+    assert Image.open(io.BytesIO(image.encoded)).size == (48, 40)
