@@ -26,8 +26,10 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from serving.client import ClassifierClient
@@ -154,11 +156,19 @@ def encoded(pixels: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def serve(tmp_path: Path, server_factory, name: str, onnx_file: Path, sidecar: dict) -> str:
-    version = tmp_path / "models" / name / "1"
+def place(models: Path, name: str, onnx_file: Path, sidecar: dict) -> None:
+    version = models / name / "1"
     version.mkdir(parents=True)
     (version / "model.onnx").write_bytes(onnx_file.read_bytes())
     (version / "model.json").write_text(json.dumps(sidecar, indent=1))
+
+
+def serve(tmp_path: Path, server_factory, name: str, onnx_file: Path, sidecar: dict) -> str:
+    place(tmp_path / "models", name, onnx_file, sidecar)
+    # The same model with a sidecar that cannot be right: refused, the others serve.
+    place(
+        tmp_path / "models", "misdescribed", onnx_file, {**sidecar, "channel_order": "BGR", "color_mode": "L"}
+    )
     return server_factory(tmp_path / "models").address
 
 
@@ -224,3 +234,10 @@ def test_text_direction_model_matches_its_authors(tmp_path, server_factory) -> N
     address = serve(tmp_path, server_factory, "text-direction", onnx_file, TEXT_DIRECTION_SIDECAR)
     diffs = compare(address, "text-direction", TEXT_DIRECTION_SIDECAR["labels"], images, expected)
     print("ch_ppocr_mobile_v2.0_cls max |diff| per image:", diffs)
+    with ClassifierClient(address) as client:
+        info = client.get_model("misdescribed")
+        assert info.state == "UNAVAILABLE"
+        assert "cannot serve misdescribed version 1" in info.reason and "channel_order BGR" in info.reason
+        with pytest.raises(grpc.RpcError) as refused:
+            client.classify([images["line0-0.png"]], model="misdescribed")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
