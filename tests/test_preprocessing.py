@@ -86,6 +86,18 @@ def test_geometry_of_each_resize_mode() -> None:
     assert plan(1000, 30, Fit("RGB", 48, 192, resize="fit_height")).width == 192
 
 
+def test_an_elongated_image_is_refused_by_crop_not_blown_up() -> None:
+    from serving.core.preprocess import ImageError, decode_to_input
+
+    contract = ModelContract(
+        labels=("a",), color_mode="RGB", height=32, width=32, resize="crop", resize_to=36
+    )
+    data = io.BytesIO()
+    Image.new("RGB", (1, 5000)).save(data, "PNG")
+    with pytest.raises(ImageError, match="too elongated for a centre crop"):
+        decode_to_input(data.getvalue(), contract)
+
+
 def test_letterbox_fill_and_channel_order_reach_the_input() -> None:
     pixels = np.zeros((10, 40, 3), dtype=np.uint8)
     pixels[..., 0] = 200  # red

@@ -19,6 +19,8 @@ from serving.core.contract import ColorMode, Fit
 from serving.core.resize import resize_image, resize_sampled
 
 ROUND = {"round": round, "floor": math.floor, "ceil": math.ceil}
+# `crop` scales the shorter side up to resize_to: a 1x5000 image would become 256x1,280,000 pixels.
+MAX_CROP_ASPECT = 32
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ def plan(src_width: int, src_height: int, fit: Fit) -> Plan:
     if fit.resize == "crop":
         assert fit.resize_to is not None
         short = min(src_width, src_height)
+        if max(src_width, src_height) > MAX_CROP_ASPECT * short:
+            raise ValueError(
+                f"a {src_width}x{src_height} image is too elongated for a centre crop "
+                f"(more than {MAX_CROP_ASPECT}:1)"
+            )
         factor = fit.resize_to / short
         # The shorter side becomes resize_to exactly; the longer one is rounded as the recipe says.
         width = fit.resize_to if src_width == short else max(fit.resize_to, int(rounding(src_width * factor)))
