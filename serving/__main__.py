@@ -1,4 +1,4 @@
-"""`python -m serving serve|classify|health|score|bench` (console script: `convserve`)."""
+"""`python -m serving serve|classify|health|score|bench|inspect` (console script: `convserve`)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(
         commands.add_parser("bench", help="measure the server against in-process ONNX Runtime")
     )
+    from serving.inspection import add_inspect_arguments
+
+    add_inspect_arguments(
+        commands.add_parser(
+            "inspect", help="an ONNX file's inputs, outputs, metadata and a starting model.json"
+        )
+    )
     return parser
 
 
@@ -69,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_server(config)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if args.command == "inspect":  # a file on disk: no server, no connection
+        from serving.inspection import run_inspect
+
+        return run_inspect(args)
     try:
         connection = connection_from_args(args)
     except (ValueError, OSError) as exc:

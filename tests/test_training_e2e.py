@@ -38,6 +38,16 @@ def test_export_is_verified_and_carries_the_contract(model_repo: Path, digit_sam
     assert contract.labels == tuple(str(i) for i in range(10))
     assert (contract.color_mode, contract.height, contract.width, contract.layout) == ("L", 8, 8, "NCHW")
     assert contract.output_kind == "probabilities" and contract.scale == pytest.approx(1 / 255)
+    # Every preprocessing field is written, so the file says exactly how our own pixels were made.
+    assert {"convserve.resize", "convserve.channel_order", "convserve.resample", "convserve.antialias"} <= {
+        p.key for p in proto.metadata_props
+    }
+    assert (contract.resize, contract.channel_order, contract.resample, contract.antialias) == (
+        "stretch",
+        "RGB",
+        "bilinear",
+        True,
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[0] not in (1, None) and isinstance(
         session.get_inputs()[0].shape[0], str

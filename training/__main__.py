@@ -94,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     reference = commands.add_parser("reference", help="export a random-weight reference model for benchmarks")
     reference.add_argument("arch", choices=["digits", "resnet18", "resnet50"])
     reference.add_argument("--repository", type=Path, default=Path("benchmarks/models"))
-    reference.add_argument("--name", default=None, help="default: the architecture's name")
+    reference.add_argument("--name", default=None, help="default: the architecture's name (+ -RESIZE)")
+    reference.add_argument(
+        "--resize",
+        choices=["stretch", "letterbox", "crop"],
+        default="stretch",
+        help="the contract's resize mode (the bench compares their decoding cost)",
+    )
     return parser
 
 
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reference":
             from training.reference import build_reference
 
-            print(f"reference model: {build_reference(args.arch, args.repository, args.name)}")
+            path = build_reference(args.arch, args.repository, args.name, resize=args.resize)
+            print(f"reference model: {path}")
             return 0
         if args.command == "report":
             print_report(args.run_dir, args.out, tuple(args.images))

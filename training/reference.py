@@ -107,8 +107,16 @@ ARCHITECTURES = {
 }
 
 
-def build_reference(arch: str, repository: Path, name: str | None = None, seed: int = 0) -> Path:
-    """Exports `arch` with random weights to `repository/name/1/model.onnx` (kept when already there)."""
+def build_reference(
+    arch: str, repository: Path, name: str | None = None, seed: int = 0, resize: str = "stretch"
+) -> Path:
+    """Exports `arch` with random weights to `repository/name/1/model.onnx` (kept when already there).
+
+    `resize` letterbox or crop writes that preprocessing into the contract (crop: the shorter side to
+    8/7 of the input first, as 256 → 224 does), so the bench can compare their cost with stretch's.
+    """
+    if name is None and resize != "stretch":
+        name = f"{arch}-{resize}"
     import onnxruntime as ort
 
     builder, color_mode, side, classes = ARCHITECTURES[arch]
@@ -126,6 +134,9 @@ def build_reference(arch: str, repository: Path, name: str | None = None, seed: 
         color_mode=color_mode,  # type: ignore[arg-type]
         height=side,
         width=side,
+        resize=resize,  # type: ignore[arg-type]
+        resize_to=side * 8 // 7 if resize == "crop" else None,
+        fill=(114.0,) if resize == "letterbox" else (0.0,),
         extra={"reference": arch},
     )
     write_metadata(target, contract.to_metadata())

@@ -2,8 +2,10 @@
 
 Written into `metadata_props` by `training export`, read back by the server.
 A model exported elsewhere carries no such metadata and is described by a sidecar JSON file
-(`model.json` beside `model.onnx`) holding the same fields. Pure Python plus Pillow: training imports
-this module, so it must never import onnxruntime, grpc or torch.
+(`model.json` beside `model.onnx`) holding the same fields. Both are read by one parser, so a key
+means the same in both; unknown keys and impossible combinations are refused naming the key.
+Pure Python plus numpy and Pillow: training imports this module, so it must never import
+onnxruntime, grpc or torch.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+from serving.core.resize import RESAMPLES, SAMPLED, Resample
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -22,14 +26,58 @@ PREFIX = "convserve."
 SIDECAR_NAME = "model.json"
 
 ColorMode = Literal["L", "RGB"]
+ChannelOrder = Literal["RGB", "BGR"]
 Layout = Literal["NCHW", "NHWC"]
-OutputKind = Literal["probabilities", "logits"]
+OutputKind = Literal["probabilities", "logits", "log-probabilities"]
+ResizeMode = Literal["stretch", "letterbox", "fit_height", "crop"]
+Align = Literal["centre", "top-left"]
+Rounding = Literal["round", "floor", "ceil"]
 
 COLOR_CHANNELS: dict[str, int] = {"L": 1, "RGB": 3}
+OUTPUT_KINDS = ("probabilities", "logits", "log-probabilities")
+RESIZE_MODES = ("stretch", "letterbox", "fit_height", "crop")
+ALIGNS = ("centre", "top-left")
+ROUNDINGS = ("round", "floor", "ceil")
+# Informational metadata our own exports write; the server reads nothing from them.
+INFO_KEYS = ("dataset", "precision", "reference")
 
 
 class ContractError(ValueError):
     """The metadata or sidecar file does not describe a usable model."""
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How an image becomes the model's pixels: colour, channel order, geometry and resampling.
+
+    resize: `stretch` to height x width; `letterbox`: scale to fit inside, keep the aspect ratio and pad
+    with `fill` (placed by `align`); `fit_height`: scale to the height, width by the same factor (at most
+    the input width: wider images are squeezed), pad the right with `fill` (CRNN/PaddleOCR text lines);
+    `crop`: scale the shorter side to `resize_to`, then take the centre height x width (torchvision's
+    Resize + CenterCrop). `rounding` rounds the scaled side that is not given exactly. `antialias`: Pillow's
+    resize (the filter widens as it shrinks); without it, OpenCV's `cv2.resize`, reproduced exactly.
+    `fill` is in pixel units (0-255), in the model's channel order; it may be fractional (127.5).
+    """
+
+    color_mode: ColorMode
+    height: int
+    width: int
+    channel_order: ChannelOrder = "RGB"
+    resize: ResizeMode = "stretch"
+    resize_to: int | None = None
+    fill: tuple[float, ...] = (0.0,)
+    align: Align = "centre"
+    rounding: Rounding = "round"
+    resample: Resample = "bilinear"
+    antialias: bool = True
+
+    @property
+    def channels(self) -> int:
+        return COLOR_CHANNELS[self.color_mode]
+
+    @property
+    def pads(self) -> bool:
+        return self.resize in ("letterbox", "fit_height")
 
 
 @dataclass(frozen=True)
@@ -41,32 +89,75 @@ class ModelContract:
     height: int
     width: int
     layout: Layout = "NCHW"
-    # input = (pixel * scale - mean) / std, per channel; our exports keep mean/std inside the graph.
+    # input = (pixel * scale - mean) / std, per channel: mean and std are in the units of pixel * scale
+    # (0-1 with scale 1/255, 0-255 with scale 1). Our exports keep mean/std inside the graph.
     scale: float = 1.0 / 255.0
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     output_kind: OutputKind = "probabilities"
+    channel_order: ChannelOrder = "RGB"
+    resize: ResizeMode = "stretch"
+    resize_to: int | None = None
+    fill: tuple[float, ...] = (0.0,)
+    align: Align = "centre"
+    rounding: Rounding = "round"
+    resample: Resample = "bilinear"
+    antialias: bool = True
+    output: str | None = None  # the output holding the classes; None: the graph's first
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.color_mode not in COLOR_CHANNELS:
-            raise ContractError(
-                f"color_mode must be one of {sorted(COLOR_CHANNELS)}, got {self.color_mode!r}"
-            )
-        if self.layout not in ("NCHW", "NHWC"):
-            raise ContractError(f"layout must be NCHW or NHWC, got {self.layout!r}")
-        if self.output_kind not in ("probabilities", "logits"):
-            raise ContractError(f"output_kind must be probabilities or logits, got {self.output_kind!r}")
+        def one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise ContractError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+        one_of("color_mode", self.color_mode, tuple(COLOR_CHANNELS))
+        one_of("layout", self.layout, ("NCHW", "NHWC"))
+        one_of("output_kind", self.output_kind, OUTPUT_KINDS)
+        one_of("channel_order", self.channel_order, ("RGB", "BGR"))
+        one_of("resize", self.resize, RESIZE_MODES)
+        one_of("align", self.align, ALIGNS)
+        one_of("rounding", self.rounding, ROUNDINGS)
+        one_of("resample", self.resample, RESAMPLES)
+        if not isinstance(self.antialias, bool):
+            raise ContractError(f"antialias must be true or false; got {self.antialias!r}")
         if self.height < 1 or self.width < 1:
             raise ContractError(f"input size must be positive, got {self.height}x{self.width}")
         if not self.scale > 0:
             raise ContractError(f"scale must be positive, got {self.scale}")
         channels = self.channels
-        for name, values in (("mean", self.mean), ("std", self.std)):
+        for name, values in (("mean", self.mean), ("std", self.std), ("fill", self.fill)):
             if len(values) not in (1, channels):
                 raise ContractError(f"{name} needs 1 or {channels} values, got {len(values)}")
         if any(s == 0 for s in self.std):
             raise ContractError("std must not contain 0")
+        top = 255.0 * self.scale
+        if any(not -1e-9 <= m <= top * (1 + 1e-9) for m in self.mean):
+            raise ContractError(
+                f"mean {list(self.mean)} lies outside the scaled pixel range [0, {top:g}]: give mean in the "
+                f"units of pixel x scale (0-1 for scale 1/255, 0-255 for scale 1)"
+            )
+        if any(not 0 <= f <= 255 for f in self.fill):
+            raise ContractError(f"fill is in pixel units, 0-255; got {list(self.fill)}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        if self.channel_order == "BGR" and self.color_mode == "L":
+            raise ContractError("channel_order BGR needs color_mode RGB")
+        if self.resize == "crop":
+            if self.resize_to is None:
+                raise ContractError("resize crop needs resize_to (the shorter side before the centre crop)")
+            if self.resize_to < max(self.height, self.width):
+                raise ContractError(
+                    f"resize_to {self.resize_to} is smaller than the {self.height}x{self.width} crop"
+                )
+        elif self.resize_to is not None:
+            raise ContractError(f"resize_to applies only to resize crop, not {self.resize}")
+        if not self.antialias and self.resample not in SAMPLED:
+            raise ContractError(
+                f"resample {self.resample} without antialias is not reproduced; "
+                f"use one of {', '.join(SAMPLED)}"
+            )
 
     @property
     def channels(self) -> int:
@@ -83,19 +174,83 @@ class ModelContract:
     def has_normalisation(self) -> bool:
         return any(m != 0.0 for m in self.mean) or any(s != 1.0 for s in self.std)
 
-    def to_metadata(self) -> dict[str, str]:
-        """The `metadata_props` entries written into an exported ONNX file."""
+    @property
+    def raw_pixels(self) -> bool:
+        """The input is the pixel values themselves (scale 1, no mean or std): what a uint8 model takes."""
+        return self.scale == 1.0 and not self.has_normalisation
+
+    @property
+    def fit(self) -> Fit:
+        return Fit(
+            self.color_mode,
+            self.height,
+            self.width,
+            self.channel_order,
+            self.resize,
+            self.resize_to,
+            self.fill,
+            self.align,
+            self.rounding,
+            self.resample,
+            self.antialias,
+        )
+
+    def to_fields(self) -> dict[str, Any]:
+        """Every field as a sidecar (`model.json`) holds it."""
         return {
-            PREFIX + "labels": json.dumps(list(self.labels)),
-            PREFIX + "color_mode": self.color_mode,
-            PREFIX + "input_size": f"{self.height}x{self.width}",
-            PREFIX + "layout": self.layout,
-            PREFIX + "scale": repr(self.scale),
-            PREFIX + "mean": json.dumps(list(self.mean)),
-            PREFIX + "std": json.dumps(list(self.std)),
-            PREFIX + "output_kind": self.output_kind,
-            **{PREFIX + k: v for k, v in self.extra.items()},
+            "labels": list(self.labels),
+            "color_mode": self.color_mode,
+            "channel_order": self.channel_order,
+            "height": self.height,
+            "width": self.width,
+            "layout": self.layout,
+            "resize": self.resize,
+            **({"resize_to": self.resize_to} if self.resize_to is not None else {}),
+            "fill": list(self.fill),
+            "align": self.align,
+            "rounding": self.rounding,
+            "resample": self.resample,
+            "antialias": self.antialias,
+            "scale": self.scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            **({"output": self.output} if self.output is not None else {}),
+            "output_kind": self.output_kind,
         }
+
+    def to_metadata(self) -> dict[str, str]:
+        """The `metadata_props` of an exported ONNX file: the sidecar's fields, as strings."""
+        fields = self.to_fields()
+        metadata = {PREFIX + "input_size": f"{fields.pop('height')}x{fields.pop('width')}"}
+        for key, value in fields.items():
+            metadata[PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
+        metadata[PREFIX + "scale"] = repr(self.scale)
+        metadata.update({PREFIX + k: v for k, v in self.extra.items()})
+        return metadata
+
+
+# key -> its type in a sidecar; metadata holds the same as strings (JSON for lists, numbers and booleans).
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "labels": list,
+    "color_mode": str,
+    "channel_order": str,
+    "height": int,
+    "width": int,
+    "layout": str,
+    "resize": str,
+    "resize_to": int,
+    "fill": (list, int, float),
+    "align": str,
+    "rounding": str,
+    "resample": str,
+    "antialias": bool,
+    "scale": (int, float),
+    "mean": (list, int, float),
+    "std": (list, int, float),
+    "output": str,
+    "output_kind": str,
+}
+REQUIRED = ("color_mode", "height", "width")
 
 
 def has_contract(metadata: dict[str, str]) -> bool:
@@ -104,101 +259,119 @@ def has_contract(metadata: dict[str, str]) -> bool:
 
 def from_metadata(metadata: dict[str, str]) -> ModelContract:
     """Reads a contract back from an ONNX file's `metadata_props`."""
-    try:
-        height, width = (int(v) for v in metadata[PREFIX + "input_size"].split("x"))
-        known = {"labels", "color_mode", "input_size", "layout", "scale", "mean", "std", "output_kind"}
-        extra = {
-            k[len(PREFIX) :]: v
-            for k, v in metadata.items()
-            if k.startswith(PREFIX) and k[len(PREFIX) :] not in known
-        }
-        return ModelContract(
-            labels=tuple(json.loads(metadata[PREFIX + "labels"])),
-            color_mode=metadata[PREFIX + "color_mode"],  # type: ignore[arg-type]
-            height=height,
-            width=width,
-            layout=metadata.get(PREFIX + "layout", "NCHW"),  # type: ignore[arg-type]
-            scale=float(metadata.get(PREFIX + "scale", 1.0 / 255.0)),
-            mean=tuple(json.loads(metadata.get(PREFIX + "mean", "[0.0]"))),
-            std=tuple(json.loads(metadata.get(PREFIX + "std", "[1.0]"))),
-            output_kind=metadata.get(PREFIX + "output_kind", "probabilities"),  # type: ignore[arg-type]
-            extra=extra,
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ContractError(f"bad convserve metadata: {exc}") from exc
+    fields: dict[str, Any] = {}
+    extra: dict[str, str] = {}
+    for key, text in metadata.items():
+        if not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX) :]
+        if name in INFO_KEYS:
+            extra[name] = text
+        elif name == "input_size":
+            try:
+                fields["height"], fields["width"] = (int(v) for v in text.split("x"))
+            except ValueError:
+                raise ContractError(f"metadata key {key}: expected HxW, got {text!r}") from None
+        elif name not in FIELDS or name in ("height", "width"):
+            raise ContractError(f"unknown metadata key {key!r}")
+        elif FIELDS[name] is str:
+            fields[name] = text
+        else:
+            try:
+                fields[name] = json.loads(text)
+            except json.JSONDecodeError:
+                raise ContractError(f"metadata key {key}: not JSON: {text[:80]!r}") from None
+    if "labels" not in fields:
+        raise ContractError(f"metadata has no {PREFIX}labels")
+    return build(fields, "metadata", 0, extra, PREFIX)
 
 
 def from_sidecar(path: Path, num_classes: int) -> ModelContract:
-    """Reads a sidecar file; labels default to the class indices when it gives none."""
+    """Reads a sidecar file; labels default to the class indices when it gives none.
+
+    Keys starting with `_` are comments (`inspect` writes `_guessed`) and are ignored.
+    """
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ContractError(f"cannot read sidecar {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ContractError(f"sidecar {path} must hold a JSON object")
-    unknown = set(data) - {
-        "labels",
-        "color_mode",
-        "height",
-        "width",
-        "layout",
-        "scale",
-        "mean",
-        "std",
-        "output_kind",
-    }
+    unknown = sorted(k for k in data if k not in FIELDS and not k.startswith("_"))
     if unknown:
-        raise ContractError(f"sidecar {path} has unknown keys: {sorted(unknown)}")
+        raise ContractError(f"sidecar {path} has unknown keys: {unknown}")
+    fields = {k: v for k, v in data.items() if not k.startswith("_")}
+    return build(fields, f"sidecar {path}", num_classes, {})
+
+
+def build(
+    fields: dict[str, Any], where: str, num_classes: int, extra: dict[str, str], key_prefix: str = ""
+) -> ModelContract:
+    """A contract from parsed fields; every message starts with `where` (the file) and names the key."""
+    for key in REQUIRED:
+        if key not in fields:
+            raise ContractError(f"{where}: {key_prefix}{key} is missing")
+    for key, value in fields.items():
+        kinds = FIELDS[key] if isinstance(FIELDS[key], tuple) else (FIELDS[key],)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # type: ignore[arg-type]
+            raise ContractError(f"{where}: {key_prefix}{key} must be {_type_name(kinds)}, got {value!r}")
     try:
-        labels = data.get("labels") or [str(i) for i in range(num_classes)]
+        labels = fields.get("labels") or [str(i) for i in range(num_classes)]
         return ModelContract(
             labels=tuple(str(label) for label in labels),
-            color_mode=data["color_mode"],
-            height=int(data["height"]),
-            width=int(data["width"]),
-            layout=data.get("layout", "NCHW"),
-            scale=float(data.get("scale", 1.0 / 255.0)),
-            mean=tuple(float(v) for v in data.get("mean", [0.0])),
-            std=tuple(float(v) for v in data.get("std", [1.0])),
-            output_kind=data.get("output_kind", "probabilities"),
+            color_mode=fields["color_mode"],
+            height=fields["height"],
+            width=fields["width"],
+            layout=fields.get("layout", "NCHW"),
+            scale=float(fields.get("scale", 1.0 / 255.0)),
+            mean=_numbers("mean", fields.get("mean", [0.0])),
+            std=_numbers("std", fields.get("std", [1.0])),
+            output_kind=fields.get("output_kind", "probabilities"),
+            channel_order=fields.get("channel_order", "RGB"),
+            resize=fields.get("resize", "stretch"),
+            resize_to=fields.get("resize_to"),
+            fill=_numbers("fill", fields.get("fill", [0.0])),
+            align=fields.get("align", "centre"),
+            rounding=fields.get("rounding", "round"),
+            resample=fields.get("resample", "bilinear"),
+            antialias=fields.get("antialias", True),
+            output=fields.get("output"),
+            extra=extra,
         )
-    except KeyError as exc:
-        raise ContractError(f"sidecar {path} is missing {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ContractError(f"sidecar {path}: {exc}") from exc
+    except ContractError as exc:
+        raise ContractError(f"{where}: {exc}") from None
+
+
+def _numbers(key: str, value: Any) -> tuple[float, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ContractError(f"{key} must hold numbers, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _type_name(kinds: tuple[type, ...]) -> str:
+    names = {list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return " or ".join(dict.fromkeys(names[k] for k in kinds))
 
 
 def image_pixels(image: Image.Image, color_mode: ColorMode, height: int, width: int) -> np.ndarray:
-    """The one way from an opened image file to a model's pixels: uint8, (H, W) or (H, W, C).
+    """Training's entry: an opened image file to uint8 pixels, stretched (our own models' recipe).
 
-    Training's folder loader and the server both call this, so the same file gives bit-identical
-    model input in both. A JPEG at least twice the target size in each direction is decoded at a
-    reduced scale (libjpeg's DCT scaling, a power of two that still covers the target); the colour
-    conversion stays Pillow's, as for every other format.
+    The same function as the server's (`serving.core.pixels.fit_pixels`), so the same file gives
+    bit-identical model input in both.
     """
-    if image.format == "JPEG" and image.width >= 2 * width and image.height >= 2 * height:
-        image.draft(image.mode, (width, height))
-    return np.asarray(fit_image(image, color_mode, height, width), dtype=np.uint8)
+    from serving.core.pixels import fit_pixels
+
+    return fit_pixels(image, Fit(color_mode, height, width)).pixels
 
 
 def fit_image(image: Image.Image, color_mode: ColorMode, height: int, width: int) -> Image.Image:
-    """Converts any Pillow image to the model's colour mode and size.
-
-    Training (folder datasets) and serving both call this, so a model sees at serving time exactly the
-    pixels it was trained on. Alpha is dropped (colour kept); 16- and 32-bit greyscale is scaled to 8 bits
-    (when its values use more than 8 bits).
-    """
+    """Converts any Pillow image to the model's colour mode and size (stretched, bilinear)."""
     from PIL import Image
 
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        # 16-bit data using more than 8 bits spans 0..65535; values that fit in 8 bits are kept as they are.
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
-    elif image.mode == "P" or image.mode == "PA":
-        image = image.convert("RGBA")
-    if image.mode != color_mode:
-        image = image.convert(color_mode)
+    from serving.core.pixels import to_mode
+
+    image = to_mode(image, color_mode)
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     return image

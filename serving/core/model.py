@@ -40,13 +40,27 @@ def load_contract(model_path: Path, runtime: ModelRuntime) -> ModelContract:
     if has_contract(runtime.metadata):
         contract = from_metadata(runtime.metadata)
     elif sidecar.exists():
+        contract = from_sidecar(sidecar, 0)  # labels default to class indices once the output is known
+    else:
+        raise ContractError(f"{model_path} has no convserve metadata and no {SIDECAR_NAME} sidecar beside it")
+    if contract.output is not None:
+        try:
+            runtime.select_output(contract.output)
+        except ModelLoadError as exc:
+            raise ContractError(f"output: {exc}") from None
+    if not contract.labels:
         if runtime.num_classes is None:
             raise ContractError(
                 f"{model_path}: the output's class axis is dynamic; the sidecar must list labels"
             )
-        contract = from_sidecar(sidecar, runtime.num_classes)
-    else:
-        raise ContractError(f"{model_path} has no convserve metadata and no {SIDECAR_NAME} sidecar beside it")
+        contract = dataclasses.replace(contract, labels=tuple(str(i) for i in range(runtime.num_classes)))
+    if runtime.input_dtype == np.uint8 and (
+        not contract.raw_pixels or any(f != round(f) for f in contract.fill)
+    ):
+        raise ContractError(
+            f"{model_path}: a uint8 input takes the pixels as they are: scale must be 1, mean 0, std 1 "
+            "and fill whole numbers"
+        )
     static = [d if isinstance(d, int) else None for d in runtime.input_shape[1:]]
     if len(static) != 3 or any(
         s is not None and s != e for s, e in zip(static, contract.image_shape, strict=True)
@@ -109,11 +123,12 @@ class ServedModel:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """The batch function: one model call and, for logits models, one softmax over the batch."""
         output = self.runtime.run(batch)
-        return (
-            softmax(output.astype(np.float32, copy=False))
-            if self.contract.output_kind == "logits"
-            else output
-        )
+        kind = self.contract.output_kind
+        if kind == "logits":
+            return softmax(output.astype(np.float32, copy=False))
+        if kind == "log-probabilities":
+            return np.exp(output.astype(np.float32, copy=False))
+        return output
 
     async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Probabilities of `rows`, batched with every other caller's rows."""

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from serving.core.contract import ModelContract, image_pixels
+from serving.core.contract import ModelContract
 from serving.core.defaults import MAX_PIXELS
 from serving.core.errors import InvalidInput
+from serving.core.pixels import Placed, fit_pixels
 
 # Pillow warns about damaged files (corrupt EXIF, truncated chunks, …) in words a client controls:
 # the image's own error says what matters, so these never reach the log. A bomb warning is an error.
@@ -35,25 +36,62 @@ class ImageError(InvalidInput):
     """One image cannot be used; the message says why."""
 
 
-def pixels_to_input(pixels: np.ndarray, contract: ModelContract, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 pixels, (H, W) or (H, W, C), to one input row: scaled, normalised, in the model's layout."""
+def pixels_to_input(
+    pixels: np.ndarray | Placed, contract: ModelContract, out: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 pixels to one input row: scaled, normalised, in the model's layout and dtype.
+
+    Placed pixels smaller than the input (letterbox, fit_height) go to their place and the rest of the
+    row gets the fill, normalised as a pixel would be. A uint8 model gets the pixels as they are.
+    """
+    placed = pixels if isinstance(pixels, Placed) else Placed(pixels)
+    pixels = placed.pixels
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    if contract.layout == "NCHW":
-        pixels = pixels.transpose(2, 0, 1)
     if out is None:
         out = np.empty(contract.image_shape, dtype=np.float32)
-    np.multiply(pixels, np.float32(contract.scale), out=out, casting="unsafe")
+    height, width = pixels.shape[:2]
+    target = out
+    if (height, width) != (contract.height, contract.width):
+        out[...] = fill_row(contract, out.dtype)
+        rows, cols = slice(placed.top, placed.top + height), slice(placed.left, placed.left + width)
+        target = out[:, rows, cols] if contract.layout == "NCHW" else out[rows, cols, :]
+    if contract.layout == "NCHW":
+        pixels = pixels.transpose(2, 0, 1)
+    if contract.raw_pixels:
+        np.copyto(target, pixels, casting="unsafe")
+        return out
+    np.multiply(pixels, np.float32(contract.scale), out=target, casting="unsafe")
     if contract.has_normalisation:
         shape = (-1, 1, 1) if contract.layout == "NCHW" else (1, 1, -1)
-        out -= np.asarray(contract.mean, dtype=np.float32).reshape(shape)
-        out /= np.asarray(contract.std, dtype=np.float32).reshape(shape)
+        target -= np.asarray(contract.mean, dtype=np.float32).reshape(shape)
+        target /= np.asarray(contract.std, dtype=np.float32).reshape(shape)
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _fill_row(contract: ModelContract, dtype: np.dtype) -> np.ndarray:
+    """The padding as input values, (C, 1, 1) or (1, 1, C): computed as a pixel's would be."""
+    channels = contract.channels
+    fill = np.broadcast_to(np.asarray(contract.fill, dtype=np.float64), (channels,))
+    if contract.raw_pixels:
+        value = fill.round()
+    else:
+        value = fill.astype(np.float32) * np.float32(contract.scale)
+        if contract.has_normalisation:
+            mean = np.broadcast_to(np.asarray(contract.mean, dtype=np.float32), (channels,))
+            std = np.broadcast_to(np.asarray(contract.std, dtype=np.float32), (channels,))
+            value = (value - mean) / std
+    shape = (-1, 1, 1) if contract.layout == "NCHW" else (1, 1, -1)
+    return value.astype(dtype).reshape(shape)
+
+
+def fill_row(contract: ModelContract, dtype: np.dtype) -> np.ndarray:
+    return _fill_row(contract, np.dtype(dtype))
+
+
 def image_to_input(image: Image.Image, contract: ModelContract, out: np.ndarray | None = None) -> np.ndarray:
-    pixels = image_pixels(image, contract.color_mode, contract.height, contract.width)
-    return pixels_to_input(pixels, contract, out)
+    return pixels_to_input(fit_pixels(image, contract.fit), contract, out)
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:

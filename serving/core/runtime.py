@@ -132,6 +132,18 @@ class ModelRuntime:
         self.intra_op_threads = so.intra_op_num_threads
 
     @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self._sessions[0].get_outputs()]
+
+    def select_output(self, name: str) -> None:
+        """Reads the classes from the output called `name` (a contract's `output`) instead of the first."""
+        outputs = {o.name: o for o in self._sessions[0].get_outputs()}
+        if name not in outputs:
+            raise ModelLoadError(f"{self.path}: no output named {name!r}; the graph has {sorted(outputs)}")
+        self.output_name = name
+        self.output_shape = list(outputs[name].shape)
+
+    @property
     def num_classes(self) -> int | None:
         last = self.output_shape[-1] if self.output_shape else None
         return last if isinstance(last, int) else None

@@ -55,8 +55,16 @@ class Scenario:
     images: int = 1
     server: str = "batching"  # batching | no-batching
 
-    def command(self, target: str, model: str, duration: float, connection: Connection = PLAINTEXT) -> dict:
+    def command(
+        self,
+        target: str,
+        model: str,
+        duration: float,
+        connection: Connection = PLAINTEXT,
+        image_size: tuple[int, int] | None = None,
+    ) -> dict:
         return {
+            "image_size": list(image_size) if image_size else None,
             "target": target,
             "connection": connection.to_json(),
             "kind": self.kind,
@@ -106,6 +114,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="the servers' metrics endpoint; on,off: every scenario against both, to compare",
     )
     add_connection_arguments(parser)  # for --server; the servers started here are plaintext
+    parser.add_argument(
+        "--image-size",
+        type=image_size,
+        default=None,
+        metavar="WxH",
+        help="PNG images of this size (default: the model's input size), so the server resizes them",
+    )
+
+
+def image_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return width, height
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -242,7 +267,8 @@ def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadG
                 link = connection if isinstance(server, ExternalServer) else PLAINTEXT
                 items0, batches0 = model_stats(server.address, model, link)
                 cpu0 = server.cpu_seconds()
-                result = load.run(scenario.command(server.address, model, args.duration, link))
+                command = scenario.command(server.address, model, args.duration, link, args.image_size)
+                result = load.run(command)
                 cpu1 = server.cpu_seconds()
                 items1, batches1 = model_stats(server.address, model, link)
                 measured = results[variant(scenario.name, state)]
@@ -400,6 +426,37 @@ def fmt(value: float | None, spec: str = ".0f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+RESIZE_MODES = ("letterbox", "crop")
+RESIZE_COST = 1.10  # letterbox and crop may cost at most 10 % more than stretch
+
+
+def resize_targets(summaries: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """`<model>-letterbox` and `<model>-crop` against `<model>` (stretch), scenario by scenario: the
+    server's CPU time per image (decoding is where the modes differ) and images/s."""
+    by_name = {s["model"]: s for s in summaries}
+    out: list[tuple[str, bool | None, str]] = []
+    for name, summary in by_name.items():
+        base, _, mode = name.rpartition("-")
+        if mode not in RESIZE_MODES or base not in by_name:
+            continue
+        for scenario, r in summary["scenarios"].items():
+            stretch = by_name[base]["scenarios"].get(scenario)
+            if stretch is None or "png" not in scenario:
+                continue
+            cpu, cpu0 = r["cpu_ms_per_image"], stretch["cpu_ms_per_image"]
+            held = None if not cpu or not cpu0 else cpu <= RESIZE_COST * cpu0
+            speed = r["images_per_s"] / stretch["images_per_s"] if stretch["images_per_s"] else float("nan")
+            out.append(
+                (
+                    f"{name}: {scenario} CPU/img ≤ {RESIZE_COST:.2f}× {base}'s (stretch)",
+                    held,
+                    f"{fmt(cpu, '.3f')} vs {fmt(cpu0, '.3f')} ms "
+                    f"({fmt(cpu / cpu0 if cpu and cpu0 else None, '.2f')}×); images/s {speed:.2f}×",
+                )
+            )
+    return out
+
+
 def write_report(summaries: list[dict], command: str, path: Path) -> str:
     lines = [
         "# convserve benchmark",
@@ -446,6 +503,11 @@ def write_report(summaries: list[dict], command: str, path: Path) -> str:
         lines += ["", "| target | held | figure |", "|---|---|---|"]
         for target, held, figure in targets(summary):
             lines.append(f"| {target} | {'yes' if held else 'NO'} | {figure} |")
+        lines.append("")
+    if compared := resize_targets(summaries):
+        lines += ["## resize modes against stretch", "", "| target | held | figure |", "|---|---|---|"]
+        for target, held, figure in compared:
+            lines.append(f"| {target} | {'–' if held is None else 'yes' if held else 'NO'} | {figure} |")
         lines.append("")
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)

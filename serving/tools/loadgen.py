@@ -54,15 +54,24 @@ class Tally:
 
 
 def make_images(
-    info: pb.ModelInfo, payload: str, count: int = DISTINCT_IMAGES, seed: int = 0
+    info: pb.ModelInfo,
+    payload: str,
+    count: int = DISTINCT_IMAGES,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
 ) -> list[pb.Image]:
-    """Random pixels of the model's size, as PNG bytes or as raw tensors in its input layout."""
+    """Random pixels of the model's size, as PNG bytes or as raw tensors in its input layout.
+
+    `size` (width, height) makes PNGs of another size, which the server must resize (and letterbox or
+    crop, as the model's contract says): the bench compares those costs.
+    """
     spec = info.input
     channels = 1 if spec.color_mode == "L" else 3
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(count):
-        pixels = rng.integers(0, 256, (spec.height, spec.width, channels), dtype=np.uint8)
+        width, height = size if size and payload == "png" else (spec.width, spec.height)
+        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
         if payload == "png":
             images.append(to_image(Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)))
         else:
@@ -70,8 +79,10 @@ def make_images(
     return images
 
 
-def requests_of(info: pb.ModelInfo, payload: str, per_request: int) -> list[pb.ClassifyRequest]:
-    images = make_images(info, payload)
+def requests_of(
+    info: pb.ModelInfo, payload: str, per_request: int, size: tuple[int, int] | None = None
+) -> list[pb.ClassifyRequest]:
+    images = make_images(info, payload, size=size)
     return [
         pb.ClassifyRequest(
             model=info.name,
@@ -83,9 +94,11 @@ def requests_of(info: pb.ModelInfo, payload: str, per_request: int) -> list[pb.C
     ]
 
 
-def kserve_requests_of(info: pb.ModelInfo, payload: str, per_request: int) -> list[kserve.ModelInferRequest]:
+def kserve_requests_of(
+    info: pb.ModelInfo, payload: str, per_request: int, size: tuple[int, int] | None = None
+) -> list[kserve.ModelInferRequest]:
     """The same images as `requests_of`, as ModelInfer requests (serialized as tritonclient does)."""
-    images = make_images(info, payload)
+    images = make_images(info, payload, size=size)
     requests = []
     for i in range(len(images)):
         chosen = [images[(i + j) % len(images)] for j in range(per_request)]
@@ -194,14 +207,16 @@ async def run_scenario(scenario: dict) -> dict:
         requests: list[pb.ClassifyRequest] = []
         if kind != "echo":
             info = await stub.GetModel(pb.GetModelRequest(name=scenario["model"]), timeout=10)
-            requests = requests_of(info, scenario["payload"], scenario["images"])
+            size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
+            requests = requests_of(info, scenario["payload"], scenario["images"], size)  # type: ignore[arg-type]
         measure_from = time.perf_counter() + WARMUP_S
         until = measure_from + scenario["duration"]
         if kind == "echo":
             work = echo(pb_grpc.BenchStub(channel), scenario["concurrency"], until, measure_from, tally)
         elif kind == "kserve":
             inference = kserve_grpc.GRPCInferenceServiceStub(channel)
-            batch = kserve_requests_of(info, scenario["payload"], scenario["images"])
+            size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
+            batch = kserve_requests_of(info, scenario["payload"], scenario["images"], size)  # type: ignore[arg-type]
             count = scenario["concurrency"]
             work = unary(
                 inference.ModelInfer, batch, lambda r: r.inputs[0].shape[0], count, until, measure_from, tally
