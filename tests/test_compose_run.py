@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -35,7 +37,7 @@ from tests.conftest import ROOT
 # A cold build (base images, wheels, images) takes minutes; each test bounds its own waits.
 pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.timeout(1800)]
 PROJECT_LABEL = "label=com.docker.compose.project"
-ALL_PROFILES = ("--profile", "scale", "--profile", "score")
+ALL_PROFILES = ("--profile", "scale", "--profile", "score", "--profile", "monitoring")
 TIMES: dict[str, float] = {}  # measured durations, printed at the end (-s) and in the closing note
 
 
@@ -389,6 +391,62 @@ def test_scale_profile_spreads_calls_and_follows_the_replica_count(stack: Stack,
     assert all(r.ok for r in results)
     counts = served_requests(stack)
     assert len(counts) == 2 and min(counts.values()) > 0, counts
+
+
+def test_a_version_exported_into_the_volume_is_served_without_a_restart(stack: Stack, tmp_path: Path) -> None:
+    """The README's publishing step, run for real: the server polls the volume and moves to version 2
+    once it is loaded and warmed, while clients keep calling, and none of their calls fails."""
+    image = write_digits(tmp_path / "one", 1)[0].read_bytes()
+    port = stack.port("server", 8500)
+    with ClassifierClient(f"127.0.0.1:{port}", timeout=5) as client:
+        assert client.get_model("digits").version == 1
+        with Load(port, image, threads=4) as load:
+            export = "python -m training export /runs/digits --repository /models --name digits"
+            stack.c("run", "--rm", "--no-deps", "train", export, timeout=300)
+            deadline = time.monotonic() + 60
+            while client.get_model("digits").version != 2:
+                assert time.monotonic() < deadline, client.get_model("digits")
+                time.sleep(0.5)
+            time.sleep(2)  # calls go on against version 2
+        states = {v.version: v.state for v in client.get_model("digits").version_states}
+    print(f"deploy publish: {load.ok} calls answered, failed: {dict(load.failed)}")
+    assert states == {1: "READY", 2: "READY"}, states
+    assert load.ok > 50 and not load.failed, f"{load.ok} answered, failed {dict(load.failed)}"
+
+
+def prometheus_api(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}", timeout=10) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def test_monitoring_profile_scrapes_every_server(stack: Stack) -> None:
+    stack.env["CONVSERVE_PROMETHEUS_PUBLISH_PORT"] = ""  # "127.0.0.1::9090": any free port, loopback only
+    started = time.monotonic()
+    stack.c("up", "-d", "--no-deps", "prometheus", profiles=("monitoring",), timeout=300)
+    port = stack.port("prometheus", 9090)
+    deadline = time.monotonic() + 150  # DNS discovery and scrapes every 15 s
+    while True:
+        try:
+            targets = prometheus_api(port, "targets")["activeTargets"]
+        except OSError:  # still starting
+            targets = []
+        up = Counter(t["labels"]["service"] for t in targets if t["health"] == "up")
+        if up == {"server": 1, "replica": 2}:
+            break
+        assert time.monotonic() < deadline, f"targets up: {dict(up)}; {targets}"
+        time.sleep(2)
+    TIMES["monitoring: every server scraped"] = time.monotonic() - started
+    # The calls of the tests before, as Prometheus sees them: every server answered some.
+    query = urllib.parse.quote('sum by (service, instance) (convserve_requests_total{code="OK"})')
+    served = {
+        (r["metric"]["service"], r["metric"]["instance"]): float(r["value"][1])
+        for r in prometheus_api(port, f"query?query={query}")["result"]
+    }
+    assert len(served) == 3 and min(served.values()) > 0, served
+    states = prometheus_api(port, f"query?query={urllib.parse.quote('convserve_model_state == 1')}")
+    assert {r["metric"]["state"] for r in states["result"]} == {"READY"}, states
 
 
 def test_stopping_the_server_under_load_loses_no_call(stack: Stack, tmp_path: Path) -> None:

@@ -69,6 +69,24 @@ def test_servers_get_longer_than_their_own_grace_to_stop() -> None:
         assert seconds(services[name]["stop_grace_period"]) >= grace + 3, name
 
 
+def test_out_of_the_box_every_port_is_on_loopback_and_reflection_is_off() -> None:
+    # Plaintext without tokens must not face the network unless the operator says so (README, "Security").
+    from tests.test_metrics import published
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    command = [require("docker-compose"), "-f", str(ROOT / "docker-compose.yml")]
+    for profile in ("gpu", "scale", "monitoring"):
+        command += ["--profile", profile]
+    done = subprocess.run([*command, "config"], capture_output=True, text=True, cwd=ROOT, env=environment)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    ports = {name: [published(p) for p in s.get("ports", [])] for name, s in services.items()}
+    assert {name for name, p in ports.items() if p} == {"server", "server-gpu", "lb", "prometheus"}
+    assert all(host == "127.0.0.1" for p in ports.values() for host, _, _ in p), ports
+    for name in ("server", "server-gpu", "replica"):
+        assert services[name]["environment"]["CONVSERVE_REFLECTION"] == "false", name
+
+
 def test_the_scoring_job_has_no_server_healthcheck_and_prepares_its_output() -> None:
     score = compose_config("score")["services"]["score"]
     assert score["healthcheck"]["test"] == ["NONE"]  # item 6 (disable: true): no server in a job
