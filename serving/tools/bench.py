@@ -11,8 +11,9 @@ For each model, in one run:
       --server needs it too for the echo scenarios, and takes the connection flags: TLS, token).
 With `--metrics on,off` every scenario runs against a server with its metrics endpoint on and one with
 it off, in the same rounds (names ending "(metrics off)"), to measure what the metrics cost.
-The limit and the scenarios alternate in short rounds, so drift in the machine's speed hits both
-alike; figures are medians over the rounds with their range. Writes a Markdown table and JSON.
+The limit and the scenarios alternate in short rounds, every model in every round, so drift in the
+machine's speed hits them all alike; figures are medians over the rounds with their range. Writes a
+Markdown table and JSON.
 """
 
 from __future__ import annotations
@@ -229,65 +230,74 @@ def model_stats(address: str, model: str, connection: Connection) -> tuple[int, 
     return stats.items, stats.batches
 
 
-def bench_model(args: argparse.Namespace, model: str, workdir: Path, load: LoadGenerator) -> dict:
-    path = (
-        args.models
-        / model
-        / str(max(int(p.name) for p in (args.models / model).iterdir() if p.name.isdigit()))
-    )
-    limit = InProcessLimit(path, args.device)
-    flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
-    flags.append("--bench-service")  # the Echo RPC: the transport's ceiling
-    connection = connection_from_args(args) if args.server else PLAINTEXT
-    servers: dict[tuple[str, str], LaunchedServer | ExternalServer] = {}
-    chosen = [s for s in scenarios() if not args.scenario or s.name in args.scenario]
-    states = args.metrics.split(",")
-    batch_flags = {"batching": str(args.max_batch_size), "no-batching": "1"}
-    try:
-        for kind in dict.fromkeys(s.server for s in chosen):
-            for state in states:
-                if args.server and kind == "batching":
-                    servers[kind, state] = ExternalServer(args.server)
-                else:
-                    servers[kind, state] = launch_server(
-                        args.models,
-                        workdir,
-                        "--max-batch-size",
-                        batch_flags[kind],
-                        *flags,
-                        metrics=state == "on",
-                    )
-        limits: dict[int, list[tuple[float, float]]] = {b: [] for b in LIMIT_BATCH_SIZES}
-        results = {variant(s.name, state): Measured() for s in chosen for state in states}
-        for round_index in range(args.rounds):
-            for batch in LIMIT_BATCH_SIZES:  # the limit, then the server, alternating every round
-                limits[batch].append(limit.measure(batch, min(args.duration, 1.0)))
-            for scenario, state in ((s, state) for s in chosen for state in states):
-                server = servers[scenario.server, state]
-                link = connection if isinstance(server, ExternalServer) else PLAINTEXT
-                items0, batches0 = model_stats(server.address, model, link)
-                cpu0 = server.cpu_seconds()
-                command = scenario.command(server.address, model, args.duration, link, args.image_size)
-                result = load.run(command)
-                cpu1 = server.cpu_seconds()
-                items1, batches1 = model_stats(server.address, model, link)
-                measured = results[variant(scenario.name, state)]
-                measured.images_per_s.append(result["images_per_s"])
-                measured.p50.append(result["p50_ms"])
-                measured.p95.append(result["p95_ms"])
-                measured.p99.append(result["p99_ms"])
-                measured.errors += result["errors"]
-                if scenario.kind != "echo" and batches1 > batches0:
-                    measured.batch.append((items1 - items0) / (batches1 - batches0))
-                if cpu0 is not None and cpu1 is not None and result["images"]:
-                    # Warm-up calls count in the CPU time too: scale by all images the server saw.
-                    seen = items1 - items0 if scenario.kind != "echo" else result["images"]
-                    measured.cpu_ms_per_image.append(1000 * (cpu1 - cpu0) / max(seen, 1))
-            print(f"{model}: round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    finally:
-        for server in servers.values():
+class ModelBench:
+    """One model's servers, its in-process limit and its figures, measured a round at a time so that
+    the rounds of several models interleave: drift in the machine's speed hits every model alike
+    (the resize modes are compared across models)."""
+
+    def __init__(self, args: argparse.Namespace, model: str, workdir: Path) -> None:
+        self.args, self.model = args, model
+        path = args.models / model
+        path = path / str(max(int(p.name) for p in path.iterdir() if p.name.isdigit()))
+        self.limit = InProcessLimit(path, args.device)
+        flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
+        flags.append("--bench-service")  # the Echo RPC: the transport's ceiling
+        self.connection = connection_from_args(args) if args.server else PLAINTEXT
+        self.servers: dict[tuple[str, str], LaunchedServer | ExternalServer] = {}
+        self.chosen = [s for s in scenarios() if not args.scenario or s.name in args.scenario]
+        self.states = args.metrics.split(",")
+        batch_flags = {"batching": str(args.max_batch_size), "no-batching": "1"}
+        try:
+            for kind in dict.fromkeys(s.server for s in self.chosen):
+                for state in self.states:
+                    if args.server and kind == "batching":
+                        self.servers[kind, state] = ExternalServer(args.server)
+                    else:
+                        self.servers[kind, state] = launch_server(
+                            args.models,
+                            workdir,
+                            "--max-batch-size",
+                            batch_flags[kind],
+                            *flags,
+                            metrics=state == "on",
+                        )
+        except BaseException:
+            self.stop()
+            raise
+        self.limits: dict[int, list[tuple[float, float]]] = {b: [] for b in LIMIT_BATCH_SIZES}
+        self.results = {variant(s.name, state): Measured() for s in self.chosen for state in self.states}
+
+    def run_round(self, load: LoadGenerator) -> None:
+        args, model = self.args, self.model
+        for batch in LIMIT_BATCH_SIZES:  # the limit, then the server, alternating every round
+            self.limits[batch].append(self.limit.measure(batch, min(args.duration, 1.0)))
+        for scenario, state in ((s, state) for s in self.chosen for state in self.states):
+            server = self.servers[scenario.server, state]
+            link = self.connection if isinstance(server, ExternalServer) else PLAINTEXT
+            items0, batches0 = model_stats(server.address, model, link)
+            cpu0 = server.cpu_seconds()
+            result = load.run(scenario.command(server.address, model, args.duration, link, args.image_size))
+            cpu1 = server.cpu_seconds()
+            items1, batches1 = model_stats(server.address, model, link)
+            measured = self.results[variant(scenario.name, state)]
+            measured.images_per_s.append(result["images_per_s"])
+            measured.p50.append(result["p50_ms"])
+            measured.p95.append(result["p95_ms"])
+            measured.p99.append(result["p99_ms"])
+            measured.errors += result["errors"]
+            if scenario.kind != "echo" and batches1 > batches0:
+                measured.batch.append((items1 - items0) / (batches1 - batches0))
+            if cpu0 is not None and cpu1 is not None and result["images"]:
+                # Warm-up calls count in the CPU time too: scale by all images the server saw.
+                seen = items1 - items0 if scenario.kind != "echo" else result["images"]
+                measured.cpu_ms_per_image.append(1000 * (cpu1 - cpu0) / max(seen, 1))
+
+    def summary(self) -> dict:
+        return summarise(self.model, self.limits, self.results)
+
+    def stop(self) -> None:
+        for server in self.servers.values():
             server.stop()
-    return summarise(model, limits, results)
 
 
 def nearest_limit(limits: dict[int, float], batch: float) -> tuple[int, float]:
@@ -539,13 +549,20 @@ def run_bench(args: argparse.Namespace) -> int:
         print("error: --metrics off needs servers the bench starts (not --server)", file=sys.stderr)
         return 2
     load = LoadGenerator()
-    summaries = []
+    benches: list[ModelBench] = []
     try:
         with tempfile.TemporaryDirectory() as workdir:
             for model in models:
-                summaries.append(bench_model(args, model, Path(workdir), load))
+                benches.append(ModelBench(args, model, Path(workdir)))
+            for round_index in range(args.rounds):
+                for bench in benches:  # every model in every round
+                    bench.run_round(load)
+                print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
+        for bench in benches:
+            bench.stop()
         load.close()
+    summaries = [bench.summary() for bench in benches]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps({"command": command, "machine": machine(), "results": summaries}, indent=2)
