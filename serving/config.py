@@ -20,7 +20,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from serving.core import defaults
 
 ENV_PREFIX = "CONVSERVE_"
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 def has_token(text: str) -> bool:
@@ -73,7 +72,7 @@ class ServerConfig(BaseSettings):
     port_file: Path | None = Field(
         None, description="write the bound port here once serving (for tests and scripts)"
     )
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", pattern=defaults.DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
     max_batch_size: int = Field(defaults.MAX_BATCH_SIZE, ge=1, le=4096, description="rows per model call")
     max_delay_ms: float = Field(
         defaults.MAX_DELAY_MS,

@@ -243,17 +243,11 @@ class ServerCollector(Collector):
     def snapshot(self) -> Snapshot:
         done: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
 
-        def copy() -> None:
-            for attempt in range(3):
-                try:
-                    done.set_result(take_snapshot(self.registry, self.budget, self.calls))
-                    return
-                except RuntimeError as exc:  # a version added by a loader thread mid-copy: copy again
-                    if attempt == 2:
-                        done.set_exception(exc)
-                except BaseException as exc:
-                    done.set_exception(exc)
-                    return
+        def copy() -> None:  # on the event loop, where every change to the registry and the stats is made
+            try:
+                done.set_result(take_snapshot(self.registry, self.budget, self.calls))
+            except BaseException as exc:
+                done.set_exception(exc)
 
         self.loop.call_soon_threadsafe(copy)
         return done.result(SCRAPE_TIMEOUT_S)

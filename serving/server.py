@@ -9,7 +9,8 @@ the server has stopped accepting; open streams end with UNAVAILABLE; what is lef
 watchers) is cancelled; the batchers close. All of it within `--grace-s`, and the process exits 0.
 
 Security and connection limits come from `transport` (TLS/mTLS credentials, keepalive, streams per
-connection) and `protocols.auth` (bearer tokens: the outermost interceptor, before parsing and admission).
+connection) and `protocols.auth` (bearer tokens: checked before parsing and admission; only the
+metrics' call counter is outside it).
 """
 
 from __future__ import annotations

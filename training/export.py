@@ -258,7 +258,7 @@ def export_run(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return replace(report, path=target_dir / MODEL_FILE)
+    return replace(report, path=target_dir / MODEL_FILE, version=version)
 
 
 def calibration_images(run_dir: Path, precision: str) -> np.ndarray:

@@ -323,8 +323,10 @@ def train_with(
             schedule.step()
             totals += torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum()), len(y)])
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if context.distributed:
-            dist.all_reduce(totals)  # the whole epoch's training figures, over every shard
+        if context.distributed:  # the whole epoch's training figures, over every shard
+            totals = totals.to(context.device)  # NCCL reduces only tensors on the GPU
+            dist.all_reduce(totals)
+            totals = totals.cpu()
         if context.is_main:
             val = evaluate(model, dataset.val, num_classes, device=context.device)
             val_loss, val_accuracy = val.loss, val.accuracy

@@ -22,7 +22,7 @@ import numpy as np
 
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from serving.client.connection import Connection
+from serving.client.connection import PLAINTEXT, Connection
 
 ImageInput = str | Path | bytes | np.ndarray | Any  # Any: a PIL.Image.Image
 SERVICE = "convserve.v1.Classifier"
@@ -155,7 +155,7 @@ class ClassifierClient:
         if credentials is not None:
             self.channel = grpc.secure_channel(target, credentials, channel_options)
         else:
-            self.channel = (connection or Connection()).channel(target, channel_options)
+            self.channel = (connection or PLAINTEXT).channel(target, channel_options)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.timeout = timeout
 

@@ -78,17 +78,26 @@ class BatchStats:
     rejected: int = 0
     expired: int = 0
     dropped_rows: int = 0
-    # Cumulative time, for Triton-style statistics: queued chunks and the wait from enqueue to their
-    # batch; model calls (stack + run) per batch size.
-    queued: int = 0
-    queue_ns: int = 0
-    compute_ns: int = 0
+    # Model calls (stack + run), cumulative time per batch size, for Triton-style statistics.
     batch_compute_ns: collections.Counter[int] = field(default_factory=collections.Counter)
-    # The same waits and calls one by one, in seconds, for the metrics' histograms; `decode` is the
-    # data plane's: the time to turn each request's images into rows.
+    # Waits from enqueue to batch and model calls one by one, in seconds, for the metrics' histograms;
+    # `decode` is the data plane's: the time to turn each request's images into rows.
     queue_wait: Histogram = field(default_factory=Histogram)
     compute: Histogram = field(default_factory=Histogram)
     decode: Histogram = field(default_factory=Histogram)
+
+    @property
+    def queued(self) -> int:
+        """Chunks that left the queue for a batch."""
+        return self.queue_wait.count
+
+    @property
+    def queue_ns(self) -> int:
+        return int(self.queue_wait.total * 1e9)
+
+    @property
+    def compute_ns(self) -> int:
+        return sum(self.batch_compute_ns.values())
 
 
 class _Pending:
@@ -209,15 +218,8 @@ class DynamicBatcher:
             self._queued_rows -= size
             batch.append(item)
             rows += size
-        if batch:
-            stats = self.stats
-            waited = 0.0
-            for item in batch:
-                wait = now - item.enqueued
-                stats.queue_wait.observe(wait)
-                waited += wait
-            stats.queued += len(batch)
-            stats.queue_ns += int(waited * 1e9)
+        for item in batch:
+            self.stats.queue_wait.observe(now - item.enqueued)
         return batch
 
     def _dispatch(self, batch: list[_Pending]) -> None:
@@ -267,7 +269,6 @@ class DynamicBatcher:
         took_ns: int,
     ) -> None:
         """Hands each caller its own slice, in the order the batch was formed."""
-        self.stats.compute_ns += took_ns
         self.stats.batch_compute_ns[rows] += took_ns
         if took_ns:  # 0: the call failed before it could be timed
             self.stats.compute.observe(took_ns * 1e-9)

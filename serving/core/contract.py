@@ -10,8 +10,10 @@ onnxruntime, grpc or torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -70,14 +72,6 @@ class Fit:
     rounding: Rounding = "round"
     resample: Resample = "bilinear"
     antialias: bool = True
-
-    @property
-    def channels(self) -> int:
-        return COLOR_CHANNELS[self.color_mode]
-
-    @property
-    def pads(self) -> bool:
-        return self.resize in ("letterbox", "fit_height")
 
 
 @dataclass(frozen=True)
@@ -179,21 +173,9 @@ class ModelContract:
         """The input is the pixel values themselves (scale 1, no mean or std): what a uint8 model takes."""
         return self.scale == 1.0 and not self.has_normalisation
 
-    @property
+    @cached_property  # read for every image decoded: built once per contract
     def fit(self) -> Fit:
-        return Fit(
-            self.color_mode,
-            self.height,
-            self.width,
-            self.channel_order,
-            self.resize,
-            self.resize_to,
-            self.fill,
-            self.align,
-            self.rounding,
-            self.resample,
-            self.antialias,
-        )
+        return Fit(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Fit)})
 
     def to_fields(self) -> dict[str, Any]:
         """Every field as a sidecar (`model.json`) holds it."""
@@ -224,7 +206,6 @@ class ModelContract:
         metadata = {PREFIX + "input_size": f"{fields.pop('height')}x{fields.pop('width')}"}
         for key, value in fields.items():
             metadata[PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
-        metadata[PREFIX + "scale"] = repr(self.scale)
         metadata.update({PREFIX + k: v for k, v in self.extra.items()})
         return metadata
 

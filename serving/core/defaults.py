@@ -12,3 +12,4 @@ MAX_IMAGES = 256  # per request
 MAX_PIXELS = 50_000_000  # per image, read from the header before decoding
 MAX_REQUEST_PIXELS = 128 * 1024 * 1024  # per request, all images together
 INPUT_BUDGET_MB = 256  # decoded and queued input, server-wide
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # --device, and a model's config.json "device"

@@ -70,7 +70,7 @@ def pixels_to_input(
 
 
 @functools.lru_cache(maxsize=256)
-def _fill_row(contract: ModelContract, dtype: np.dtype) -> np.ndarray:
+def fill_row(contract: ModelContract, dtype: np.dtype) -> np.ndarray:
     """The padding as input values, (C, 1, 1) or (1, 1, C): computed as a pixel's would be."""
     channels = contract.channels
     fill = np.broadcast_to(np.asarray(contract.fill, dtype=np.float64), (channels,))
@@ -84,10 +84,6 @@ def _fill_row(contract: ModelContract, dtype: np.dtype) -> np.ndarray:
             value = (value - mean) / std
     shape = (-1, 1, 1) if contract.layout == "NCHW" else (1, 1, -1)
     return value.astype(dtype).reshape(shape)
-
-
-def fill_row(contract: ModelContract, dtype: np.dtype) -> np.ndarray:
-    return _fill_row(contract, np.dtype(dtype))
 
 
 def image_to_input(image: Image.Image, contract: ModelContract, out: np.ndarray | None = None) -> np.ndarray:
@@ -151,17 +147,7 @@ def tensor_to_input(
     expected = contract.image_shape
     if tuple(shape) != expected:
         raise ImageError(f"tensor shape {list(shape)} does not match the model's input {list(expected)}")
-    got = wire_dtype(dtype)
-    if got.newbyteorder("=") != input_dtype:
-        raise ImageError(f"tensor dtype {got.name} does not match the model's input dtype {input_dtype.name}")
-    needed = contract.channels * contract.height * contract.width * got.itemsize
-    if len(data) != needed:
-        raise ImageError(
-            f"tensor data holds {len(data)} bytes; shape {list(shape)} of {got.name} needs {needed}"
-        )
-    row = np.frombuffer(data, dtype=got).reshape(expected)
-    if not got.isnative:
-        row = row.astype(input_dtype)  # the other byte order: one swapped copy
+    row = _native_array(shape, dtype, data, input_dtype, "tensor ")
     if not all_finite(row):
         raise ImageError("tensor holds NaN or infinite values")
     return row
@@ -179,19 +165,30 @@ def batch_to_input(
         raise ImageError(
             f"shape {list(shape)} does not match the model's input [N, {', '.join(map(str, expected))}]"
         )
-    got = wire_dtype(dtype)
-    if got.newbyteorder("=") != input_dtype:
-        raise ImageError(f"dtype {got.name} does not match the model's input dtype {input_dtype.name}")
-    needed = int(np.prod(shape)) * got.itemsize
-    if len(data) != needed:
-        raise ImageError(f"data holds {len(data)} bytes; shape {list(shape)} of {got.name} needs {needed}")
-    rows = np.frombuffer(data, dtype=got).reshape(tuple(shape))
-    if not got.isnative:
-        rows = rows.astype(input_dtype)  # the other byte order: one swapped copy
+    rows = _native_array(shape, dtype, data, input_dtype, "")
     if not all_finite(rows):
         bad = int(np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))[0])
         raise ImageError(f"image {bad} holds NaN or infinite values")
     return rows
+
+
+def _native_array(
+    shape: Sequence[int], dtype: str, data: bytes, input_dtype: np.dtype, what: str
+) -> np.ndarray:
+    """Wire bytes of a checked shape as an array of the model's dtype: zero copy in native byte order.
+    `what` starts the error messages ("tensor " for one image, "" for a whole batch)."""
+    got = wire_dtype(dtype)
+    if got.newbyteorder("=") != input_dtype:
+        raise ImageError(f"{what}dtype {got.name} does not match the model's input dtype {input_dtype.name}")
+    needed = int(np.prod(shape)) * got.itemsize
+    if len(data) != needed:
+        raise ImageError(
+            f"{what}data holds {len(data)} bytes; shape {list(shape)} of {got.name} needs {needed}"
+        )
+    values = np.frombuffer(data, dtype=got).reshape(tuple(shape))
+    if not got.isnative:
+        values = values.astype(input_dtype)  # the other byte order: one swapped copy
+    return values
 
 
 def all_finite(values: np.ndarray) -> bool:

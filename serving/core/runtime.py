@@ -131,10 +131,6 @@ class ModelRuntime:
         self.metadata = dict(first.get_modelmeta().custom_metadata_map)
         self.intra_op_threads = so.intra_op_num_threads
 
-    @property
-    def output_names(self) -> list[str]:
-        return [o.name for o in self._sessions[0].get_outputs()]
-
     def select_output(self, name: str) -> None:
         """Reads the classes from the output called `name` (a contract's `output`) instead of the first."""
         outputs = {o.name: o for o in self._sessions[0].get_outputs()}

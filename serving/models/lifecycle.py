@@ -64,7 +64,6 @@ class ModelLifecycle:
         self._seen: dict[tuple[str, int], tuple] = {}  # each version's signature at the last scan
         self._poller: asyncio.Task | None = None
         self._drains: set[asyncio.Task] = set()
-        self.scans = 0  # completed scans
         self.failed_scans = 0
 
     # -- start and stop ---------------------------------------------------------------------------
@@ -156,7 +155,6 @@ class ModelLifecycle:
                 self._seen = seen
             else:
                 self._seen = {k: s for k, s in self._seen.items() if k[0] != only} | seen
-            self.scans += 1
         await self._changed()
 
     async def _changed(self) -> None:
@@ -181,7 +179,7 @@ class ModelLifecycle:
                 continue  # loaded from these very files, or failed on them: wait for a change
             if stable_only and self._seen.get((name, version)) != files.signature:
                 continue  # new or still changing since the last scan: look again next time
-            await self._load(name, version, files, entry, options, problem)
+            await self._load(name, version, files, entry, options or problem)
         versions = self.registry.known(name)
         policy_ready = any(e.state is VersionState.READY for v, e in versions.items() if v in wanted)
         for version, entry in versions.items():
@@ -198,16 +196,16 @@ class ModelLifecycle:
         version: int,
         files: VersionFiles,
         previous: ModelVersion | None,
-        options: LoadOptions | None,
-        problem: str,
+        options: LoadOptions | str,
     ) -> None:
-        """Loads one version; a serving one is replaced only once the new one is READY."""
+        """Loads one version; a serving one is replaced only once the new one is READY. `options` is
+        the model's settings, or why they could not be read (the version then fails with that reason)."""
         entry = ModelVersion(name, version, files.path, signature=files.signature)
         serving = previous if previous is not None and previous.state is VersionState.READY else None
         if serving is None:
             self.registry.swap(entry)  # shown as LOADING; unversioned calls still go to READY versions
-        if problem or options is None:
-            self.registry.fail(entry, problem or f"model {name}: no settings")
+        if isinstance(options, str):
+            self.registry.fail(entry, options)
         else:
             registry, o = self.registry, options
             await asyncio.to_thread(registry.load, entry, o.runtime, o.batching, o.warm_up_sizes)

@@ -26,7 +26,7 @@ from serving.core.batching import BatchingConfig
 from serving.core.errors import InvalidInput, NotFound, Unavailable
 from serving.core.model import ServedModel, load_model
 from serving.core.runtime import ModelLoadError, RuntimeOptions
-from serving.models.repository import discover
+from serving.models.repository import scan
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,14 @@ class ModelRegistry:
 
     # -- loading (in a worker thread at start-up) -------------------------------------------------
 
-    def add_repository(self, root: Path, only: str | None = None) -> list[ModelVersion]:
+    def add_repository(self, root: Path, only: str | None = None) -> None:
         """Registers every version under `root` (or only model `only`) as LOADING."""
-        added = []
-        for name, versions in discover(root).items():
-            if only is not None and name != only:
-                continue
-            for version, path in versions.items():
-                added.append(self.add(name, version, path))
-        return added
+        for name, versions in scan(root, only).items():
+            for version, files in versions.items():
+                self.add(name, version, files.path)
 
-    def add(self, name: str, version: int, path: Path, signature: tuple = ()) -> ModelVersion:
-        entry = ModelVersion(name, version, path, signature=signature)
+    def add(self, name: str, version: int, path: Path) -> ModelVersion:
+        entry = ModelVersion(name, version, path)
         self._models.setdefault(name, {})[version] = entry
         return entry
 

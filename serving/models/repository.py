@@ -68,11 +68,3 @@ def scan(root: Path, only: str | None = None) -> dict[str, dict[int, VersionFile
             for version, folder in sorted(versions.items())
         }
     return {name: versions for name, versions in found.items() if versions}
-
-
-def discover(root: Path) -> dict[str, dict[int, Path]]:
-    """{name: {version: path to model.onnx}} for every `root/<name>/<int>/model.onnx`."""
-    return {
-        name: {version: files.path for version, files in versions.items()}
-        for name, versions in scan(root).items()
-    }

@@ -22,11 +22,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from serving.core import defaults
 from serving.core.batching import BatchingConfig
 from serving.core.runtime import RuntimeOptions
 
 SETTINGS_FILE = "config.json"
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 class SettingsError(ValueError):
@@ -53,7 +53,7 @@ class ModelSettings(BaseModel):
     max_delay_ms: float | None = Field(None, ge=0, le=10_000)
     max_queue_size: int | None = Field(None, ge=1)
     instances: int | None = Field(None, ge=1, le=64)
-    device: str | None = Field(None, pattern=DEVICE_PATTERN)
+    device: str | None = Field(None, pattern=defaults.DEVICE_PATTERN)
     version_policy: VersionPolicy = "all"
     warm_up_batch_sizes: list[int] | None = Field(None, min_length=1)
 

@@ -6,9 +6,10 @@ the file is read only when its size, mtime or inode changed). A file that turns 
 keeps the tokens read before, with one warning per change. Tokens are compared in constant time
 against every accepted token, and never logged.
 
-`TokenAuth` is the outermost interceptor: a call without a token is answered UNAUTHENTICATED, one
-with a wrong token PERMISSION_DENIED, by an aborting handler of the method's own kind (so a stream
-is refused without waiting for its first message), before it is parsed or admitted.
+`TokenAuth` runs outside parsing and admission (only the metrics' call counter is outside it): a
+call without a token is answered UNAUTHENTICATED, one with a wrong token PERMISSION_DENIED, by an
+aborting handler of the method's own kind (so a stream is refused without waiting for its first
+message), before it is parsed or admitted.
 """
 
 from __future__ import annotations

@@ -236,8 +236,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         if request.name:
             entries = [self.registry.entry(request.name, parse_version(request.version))]
-            if request.version:
-                entries = [e for e in entries if e.version == int(request.version)]
         else:
             entries = self.registry.entries()
         return pb.ModelStatisticsResponse(
