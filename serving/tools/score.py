@@ -233,6 +233,7 @@ class Job:
     """The shared state: a queue of chunks, a bound on images in flight, and the answers."""
 
     def __init__(self, chunks: list[Chunk], inflight_chunks: int, args: argparse.Namespace) -> None:
+        self.connection = connection_from_args(args)  # TLS files and token file, checked once
         self.todo: queue.Queue[Chunk] = queue.Queue()
         for chunk in chunks:
             self.todo.put(chunk)
@@ -263,7 +264,6 @@ def stream_once(job: Job, target: str) -> int:
     from serving.client import ClassifierClient
 
     args = job.args
-    connection = connection_from_args(args)  # per stream: a rotated token file is read again
     pending: dict[str, tuple[Chunk, dict]] = {}
     lock = threading.Lock()
     closed = threading.Event()  # gRPC may still pull from `requests` after the call ended
@@ -282,7 +282,8 @@ def stream_once(job: Job, target: str) -> int:
                 pending[request.id] = (chunk, unreadable)
             yield request
 
-    client = ClassifierClient(target, retries=0, connection=connection)
+    # Each new channel reads the token file again, so a stream that reconnects takes a rotated token.
+    client = ClassifierClient(target, retries=0, connection=job.connection)
     try:
         for response in client.stream(requests()):
             with lock:
