@@ -15,6 +15,7 @@ from serving.client import ClassifierClient
 from serving.core.contract import from_metadata
 from tests.conftest import encode
 from training.export import ExportReport, ReducedPrecisionCheck, VerificationError, check_reduced, export_run
+from training.train import to_tensor
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def probabilities(path: Path, images: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
     dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
-    return session.run(None, {spec.name: (images / 255.0).astype(dtype)})[0].astype(np.float32)
+    return session.run(None, {spec.name: to_tensor(images).numpy().astype(dtype)})[0].astype(np.float32)
 
 
 def initializer_types(model: onnx.ModelProto) -> Counter:

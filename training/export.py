@@ -160,12 +160,13 @@ def check_report(report: ExportReport) -> None:
 
 
 def run_session(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Probabilities as float32 for uint8 images, fed in the graph's own input type (float16 or float)."""
+    """Probabilities as float32 for uint8 images, scaled as the server scales them and fed in the
+    graph's own input type (float16 or float)."""
     spec = session.get_inputs()[0]
     dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
     outputs = []
     for start in range(0, len(images), batch_size):
-        x = (images[start : start + batch_size].astype(np.float32) / 255.0).astype(dtype)
+        x = to_tensor(images[start : start + batch_size]).numpy().astype(dtype)
         outputs.append(session.run(None, {spec.name: x})[0].astype(np.float32))
     return np.concatenate(outputs)
 

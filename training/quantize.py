@@ -18,6 +18,8 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from training.train import to_tensor
+
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
 CALIBRATION_BATCH = 32
@@ -35,8 +37,7 @@ class ImageBatches:
 
     def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, len(self.images), CALIBRATION_BATCH):
-            batch = self.images[start : start + CALIBRATION_BATCH].astype(np.float32) / 255.0
-            yield {self.input_name: batch}
+            yield {self.input_name: to_tensor(self.images[start : start + CALIBRATION_BATCH]).numpy()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
