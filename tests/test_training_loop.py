@@ -93,6 +93,48 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
         train(data, TrainConfig(epochs=4, seed=0, learning_rate=1e-3), tmp_path / "resumed", resume=True)
 
 
+def test_a_run_saved_before_newer_settings_resumes_with_their_defaults(tmp_path: Path) -> None:
+    data = load_digits(seed=0)
+    config = TrainConfig(epochs=2, seed=0)
+
+    def interrupt_after_epoch_1(record: dict) -> None:
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(data, config, tmp_path, epoch_hook=interrupt_after_epoch_1)
+    saved = torch.load(tmp_path / LAST, weights_only=True)
+    for newer in ("block_convs", "bf16"):  # a last.pt written before these settings existed
+        del saved["config"][newer]
+    torch.save(saved, tmp_path / LAST)
+    assert train(data, config, tmp_path, resume=True)["resumed_after_epoch"] == 1
+    with pytest.raises(ResumeError, match=r"block_convs: 1 -> 2"):
+        train(data, TrainConfig(epochs=2, seed=0, block_convs=2), tmp_path, resume=True)
+
+
+def test_bf16_trains_under_autocast_and_keeps_float32_weights(tmp_path: Path, digits_run: Path) -> None:
+    """bfloat16 autocast runs the convolutions in bfloat16 while training; the weights, the checkpoint
+    and the evaluation stay float32, and the model learns as well as the float32 run of the same
+    settings (the session's digits run, 12 epochs)."""
+    data = load_digits(seed=0)
+    seen: set[torch.dtype] = set()
+    original = torch.nn.Conv2d.forward
+
+    def record_dtype(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        out = original(self, x)
+        seen.add(out.dtype)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Conv2d, "forward", record_dtype)
+        metrics = train(data, TrainConfig(epochs=12, seed=0, bf16=True), tmp_path)
+    assert seen == {torch.bfloat16, torch.float32}  # bfloat16 in training, float32 in evaluation
+    weights = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {w.dtype for k, w in weights.items() if "num_batches" not in k} == {torch.float32}
+    float32 = json.loads((digits_run / "metrics.json").read_text())["test_accuracy"]
+    assert metrics["config"]["bf16"] and metrics["test_accuracy"] >= min(0.97, float32 - 0.02)
+
+
 def test_early_stopping_waits_patience_epochs_without_improvement(tmp_path: Path) -> None:
     metrics = train(load_digits(seed=0), TrainConfig(epochs=40, seed=0, patience=3), tmp_path)
     accuracies = [r["val_accuracy"] for r in metrics["history"]]

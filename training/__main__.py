@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-smoothing", type=float, default=None, help="default: 0 for digits, 0.1 otherwise"
     )
     train.add_argument(
+        "--block-convs",
+        type=int,
+        default=None,
+        help="convolutions in each pooling block after the first; default: 1 for digits, 2 otherwise",
+    )
+    train.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train under bfloat16 autocast (weights stay float32); default: on where the device computes "
+        "bfloat16 natively, for inputs larger than 16x16",
+    )
+    train.add_argument(
         "--resume", action="store_true", help="continue OUT from its last epoch (rerun the same command)"
     )
     train.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
@@ -108,7 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
     from training.augment import default_augmentation
     from training.datasets import load_dataset
     from training.distributed import setup, teardown
-    from training.train import METRICS, TrainConfig, train
+    from training.train import METRICS, TrainConfig, native_bfloat16, train
 
     metrics_path = args.out / METRICS
     if args.reuse and metrics_path.exists():
@@ -136,6 +149,10 @@ def run_train(args: argparse.Namespace) -> int:
             label_smoothing=(0.0 if digits else 0.1)
             if args.label_smoothing is None
             else args.label_smoothing,
+            block_convs=args.block_convs or (1 if digits else 2),
+            bf16=args.bf16
+            if args.bf16 is not None
+            else native_bfloat16(context.device) and max(dataset.height, dataset.width) > 16,
         )
         if context.is_main:
             print(

@@ -69,17 +69,29 @@ def first_layer_filters(model: ConvNet) -> np.ndarray:
 @dataclass(frozen=True)
 class BlockActivation:
     block: int  # 1-based
-    maps: np.ndarray  # (channels, h, w): the block's ReLU output for one image, before pooling
+    maps: np.ndarray  # (channels, h, w): the block's last ReLU output for one image, before pooling
+
+
+def conv_blocks(model: ConvNet) -> list[list[nn.Module]]:
+    """The layers of each pooling block (convolutions, batch norms, ReLUs), its pooling left out."""
+    blocks: list[list[nn.Module]] = [[]]
+    for module in model.features:
+        if isinstance(module, nn.MaxPool2d):
+            blocks.append([])
+        else:
+            blocks[-1].append(module)
+    return [block for block in blocks if block]
 
 
 def block_activations(model: ConvNet, image: torch.Tensor) -> list[BlockActivation]:
-    """Each convolution block's feature maps after its ReLU, for one image of shape (C, H, W)."""
-    relus = [m for m in model.features if isinstance(m, nn.ReLU)]
+    """Each block's feature maps after its last ReLU (what the pooling reads), for one image (C, H, W)."""
     captured: list[np.ndarray] = []
     # The ReLU works in place and pooling reads it next: copy the maps as the ReLU hands them on.
     handles = [
-        relu.register_forward_hook(lambda _m, _i, out: captured.append(out[0].detach().cpu().numpy().copy()))
-        for relu in relus
+        block[-1].register_forward_hook(
+            lambda _m, _i, out: captured.append(out[0].detach().cpu().numpy().copy())
+        )
+        for block in conv_blocks(model)
     ]
     try:
         model.eval()
@@ -93,11 +105,4 @@ def block_activations(model: ConvNet, image: torch.Tensor) -> list[BlockActivati
 
 def block_descriptions(model: ConvNet) -> list[str]:
     """'Conv2d 1→32, 3×3, padding 1 → BatchNorm2d 32 → ReLU' for each block."""
-    blocks: list[list[str]] = []
-    for module in model.features:
-        if isinstance(module, nn.Conv2d):
-            blocks.append([])
-        if isinstance(module, nn.MaxPool2d):
-            continue
-        blocks[-1].append(describe(module))
-    return [" → ".join(parts) for parts in blocks]
+    return [" → ".join(describe(module) for module in block) for block in conv_blocks(model)]

@@ -1,7 +1,9 @@
 """The CNN: blocks of convolution -> ReLU -> pooling, then fully connected layers and softmax.
 
 Depth adapts to the input: a pooling block is added while the feature map can still halve to at least
-2x2, at most 4 (8x8 digits get 2 blocks, 28x28 Fashion-MNIST 3, 32x32 and larger images 4).
+2x2, at most 4 (8x8 digits get 2 blocks, 28x28 Fashion-MNIST 3, 32x32 and larger images 4). Every block
+after the first may stack `block_convs` convolutions before its pooling (more depth where the maps are
+small and cheap); the first, at full resolution, keeps one.
 """
 
 from __future__ import annotations
@@ -43,19 +45,25 @@ class ConvNet(nn.Module):
         num_classes: int,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        block_convs: int = 1,
     ) -> None:
         super().__init__()
+        if block_convs < 1:
+            raise ValueError(f"block_convs must be at least 1, not {block_convs}")
         self.normalize = Normalize(mean or [0.0] * channels, std or [1.0] * channels)
         layers: list[nn.Module] = []
         in_ch = channels
-        for out_ch in WIDTHS[: pooling_blocks(height, width)]:
-            layers += [
-                nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(out_ch),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
-            in_ch = out_ch
+        # One flat Sequential (conv, BN, ReLU, ..., pool): the state-dict keys of one-conv runs stay
+        # those of every earlier checkpoint.
+        for block, out_ch in enumerate(WIDTHS[: pooling_blocks(height, width)]):
+            for _ in range(1 if block == 0 else block_convs):
+                layers += [
+                    nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+                    nn.BatchNorm2d(out_ch),
+                    nn.ReLU(inplace=True),
+                ]
+                in_ch = out_ch
+            layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         with torch.no_grad():
             flat = self.features(torch.zeros(1, channels, height, width)).numel()

@@ -62,6 +62,8 @@ class TrainConfig:
     flip: bool = False
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0: never
     label_smoothing: float = 0.0
+    block_convs: int = 1  # convolutions in each pooling block after the first (see ConvNet)
+    bf16: bool = False  # forward and backward passes under bfloat16 autocast; weights stay float32
 
     @property
     def augmentation(self) -> Augmentation:
@@ -80,9 +82,18 @@ class RunInfo:
     width: int
     mean: list[float]
     std: list[float]
+    block_convs: int = 1  # absent from the run.json of earlier runs, which all had one
 
     def build_model(self) -> ConvNet:
-        return ConvNet(self.channels, self.height, self.width, len(self.class_names), self.mean, self.std)
+        return ConvNet(
+            self.channels,
+            self.height,
+            self.width,
+            len(self.class_names),
+            self.mean,
+            self.std,
+            self.block_convs,
+        )
 
 
 # The server multiplies pixels by the contract's float32 scale; the same product here keeps training's
@@ -172,7 +183,8 @@ def load_last(out_dir: Path, config: TrainConfig, context: Context) -> dict | No
         state = box[0]
     if state is None:
         return None
-    saved = state["config"]
+    # Settings added since a run was saved take their defaults: what that run trained with.
+    saved = {**asdict(TrainConfig()), **state["config"]}
     if saved != asdict(config):
         changed = ", ".join(
             f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in asdict(config).items() if saved.get(k) != v
@@ -205,6 +217,17 @@ def train(
         return train_with(dataset, config, out_dir, context, resume, epoch_hook)
     finally:
         torch.set_num_threads(previous)
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 in hardware. There autocast makes a step faster (1.7x on
+    AMX cores for the Fashion-MNIST model); elsewhere bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    # torch.cpu's probes are private but stable since 2.1; they read CPUID as oneDNN does.
+    if device.type != "cpu":
+        return False
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def training_threads(requested: int, height: int, width: int, default: int) -> int:
@@ -246,6 +269,7 @@ def train_with(
         dataset.width,
         mean,
         std,
+        config.block_convs,
     )
     num_classes = len(dataset.class_names)
     # Channels-last: the CPU's convolution and pooling kernels run about twice as fast on it.
@@ -315,8 +339,9 @@ def train_with(
                 x = augment(x, augmentation, augment_rng)
             x = x.to(context.device, memory_format=torch.channels_last, non_blocking=True)
             y = y.to(context.device, non_blocking=True)
-            logits = net(x)  # forward pass
-            loss = nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                logits = net(x)  # forward pass
+                loss = nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # backpropagation (DDP averages the gradients over processes here)
             optimizer.step()  # weight update
