@@ -18,13 +18,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.core import defaults
+from serving.tokens import parse_tokens
 
 ENV_PREFIX = "CONVSERVE_"
-
-
-def has_token(text: str) -> bool:
-    """Whether a token file holds a token: a line that is neither blank nor a # comment."""
-    return any(line.strip() and not line.strip().startswith("#") for line in text.splitlines())
 
 
 def check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
@@ -178,7 +174,7 @@ class ServerConfig(BaseSettings):
             if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
                 raise ValueError(f"{flag(name)}: {path} is not a readable file")
         check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
-        if self.auth_token_file is not None and not has_token(self.auth_token_file.read_text()):
+        if self.auth_token_file is not None and not parse_tokens(self.auth_token_file.read_text()):
             raise ValueError(f"--auth-token-file: {self.auth_token_file} holds no token")
         return self
 

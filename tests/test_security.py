@@ -196,9 +196,9 @@ def test_tokens_missing_wrong_and_right_on_every_service_with_health_open(
 
 
 def test_token_file_parsing_and_the_bearer_header(tmp_path) -> None:
-    from serving.protocols.auth import TokenFile, bearer_token, parse_tokens
+    from serving.protocols.auth import TokenFile, bearer_token, token_bytes
 
-    assert parse_tokens("# comment\n\n  alpha  \nbeta\n#gamma\n") == (b"alpha", b"beta")
+    assert token_bytes("# comment\n\n  alpha  \nbeta\n#gamma\n") == (b"alpha", b"beta")
     assert bearer_token((("x-other", "1"), ("authorization", "Bearer  abc "))) == b"abc"
     assert bearer_token((("authorization", "bearer abc"),)) == b"abc"  # the scheme is case-insensitive
     for missing in ((), (("authorization", "Basic abc"),), (("authorization", "Bearer "),), None):

@@ -18,14 +18,15 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from serving.tokens import parse_tokens
+
 
 def read_token(path: Path) -> str:
-    """The first token of a token file (one per line; blank lines and # comments ignored)."""
-    for line in path.read_text().splitlines():
-        token = line.strip()
-        if token and not token.startswith("#"):
-            return token
-    raise ValueError(f"{path} holds no token")
+    """The first token of a token file."""
+    tokens = parse_tokens(path.read_text())
+    if not tokens:
+        raise ValueError(f"{path} holds no token")
+    return tokens[0]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from serving.protocols.status import log_limited
+from serving.tokens import parse_tokens
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,9 @@ MISSING = "this server needs a bearer token: send metadata `authorization: Beare
 WRONG = "the bearer token is not accepted"
 
 
-def parse_tokens(text: str) -> tuple[bytes, ...]:
-    """One token per line; blank lines and lines starting with # are ignored."""
-    lines = (line.strip() for line in text.splitlines())
-    return tuple(line.encode() for line in lines if line and not line.startswith("#"))
+def token_bytes(text: str) -> tuple[bytes, ...]:
+    """The file's tokens as bytes, as compare_digest compares them with the metadata's."""
+    return tuple(token.encode() for token in parse_tokens(text))
 
 
 def bearer_token(metadata: Any) -> bytes | None:
@@ -57,7 +57,7 @@ class TokenFile:
         self.path = path
         self.check_every_s = check_every_s
         self._stamp = self._stat()
-        self._tokens = parse_tokens(path.read_text())
+        self._tokens = token_bytes(path.read_text())
         if not self._tokens:
             raise ValueError(f"{path} holds no token")
         self._next_check = time.monotonic() + check_every_s
@@ -82,7 +82,7 @@ class TokenFile:
             return
         self._stamp = stamp
         try:
-            tokens = parse_tokens(self.path.read_text())
+            tokens = token_bytes(self.path.read_text())
             problem = "holds no token"
         except (OSError, UnicodeDecodeError) as error:
             tokens, problem = (), f"cannot be read ({type(error).__name__})"
