@@ -2,7 +2,7 @@
 
 Written into the run folder (or `out_dir`):
   filters.png        every first-layer filter, each scaled to its own range (pictures.scale_filters)
-  activations/       per chosen image: input.png and blockN.png, the maps after each block's ReLU,
+  activations/       per chosen image: input.png and blockN.png, the maps after each block's last ReLU,
                      each map scaled to its own maximum (pictures.scale_maps)
   mistakes.png       misclassified test images, the most confident mistakes first
   report.html        one self-contained page: settings, test accuracy, layer table, curves,
@@ -313,8 +313,8 @@ def render_html(info: RunInfo, metrics: dict, report: Report, curves: Path, conf
         figure(
             report.filters_png, f"{report.filters_png.name}: each filter scaled to its own min…max", report
         ),
-        "<h2>Activation maps</h2><p>Each convolution block's output after its ReLU (before pooling), one "
-        "tile per channel, each tile scaled to its own maximum (black: no response).</p>",
+        "<h2>Activation maps</h2><p>Each convolution block's output after its last ReLU (what its pooling "
+        "reads), one tile per channel, each tile scaled to its own maximum (black: no response).</p>",
     ]
     for example in report.examples:
         truth = f"true class {esc(names[example.true_label])}, " if example.true_label is not None else ""
