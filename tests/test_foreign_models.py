@@ -32,7 +32,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from serving.client import ClassifierClient
+from serving.client import ClassifierClient, pixels_to_tensor
 from tests.conftest import ROOT
 
 CACHE = ROOT / ".cache" / "foreign-models"
@@ -235,6 +235,19 @@ def test_text_direction_model_matches_its_authors(tmp_path, server_factory) -> N
     diffs = compare(address, "text-direction", TEXT_DIRECTION_SIDECAR["labels"], images, expected)
     print("ch_ppocr_mobile_v2.0_cls max |diff| per image:", diffs)
     with ClassifierClient(address) as client:
+        # A client building raw tensors itself learns the channel order from GetModel: the same
+        # pixels as a tensor and as a PNG (at the input's own size, so nothing is resized) agree.
+        spec = client.get_model("text-direction").input
+        assert spec.channel_order == "BGR" and (spec.height, spec.width) == (48, 192)
+        pixels = np.random.default_rng(0).integers(0, 256, (48, 192, 3), dtype=np.uint8)
+        pixels[:, :, 0] = 255  # a red cast, so that a channel swap changes the answer's numbers
+        as_png, as_tensor = client.classify(
+            [encoded(pixels, "PNG"), pixels_to_tensor(pixels, spec)], model="text-direction", top_k=2
+        )
+        png_p = {p.label: p.probability for p in as_png.predictions}
+        tensor_p = {p.label: p.probability for p in as_tensor.predictions}
+        assert png_p.keys() == tensor_p.keys()
+        assert max(abs(png_p[k] - tensor_p[k]) for k in png_p) <= 1e-5, (png_p, tensor_p)
         info = client.get_model("misdescribed")
         assert info.state == "UNAVAILABLE"
         assert "cannot serve misdescribed version 1" in info.reason and "channel_order BGR" in info.reason

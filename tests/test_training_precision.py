@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+from protos.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving.client import ClassifierClient
 from serving.core.contract import from_metadata
+from serving.tools.loadgen import kserve_requests_of
 from tests.conftest import encode
 from training.export import ExportReport, ReducedPrecisionCheck, VerificationError, check_reduced, export_run
 from training.train import to_tensor
@@ -112,3 +115,12 @@ def test_server_serves_fp16_and_int8_as_they_are(reduced, digit_samples, server_
             served = [r.top.index for r in client.classify(pngs, model="digits", version=version, top_k=1)]
             direct = probabilities(reduced[precision].path, images[:16]).argmax(1).tolist()
             assert served == direct
+        # The bench's Open Inference Protocol load sends raw tensors in the model's own input type.
+        with grpc.insecure_channel(server.address) as channel:
+            infer = kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            for version in (2, 3):
+                info = client.get_model("digits", version)
+                request = kserve_requests_of(info, "tensor", per_request=4)[0]
+                expected_type = "FP16" if info.input.dtype == "float16" else "FP32"
+                assert request.inputs[0].datatype == expected_type
+                assert infer(request, timeout=30).outputs[0].shape == [4, 10]

@@ -11,6 +11,8 @@ def pixels_to_tensor(pixels: np.ndarray, spec: pb.InputSpec) -> np.ndarray:
     """uint8 pixels, (H, W) or (H, W, C), as the model's input: scaled, normalised, in its layout."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
+    if spec.channel_order == "BGR" and pixels.shape[2] == 3:  # the model reads blue first
+        pixels = pixels[:, :, ::-1]
     values = pixels.astype(np.float32) * np.float32(spec.scale)
     if spec.mean:
         values -= np.asarray(spec.mean, dtype=np.float32)

@@ -178,6 +178,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 mean=c.mean,
                 std=c.std,
                 shape=c.image_shape,
+                channel_order=c.channel_order,
             )
         )
         info.labels.extend(c.labels)

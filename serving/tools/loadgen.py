@@ -53,6 +53,10 @@ class Tally:
         self.latencies.append(now - sent)
 
 
+# The Open Inference Protocol's names of the input types our models take (fp32, fp16 exports, uint8).
+KSERVE_DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
+
+
 def make_images(
     info: pb.ModelInfo,
     payload: str,
@@ -108,7 +112,8 @@ def kserve_requests_of(
             raw = b"".join(len(x.encoded).to_bytes(4, "little") + x.encoded for x in chosen)
         else:
             shape = [per_request, *info.input.shape]
-            request.inputs.add(name=info.input.name, datatype="FP32", shape=shape)
+            datatype = KSERVE_DATATYPES[info.input.dtype]
+            request.inputs.add(name=info.input.name, datatype=datatype, shape=shape)
             raw = b"".join(x.tensor.data for x in chosen)
         request.raw_input_contents.append(raw)
         requests.append(request)

@@ -91,7 +91,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("name", "layout", "color_mode", "height", "width", "dtype", "scale", "mean", "std", "shape")
+    __slots__ = ("name", "layout", "color_mode", "height", "width", "dtype", "scale", "mean", "std", "shape", "channel_order")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     COLOR_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class InputSpec(_message.Message):
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_ORDER_FIELD_NUMBER: _ClassVar[int]
     name: str
     layout: str
     color_mode: str
@@ -112,7 +113,8 @@ class InputSpec(_message.Message):
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., layout: _Optional[str] = ..., color_mode: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[str] = ..., scale: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    channel_order: str
+    def __init__(self, name: _Optional[str] = ..., layout: _Optional[str] = ..., color_mode: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[str] = ..., scale: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., channel_order: _Optional[str] = ...) -> None: ...
 
 class BatchingSettings(_message.Message):
     __slots__ = ("max_batch_size", "max_delay_ms", "max_queue_size")
