@@ -3,9 +3,8 @@
 The `CallCounter` interceptor (unary calls) and `streams.answer_stream` (each message of a stream)
 record here; the server's metrics endpoint reads the figures when it is scraped. A request's status
 is the one the status table gives it: a unary call's is the code it was aborted with; a stream
-message's failure never leaves its handler (it becomes an error response), so `status.status_of`
-notes its code on the message's `Outcome`, found through a context variable. No handler counts
-anything itself.
+message's is the code `answer_stream` turned into its error response. No handler counts anything
+itself.
 
 Labels stay bounded whatever clients send: a request answered OK is labelled with the model and
 version that answered it; a failed one with those its request resolves to, or "" when it names no
@@ -36,25 +35,6 @@ class Reading:
     parse: Callable[[bytes], Any]  # the request message from its bytes (to label a failed unary call)
     asked: Asked
     answered: Answered
-
-
-class Outcome:
-    """One stream message's status code name, noted by `status.status_of` when it fails."""
-
-    __slots__ = ("code",)
-
-    def __init__(self) -> None:
-        self.code: str | None = None
-
-
-CURRENT: contextvars.ContextVar[Outcome | None] = contextvars.ContextVar("convserve_outcome", default=None)
-
-
-def note(code_name: str) -> None:
-    """Records the status of the request being answered in this task, if it is counted."""
-    outcome = CURRENT.get()
-    if outcome is not None:
-        outcome.code = code_name
 
 
 class Series:
@@ -106,13 +86,15 @@ class CallStats:
             return "", ""
         return entry.name, str(entry.version)
 
-    def record(self, reading: Reading, request: Any, response: Any, outcome: Outcome, seconds: float) -> None:
-        """One stream message's end: answered OK (a response without an error) or failed with its code."""
-        answer = reading.answered(response) if response is not None and outcome.code is None else None
+    def record(
+        self, reading: Reading, request: Any, response: Any, failure: str | None, seconds: float
+    ) -> None:
+        """One stream message's end: answered OK, or failed with the code name `failure`."""
+        answer = reading.answered(response) if failure is None else None
         if answer is not None:
             self.answered(reading.protocol, answer[0], answer[1], answer[2], seconds)
         else:
-            self.failed(reading, request, outcome.code or "UNKNOWN")
+            self.failed(reading, request, failure or "UNKNOWN")
 
 
 # Set by the CallCounter interceptor around a stream call: how answer_stream counts each message.

@@ -15,12 +15,10 @@ import grpc
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from serving.core.dataplane import DataPlane
-from serving.core.errors import Unavailable
 from serving.core.types import ClassifyRequest, ClassifyResult, ImageInput, RawTensor
 from serving.models.registry import ModelRegistry, ModelVersion
 from serving.protocols.admission import Admission
 from serving.protocols.calls import Reading
-from serving.protocols.status import status_of
 from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -76,6 +74,16 @@ def to_request(message: pb.ClassifyRequest, deadline: float | None) -> ClassifyR
     )
 
 
+def error_response(message: pb.ClassifyRequest, code: grpc.StatusCode, text: str) -> pb.ClassifyResponse:
+    """A stream request that failed as a whole: its id, the model asked for, and the status."""
+    return pb.ClassifyResponse(
+        id=message.id,
+        model=message.model,
+        version=message.version,
+        error=pb.Error(code=code.value[0], message=text),
+    )
+
+
 def to_response(message: pb.ClassifyRequest, result: ClassifyResult) -> pb.ClassifyResponse:
     response = pb.ClassifyResponse(id=message.id, model=result.model, version=result.version)
     labels = result.labels
@@ -119,24 +127,17 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> AsyncIterator[pb.ClassifyResponse]:
         """Up to streams.STREAM_INFLIGHT requests at once; each response carries its request's id."""
         deadline = deadline_of(context)
-        async for response in answer_stream(requests, lambda r: self._answer(r, deadline), self.admission):
+        async for response in answer_stream(
+            requests,
+            lambda r: self._classify(r, deadline),
+            error_response,
+            self.admission,
+            f"/{SERVICE_NAME}/ClassifyStream",
+        ):
             yield response
 
-    async def _answer(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
-        """Exactly one response per stream request, whatever happens to it."""
-        with self.admission.working():
-            try:
-                if self.admission.draining:  # the stream stays open, but takes no new work
-                    raise Unavailable("server is shutting down")
-                return to_response(request, await self.dataplane.classify(to_request(request, deadline)))
-            except Exception as error:
-                code, message = status_of(error, f"/{SERVICE_NAME}/ClassifyStream")
-                return pb.ClassifyResponse(
-                    id=request.id,
-                    model=request.model,
-                    version=request.version,
-                    error=pb.Error(code=code.value[0], message=message),
-                )
+    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        return to_response(request, await self.dataplane.classify(to_request(request, deadline)))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -29,7 +29,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from serving.core.dataplane import DataPlane
-from serving.core.errors import FailedPrecondition, InvalidInput, Unavailable
+from serving.core.errors import FailedPrecondition, InvalidInput
 from serving.core.model import ServedModel
 from serving.core.postprocess import top_k
 from serving.core.types import PredictRequest, PredictResult, RawBatch
@@ -38,7 +38,6 @@ from serving.models.registry import ModelRegistry, VersionState
 from serving.protocols.admission import Admission
 from serving.protocols.calls import Reading
 from serving.protocols.convserve_v1 import deadline_of
-from serving.protocols.status import status_of
 from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -324,20 +323,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Up to streams.STREAM_INFLIGHT requests at once; one response each (errors in error_message)."""
         deadline = deadline_of(context)
-        async for response in answer_stream(requests, lambda r: self._answer(r, deadline), self.admission):
+        async for response in answer_stream(
+            requests,
+            lambda r: self._stream_infer(r, deadline),
+            lambda _request, _code, message: pb.ModelStreamInferResponse(error_message=message),
+            self.admission,
+            f"/{SERVICE_NAME}/ModelStreamInfer",
+        ):
             yield response
 
-    async def _answer(
+    async def _stream_infer(
         self, request: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelStreamInferResponse:
-        with self.admission.working():
-            try:
-                if self.admission.draining:
-                    raise Unavailable("server is shutting down")
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
-            except Exception as error:
-                _, message = status_of(error, f"/{SERVICE_NAME}/ModelStreamInfer")
-                return pb.ModelStreamInferResponse(error_message=message)
+        return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         started = time.perf_counter_ns()

@@ -2,8 +2,7 @@
 
 Every protocol edge maps failures through `status_of`: a domain error keeps its message; anything
 else is a bug, reaches the client as INTERNAL with a generic message, and its details are logged
-(with a traceback, rate-limited) on the server only. The code is also noted on the request's
-`calls.Outcome`, so the metrics count every failure by the status its client got.
+(with a traceback, rate-limited) on the server only.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from serving.core.errors import (
     ServingError,
     Unavailable,
 )
-from serving.protocols.calls import note
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,6 @@ def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, 
     for kind in type(error).__mro__:
         code = STATUS_OF.get(kind)  # type: ignore[call-overload]
         if code is not None:
-            note(code.name)
             return code, str(error)
     log_limited(
         f"internal:{type(error).__name__}",
@@ -79,5 +76,4 @@ def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, 
         error,
         exc_info=error,
     )
-    note(grpc.StatusCode.INTERNAL.name)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

@@ -1,9 +1,10 @@
 """Answering a bidirectional stream: many requests in flight at once, exactly one response each.
 
 Shared by every protocol's streaming RPC. Responses come back in the order they are ready (each
-carries its request's id); `answer` must turn every failure into a response of its own. At shutdown
-(`Admission.release`) the stream stops reading and ends with UNAVAILABLE once its answers are out.
-When the CallCounter interceptor counts the call, each message is counted as a request of its own.
+carries its request's id). A request that fails gets the protocol's error response (`fail`), with the
+status the status table gives it; the stream itself goes on. At shutdown (`Admission.release`) the
+stream stops reading and ends with UNAVAILABLE once its answers are out. When the CallCounter
+interceptor counts the call, each message is counted as a request of its own, with that status.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import grpc
+
 from serving.core.errors import Unavailable
 from serving.protocols.admission import Admission
-from serving.protocols.calls import CURRENT, STREAM, Outcome
+from serving.protocols.calls import STREAM
+from serving.protocols.status import status_of
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -25,25 +29,35 @@ STREAM_INFLIGHT = 64  # requests of one stream processed concurrently
 async def answer_stream(
     requests: AsyncIterator[Request],
     answer: Callable[[Request], Awaitable[Response]],
+    fail: Callable[[Request, grpc.StatusCode, str], Response],
     admission: Admission,
+    method: str,
     inflight: int = STREAM_INFLIGHT,
 ) -> AsyncIterator[Response]:
+    """`answer` gives a request's response; `fail(request, code, message)` the one for a failure."""
     responses: asyncio.Queue[Response | None] = asyncio.Queue()
     slots = asyncio.Semaphore(inflight)
     tasks: set[asyncio.Task] = set()
 
     counted = STREAM.get()  # (reading, stats) when the CallCounter interceptor counts this call
 
+    async def respond(request: Request) -> tuple[Response, str | None]:
+        """Exactly one response per request, whatever happens to it, and its failure's code name."""
+        with admission.working():
+            try:
+                if admission.draining:  # the stream stays open, but takes no new work
+                    raise Unavailable("server is shutting down")
+                return await answer(request), None
+            except Exception as error:
+                code, message = status_of(error, method)
+                return fail(request, code, message), code.name
+
     async def answer_one(request: Request) -> None:
         try:
-            if counted is None:
-                responses.put_nowait(await answer(request))
-                return
-            outcome = Outcome()
-            CURRENT.set(outcome)  # this task's own context: status_of notes a failure's code here
             started = time.perf_counter()
-            response = await answer(request)
-            counted[1].record(counted[0], request, response, outcome, time.perf_counter() - started)
+            response, failure = await respond(request)
+            if counted is not None:
+                counted[1].record(counted[0], request, response, failure, time.perf_counter() - started)
             responses.put_nowait(response)
         finally:
             slots.release()
