@@ -121,7 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
     from training.augment import default_augmentation
     from training.datasets import load_dataset
     from training.distributed import setup, teardown
-    from training.train import METRICS, TrainConfig, native_bfloat16, train
+    from training.train import METRICS, TrainConfig, default_bf16, train
 
     metrics_path = args.out / METRICS
     if args.reuse and metrics_path.exists():
@@ -150,9 +150,9 @@ def run_train(args: argparse.Namespace) -> int:
             if args.label_smoothing is None
             else args.label_smoothing,
             block_convs=args.block_convs or (1 if digits else 2),
-            bf16=args.bf16
-            if args.bf16 is not None
-            else native_bfloat16(context.device) and max(dataset.height, dataset.width) > 16,
+            bf16=default_bf16(context.device, dataset.height, dataset.width)
+            if args.bf16 is None
+            else args.bf16,
         )
         if context.is_main:
             print(

@@ -219,6 +219,18 @@ def train(
         torch.set_num_threads(previous)
 
 
+SMALL_INPUT_SIDE = 16  # inputs no larger (the 8x8 digits) make layers too small to share or to cast
+
+
+def is_small_input(height: int, width: int) -> bool:
+    return max(height, width) <= SMALL_INPUT_SIDE
+
+
+def default_bf16(device: torch.device, height: int, width: int) -> bool:
+    """bfloat16 autocast where the device computes it natively and the input is not small."""
+    return native_bfloat16(device) and not is_small_input(height, width)
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 in hardware. There autocast makes a step faster (1.7x on
     AMX cores for the Fashion-MNIST model); elsewhere bfloat16 is emulated and slower than float32."""
@@ -235,7 +247,7 @@ def training_threads(requested: int, height: int, width: int, default: int) -> i
     share, the second thread only waits, and on a busy machine it made 8x8 digits five times slower."""
     if requested > 0:
         return requested
-    return 1 if max(height, width) <= 16 else default
+    return 1 if is_small_input(height, width) else default
 
 
 def train_with(
