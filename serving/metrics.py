@@ -11,7 +11,6 @@ The batch-size histogram is built from `BatchStats.batch_sizes`, the very counts
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -241,16 +240,11 @@ class ServerCollector(Collector):
         self.calls = calls
 
     def snapshot(self) -> Snapshot:
-        done: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
+        return asyncio.run_coroutine_threadsafe(self._copy(), self.loop).result(SCRAPE_TIMEOUT_S)
 
-        def copy() -> None:  # on the event loop, where every change to the registry and the stats is made
-            try:
-                done.set_result(take_snapshot(self.registry, self.budget, self.calls))
-            except BaseException as exc:
-                done.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(copy)
-        return done.result(SCRAPE_TIMEOUT_S)
+    async def _copy(self) -> Snapshot:
+        """Runs on the event loop, where every change to the registry and the stats is made."""
+        return take_snapshot(self.registry, self.budget, self.calls)
 
     def collect(self) -> Iterator[Metric]:
         yield from families(self.snapshot())
@@ -262,7 +256,6 @@ class MetricsEndpoint:
     def __init__(self, collector: ServerCollector) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
-        self.port = 0
         self._server = None
         self._thread = None
 
@@ -271,8 +264,7 @@ class MetricsEndpoint:
             self._server, self._thread = start_http_server(port, host, self.registry)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-        self.port = self._server.server_port
-        return self.port
+        return self._server.server_port
 
     def stop(self) -> None:
         """Blocks until the HTTP thread has stopped (call it off the event loop: a scrape may wait on it)."""

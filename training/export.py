@@ -113,8 +113,11 @@ def write_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def verify(path: Path, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> ExportReport:
-    """Checker, then ONNX Runtime vs PyTorch at several batch sizes, then test accuracy on both."""
+def verify(
+    path: Path, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, version: int
+) -> tuple[ExportReport, np.ndarray]:
+    """Checker, then ONNX Runtime vs PyTorch at several batch sizes, then test accuracy on both.
+    Also returns the ONNX graph's probabilities for the test images (a smaller precision's reference)."""
     onnx.checker.check_model(str(path), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
@@ -135,13 +138,15 @@ def verify(path: Path, model: torch.nn.Module, images: np.ndarray, labels: np.nd
             )
         )
     torch_correct = onnx_correct = 0
+    probabilities = []
     for start in range(0, len(images), 256):
         expected, got = run_both(images[start : start + 256])
         truth = labels[start : start + 256]
         torch_correct += int((expected.argmax(1) == truth).sum())
         onnx_correct += int((got.argmax(1) == truth).sum())
-    version = int(path.parent.name) if path.parent.name.isdigit() else 0
-    return ExportReport(path, version, parity, torch_correct / len(labels), onnx_correct / len(labels))
+        probabilities.append(got)
+    report = ExportReport(path, version, parity, torch_correct / len(labels), onnx_correct / len(labels))
+    return report, np.concatenate(probabilities)
 
 
 def check_report(report: ExportReport) -> None:
@@ -172,12 +177,11 @@ def run_session(session: ort.InferenceSession, images: np.ndarray, batch_size: i
 
 
 def verify_reduced(
-    float_path: Path, path: Path, precision: str, images: np.ndarray, labels: np.ndarray
+    reference: np.ndarray, path: Path, precision: str, images: np.ndarray, labels: np.ndarray
 ) -> ReducedPrecisionCheck:
+    """The smaller graph against the float32 graph's probabilities (`reference`) on the same images."""
     onnx.checker.check_model(str(path), full_check=True)
-    options = ["CPUExecutionProvider"]
-    reference = run_session(ort.InferenceSession(str(float_path), providers=options), images)
-    session = ort.InferenceSession(str(path), providers=options)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = run_session(session, images)
     for size in PARITY_BATCH_SIZES:  # the batch axis stays dynamic after conversion
         batch = np.resize(images, (size, *images.shape[1:]))
@@ -247,19 +251,19 @@ def export_run(
             float_path = path if precision == "fp32" else Path(tmp) / MODEL_FILE
             export_onnx(model, to_tensor(images[:2]), float_path)
             write_metadata(float_path, contract.to_metadata())
-            report = verify(float_path, model, images, labels)
+            report, float_probabilities = verify(float_path, model, images, labels, version)
             check_report(report)
             if precision != "fp32":
                 convert(float_path, path, precision, calibration_images(run_dir, precision))
                 write_metadata(path, contract.to_metadata())
-                reduced = verify_reduced(float_path, path, precision, images, labels)
+                reduced = verify_reduced(float_probabilities, path, precision, images, labels)
                 check_reduced(reduced)
-                report = replace(report, path=path, precision=precision, reduced=reduced)
+                report = replace(report, precision=precision, reduced=reduced)
         os.rename(staging, target_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return replace(report, path=target_dir / MODEL_FILE, version=version)
+    return replace(report, path=target_dir / MODEL_FILE)
 
 
 def calibration_images(run_dir: Path, precision: str) -> np.ndarray:

@@ -99,7 +99,8 @@ class ServedModel:
         # Requests that resolved this version and have not finished (event loop thread only): a version
         # swapped out or removed is closed only once this is back to zero.
         self.in_flight = 0
-        self._unused: asyncio.Event | None = None
+        self._unused = asyncio.Event()  # set while no request holds this version
+        self._unused.set()
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -138,17 +139,18 @@ class ServedModel:
     def hold(self) -> Iterator[None]:
         """Counts one request using this version, from its resolution to its end."""
         self.in_flight += 1
+        self._unused.clear()
         try:
             yield
         finally:
             self.in_flight -= 1
-            if self.in_flight == 0 and self._unused is not None:
+            if self.in_flight == 0:
                 self._unused.set()
 
     async def wait_unused(self) -> None:
-        """Returns once no request holds this version (new ones must no longer resolve to it)."""
+        """Returns once no request holds this version (new ones must no longer resolve to it); any
+        number of callers may wait (each holder clears the event, so it is set only at zero)."""
         while self.in_flight:
-            self._unused = asyncio.Event()
             await self._unused.wait()
 
     def warm_up(self, sizes: Iterable[int] | None = None) -> None:

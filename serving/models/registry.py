@@ -167,12 +167,9 @@ class ModelRegistry:
 
     # -- changes while serving (event loop thread) -------------------------------------------------
 
-    def swap(self, entry: ModelVersion) -> ModelVersion | None:
-        """Puts `entry` in its version's place; returns the entry it replaced, if any."""
-        versions = self._models.setdefault(entry.name, {})
-        previous = versions.get(entry.version)
-        versions[entry.version] = entry
-        return previous
+    def swap(self, entry: ModelVersion) -> None:
+        """Puts `entry` in its version's place."""
+        self._models.setdefault(entry.name, {})[entry.version] = entry
 
     def known(self, name: str) -> dict[int, ModelVersion]:
         """The versions of `name` (any state), or none when the name was never seen."""

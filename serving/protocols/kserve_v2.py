@@ -29,7 +29,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from serving.core.dataplane import DataPlane
-from serving.core.errors import FailedPrecondition, InvalidInput
+from serving.core.errors import InvalidInput
 from serving.core.model import ServedModel
 from serving.core.postprocess import top_k
 from serving.core.types import PredictRequest, PredictResult, RawBatch
@@ -151,7 +151,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         dataplane: DataPlane,
         registry: ModelRegistry,
         admission: Admission,
-        lifecycle: ModelLifecycle | None = None,
+        lifecycle: ModelLifecycle,
     ) -> None:
         self.dataplane = dataplane
         self.registry = registry
@@ -292,10 +292,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         """Loads or reloads a model's versions from the repository (--model-control explicit)."""
-        self._lifecycle().require_explicit("load")  # outside explicit mode: FAILED_PRECONDITION first
+        self.lifecycle.require_explicit("load")  # outside explicit mode: FAILED_PRECONDITION first
         if request.parameters:
             raise InvalidInput("RepositoryModelLoad takes no parameters; put the files in the repository")
-        await self._lifecycle().load(request.model_name)
+        await self.lifecycle.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -303,13 +303,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         """Drains and unloads every version of a model (--model-control explicit); returns once no new
         call can reach it, while the calls already admitted finish."""
-        await self._lifecycle().unload(request.model_name)
+        await self.lifecycle.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-    def _lifecycle(self) -> ModelLifecycle:
-        if self.lifecycle is None:
-            raise FailedPrecondition("this server does not load or unload models on request")
-        return self.lifecycle
 
     # Inference ----------------------------------------------------------------------------------
 

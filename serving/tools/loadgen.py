@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -209,23 +210,20 @@ async def run_scenario(scenario: dict) -> dict:
         stub = pb_grpc.ClassifierStub(channel)
         tally = Tally()
         kind = scenario["kind"]
-        requests: list[pb.ClassifyRequest] = []
+        requests: list[Any] = []  # built before the clock starts: ClassifyRequests, or ModelInfer ones
         if kind != "echo":
             info = await stub.GetModel(pb.GetModelRequest(name=scenario["model"]), timeout=10)
-            size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
-            requests = requests_of(info, scenario["payload"], scenario["images"], size)  # type: ignore[arg-type]
+            image_size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
+            build = kserve_requests_of if kind == "kserve" else requests_of
+            requests = build(info, scenario["payload"], scenario["images"], image_size)  # type: ignore[arg-type]
         measure_from = time.perf_counter() + WARMUP_S
         until = measure_from + scenario["duration"]
         if kind == "echo":
             work = echo(pb_grpc.BenchStub(channel), scenario["concurrency"], until, measure_from, tally)
         elif kind == "kserve":
             inference = kserve_grpc.GRPCInferenceServiceStub(channel)
-            size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
-            batch = kserve_requests_of(info, scenario["payload"], scenario["images"], size)  # type: ignore[arg-type]
-            count = scenario["concurrency"]
-            work = unary(
-                inference.ModelInfer, batch, lambda r: r.inputs[0].shape[0], count, until, measure_from, tally
-            )
+            count, images_of = scenario["concurrency"], lambda r: r.inputs[0].shape[0]
+            work = unary(inference.ModelInfer, requests, images_of, count, until, measure_from, tally)
         elif kind == "unary":
             count = scenario["concurrency"]
             work = unary(stub.Classify, requests, lambda r: len(r.images), count, until, measure_from, tally)
