@@ -177,6 +177,34 @@ class ModelContract:
     def fit(self) -> Fit:
         return Fit(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Fit)})
 
+    @cached_property
+    def channel_axis_shape(self) -> tuple[int, int, int]:
+        """Reshapes per-channel values to broadcast over one input row in the model's layout."""
+        return (-1, 1, 1) if self.layout == "NCHW" else (1, 1, -1)
+
+    @cached_property
+    def normalisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """mean and std as float32, shaped to broadcast over one input row (normalised images only)."""
+        shape = self.channel_axis_shape
+        return (
+            np.asarray(self.mean, dtype=np.float32).reshape(shape),
+            np.asarray(self.std, dtype=np.float32).reshape(shape),
+        )
+
+    @cached_property
+    def fill_input(self) -> np.ndarray:
+        """The padding's input values, computed as a pixel's would be, shaped like `normalisation`."""
+        fill = np.broadcast_to(np.asarray(self.fill, dtype=np.float64), (self.channels,))
+        if self.raw_pixels:
+            value = fill.round()
+        else:
+            value = fill.astype(np.float32) * np.float32(self.scale)
+            if self.has_normalisation:
+                mean = np.broadcast_to(np.asarray(self.mean, dtype=np.float32), (self.channels,))
+                std = np.broadcast_to(np.asarray(self.std, dtype=np.float32), (self.channels,))
+                value = (value - mean) / std
+        return value.reshape(self.channel_axis_shape)
+
     def to_fields(self) -> dict[str, Any]:
         """Every field as a sidecar (`model.json`) holds it."""
         return {

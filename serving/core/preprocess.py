@@ -53,7 +53,7 @@ def pixels_to_input(
     height, width = pixels.shape[:2]
     target = out
     if (height, width) != (contract.height, contract.width):
-        out[...] = fill_row(contract, out.dtype)
+        out[...] = contract.fill_input.astype(out.dtype)
         rows, cols = slice(placed.top, placed.top + height), slice(placed.left, placed.left + width)
         target = out[:, rows, cols] if contract.layout == "NCHW" else out[rows, cols, :]
     if contract.layout == "NCHW":
@@ -63,27 +63,10 @@ def pixels_to_input(
         return out
     np.multiply(pixels, np.float32(contract.scale), out=target, casting="unsafe")
     if contract.has_normalisation:
-        shape = (-1, 1, 1) if contract.layout == "NCHW" else (1, 1, -1)
-        target -= np.asarray(contract.mean, dtype=np.float32).reshape(shape)
-        target /= np.asarray(contract.std, dtype=np.float32).reshape(shape)
+        mean, std = contract.normalisation
+        target -= mean
+        target /= std
     return out
-
-
-@functools.lru_cache(maxsize=256)
-def fill_row(contract: ModelContract, dtype: np.dtype) -> np.ndarray:
-    """The padding as input values, (C, 1, 1) or (1, 1, C): computed as a pixel's would be."""
-    channels = contract.channels
-    fill = np.broadcast_to(np.asarray(contract.fill, dtype=np.float64), (channels,))
-    if contract.raw_pixels:
-        value = fill.round()
-    else:
-        value = fill.astype(np.float32) * np.float32(contract.scale)
-        if contract.has_normalisation:
-            mean = np.broadcast_to(np.asarray(contract.mean, dtype=np.float32), (channels,))
-            std = np.broadcast_to(np.asarray(contract.std, dtype=np.float32), (channels,))
-            value = (value - mean) / std
-    shape = (-1, 1, 1) if contract.layout == "NCHW" else (1, 1, -1)
-    return value.astype(dtype).reshape(shape)
 
 
 def image_to_input(image: Image.Image, contract: ModelContract, out: np.ndarray | None = None) -> np.ndarray:
