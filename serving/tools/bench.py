@@ -230,40 +230,58 @@ def model_stats(address: str, model: str, connection: Connection) -> tuple[int, 
     return stats.items, stats.batches
 
 
+# (server kind, metrics state) -> the server that runs those scenarios for every model
+Servers = dict[tuple[str, str], LaunchedServer | ExternalServer]
+
+
+def chosen_scenarios(args: argparse.Namespace) -> list[Scenario]:
+    return [s for s in scenarios() if not args.scenario or s.name in args.scenario]
+
+
+def launch_servers(args: argparse.Namespace, workdir: Path) -> Servers:
+    """One server per (kind, metrics state) the chosen scenarios need, serving every model: each model's
+    figures come from its own calls and its own counters, so the models share them."""
+    flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
+    flags.append("--bench-service")  # the Echo RPC: the transport's ceiling
+    batch_flags = {"batching": str(args.max_batch_size), "no-batching": "1"}
+    servers: Servers = {}
+    try:
+        for kind in dict.fromkeys(s.server for s in chosen_scenarios(args)):
+            for state in args.metrics.split(","):
+                if args.server and kind == "batching":
+                    servers[kind, state] = ExternalServer(args.server)
+                else:
+                    servers[kind, state] = launch_server(
+                        args.models,
+                        workdir,
+                        "--max-batch-size",
+                        batch_flags[kind],
+                        *flags,
+                        metrics=state == "on",
+                    )
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
 class ModelBench:
-    """One model's servers, its in-process limit and its figures, measured a round at a time so that
-    the rounds of several models interleave: drift in the machine's speed hits every model alike
+    """One model's in-process limit and figures on the shared servers, measured a round at a time so
+    that the rounds of several models interleave: drift in the machine's speed hits every model alike
     (the resize modes are compared across models)."""
 
-    def __init__(self, args: argparse.Namespace, model: str, workdir: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, model: str, servers: Servers, connection: Connection
+    ) -> None:
         self.args, self.model = args, model
         path = args.models / model
         path = path / str(max(int(p.name) for p in path.iterdir() if p.name.isdigit()))
         self.limit = InProcessLimit(path, args.device)
-        flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
-        flags.append("--bench-service")  # the Echo RPC: the transport's ceiling
-        self.connection = connection_from_args(args) if args.server else PLAINTEXT
-        self.servers: dict[tuple[str, str], LaunchedServer | ExternalServer] = {}
-        self.chosen = [s for s in scenarios() if not args.scenario or s.name in args.scenario]
+        self.connection = connection
+        self.servers = servers
+        self.chosen = chosen_scenarios(args)
         self.states = args.metrics.split(",")
-        batch_flags = {"batching": str(args.max_batch_size), "no-batching": "1"}
-        try:
-            for kind in dict.fromkeys(s.server for s in self.chosen):
-                for state in self.states:
-                    if args.server and kind == "batching":
-                        self.servers[kind, state] = ExternalServer(args.server)
-                    else:
-                        self.servers[kind, state] = launch_server(
-                            args.models,
-                            workdir,
-                            "--max-batch-size",
-                            batch_flags[kind],
-                            *flags,
-                            metrics=state == "on",
-                        )
-        except BaseException:
-            self.stop()
-            raise
         self.limits: dict[int, list[tuple[float, float]]] = {b: [] for b in LIMIT_BATCH_SIZES}
         self.results = {variant(s.name, state): Measured() for s in self.chosen for state in self.states}
 
@@ -294,10 +312,6 @@ class ModelBench:
 
     def summary(self) -> dict:
         return summarise(self.model, self.limits, self.results)
-
-    def stop(self) -> None:
-        for server in self.servers.values():
-            server.stop()
 
 
 def nearest_limit(limits: dict[int, float], batch: float) -> tuple[int, float]:
@@ -549,18 +563,19 @@ def run_bench(args: argparse.Namespace) -> int:
         print("error: --metrics off needs servers the bench starts (not --server)", file=sys.stderr)
         return 2
     load = LoadGenerator()
-    benches: list[ModelBench] = []
+    connection = connection_from_args(args) if args.server else PLAINTEXT
+    servers: Servers = {}
     try:
         with tempfile.TemporaryDirectory() as workdir:
-            for model in models:
-                benches.append(ModelBench(args, model, Path(workdir)))
+            servers = launch_servers(args, Path(workdir))
+            benches = [ModelBench(args, model, servers, connection) for model in models]
             for round_index in range(args.rounds):
                 for bench in benches:  # every model in every round
                     bench.run_round(load)
                 print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
-        for bench in benches:
-            bench.stop()
+        for server in servers.values():
+            server.stop()
         load.close()
     summaries = [bench.summary() for bench in benches]
     args.json.parent.mkdir(parents=True, exist_ok=True)
