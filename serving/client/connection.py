@@ -127,14 +127,8 @@ class AddMetadata(
     def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return continuation(self._details(client_call_details), request)
 
-    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, requests):  # type: ignore[no-untyped-def]
-        return continuation(self._details(client_call_details), requests)
-
-    def intercept_stream_stream(self, continuation, client_call_details, requests):  # type: ignore[no-untyped-def]
-        return continuation(self._details(client_call_details), requests)
+    # Every kind of call takes the same step: the request (or request iterator) passes through.
+    intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = intercept_unary_unary
 
 
 class _AioMetadata:
@@ -144,28 +138,27 @@ class _AioMetadata:
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.extra = metadata
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), *self.extra))
+    async def _intercept(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        details = client_call_details._replace(
+            metadata=grpc.aio.Metadata(*(client_call_details.metadata or ()), *self.extra)
+        )
+        return await continuation(details, request)
 
 
 class _AioUnaryUnary(_AioMetadata, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(client_call_details), request)
+    intercept_unary_unary = _AioMetadata._intercept
 
 
 class _AioUnaryStream(_AioMetadata, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(client_call_details), request)
+    intercept_unary_stream = _AioMetadata._intercept
 
 
 class _AioStreamUnary(_AioMetadata, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, requests):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(client_call_details), requests)
+    intercept_stream_unary = _AioMetadata._intercept
 
 
 class _AioStreamStream(_AioMetadata, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, requests):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(client_call_details), requests)
+    intercept_stream_stream = _AioMetadata._intercept
 
 
 def aio_metadata_interceptors(metadata: tuple[tuple[str, str], ...]) -> list[Any]:
