@@ -206,26 +206,12 @@ class ModelContract:
         return value.reshape(self.channel_axis_shape)
 
     def to_fields(self) -> dict[str, Any]:
-        """Every field as a sidecar (`model.json`) holds it."""
+        """Every field as a sidecar (`model.json`) holds it, in `FIELDS` order; unset optional ones out."""
+        values = ((key, getattr(self, key)) for key in FIELDS)
         return {
-            "labels": list(self.labels),
-            "color_mode": self.color_mode,
-            "channel_order": self.channel_order,
-            "height": self.height,
-            "width": self.width,
-            "layout": self.layout,
-            "resize": self.resize,
-            **({"resize_to": self.resize_to} if self.resize_to is not None else {}),
-            "fill": list(self.fill),
-            "align": self.align,
-            "rounding": self.rounding,
-            "resample": self.resample,
-            "antialias": self.antialias,
-            "scale": self.scale,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            **({"output": self.output} if self.output is not None else {}),
-            "output_kind": self.output_kind,
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in values
+            if value is not None
         }
 
     def to_metadata(self) -> dict[str, str]:
@@ -326,27 +312,14 @@ def build(
             raise ContractError(f"{where}: {key_prefix}{key} must be {_type_name(kinds)}, got {value!r}")
     try:
         labels = fields.get("labels") or [str(i) for i in range(num_classes)]
-        return ModelContract(
-            labels=tuple(str(label) for label in labels),
-            color_mode=fields["color_mode"],
-            height=fields["height"],
-            width=fields["width"],
-            layout=fields.get("layout", "NCHW"),
-            scale=float(fields.get("scale", 1.0 / 255.0)),
-            mean=_numbers("mean", fields.get("mean", [0.0])),
-            std=_numbers("std", fields.get("std", [1.0])),
-            output_kind=fields.get("output_kind", "probabilities"),
-            channel_order=fields.get("channel_order", "RGB"),
-            resize=fields.get("resize", "stretch"),
-            resize_to=fields.get("resize_to"),
-            fill=_numbers("fill", fields.get("fill", [0.0])),
-            align=fields.get("align", "centre"),
-            rounding=fields.get("rounding", "round"),
-            resample=fields.get("resample", "bilinear"),
-            antialias=fields.get("antialias", True),
-            output=fields.get("output"),
-            extra=extra,
-        )
+        # What the fields leave out takes the dataclass's defaults: written once, there.
+        given = {key: value for key, value in fields.items() if key != "labels"}
+        for key in ("mean", "std", "fill"):
+            if key in given:
+                given[key] = _numbers(key, given[key])
+        if "scale" in given:
+            given["scale"] = float(given["scale"])
+        return ModelContract(labels=tuple(str(label) for label in labels), extra=extra, **given)
     except ContractError as exc:
         raise ContractError(f"{where}: {exc}") from None
 
