@@ -34,3 +34,13 @@ class Overloaded(ServingError):
 
 class DeadlineExceeded(ServingError):
     """The caller's deadline passed before the work could be done."""
+
+
+ECHO_LIMIT = 80  # characters of a client's value an error message repeats
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` cut to `limit` characters: error messages repeat what a client sent, never all of
+    it (a 16 KiB model name would otherwise turn NOT_FOUND into RESOURCE_EXHAUSTED on the way back)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
