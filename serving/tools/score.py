@@ -294,10 +294,10 @@ def outcomes_of(
 
 
 def build_request(
-    chunk: Chunk, model: str, version: int, top_k: int, limit: int | None
+    chunk: Chunk, model: str, version: int, top_k: int, budget: int | None
 ) -> tuple[pb.ClassifyRequest | None, dict]:
-    """Reads the chunk's files; unreadable ones, and any over the message limit, are errors, not sent."""
-    images, unreadable = read_chunk(chunk, limit)
+    """Reads the chunk's files; unreadable ones, and any over the message budget, are errors, not sent."""
+    images, unreadable = read_chunk(chunk, budget)
     if not images:
         return None, unreadable
     request = pb.ClassifyRequest(id=str(chunk.id), model=model, version=version, top_k=top_k)
@@ -357,9 +357,11 @@ class Job:
             self.todo.put(part)
         return first
 
-    def follow_refusal(self, exc: grpc.RpcError) -> bool:
+    def follow_refusal(self, exc: grpc.RpcError, limit_before: int | None) -> bool:
         """True when the server refused a message as larger than its limit and the job now packs under
-        that limit (a refusal for size is the job's mistake, not an outage: nothing is counted)."""
+        that limit (a refusal for size is the job's mistake, not an outage: nothing is counted).
+        `limit_before` is the limit when the stream began: a refusal of a message packed under an
+        older, higher limit is explained; one packed under the server's own limit is counted."""
         if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # also "overloaded": that one is retried
             return False
         found = SIZE_REFUSAL.search(exc.details() or "")
@@ -367,8 +369,10 @@ class Job:
             return False
         sent, server_limit = int(found[1]), int(found[2])
         with self.limit_lock:
-            if self.limit is None or server_limit >= self.limit:  # already under it: another stream's news
-                return self.limit is not None
+            if self.limit is None:
+                return False
+            if server_limit >= self.limit:  # lowered already, by this stream or another one
+                return limit_before is not None and self.limit < limit_before
             self.limit = server_limit
         log.warning(
             "the server refused a message of %d bytes as larger than its limit: "
@@ -437,6 +441,7 @@ def stream_worker(job: Job, target: str) -> None:
     """Keeps one stream to `target` open while there is work, reconnecting with backoff."""
     failures = 0
     while not job.finished.is_set() and failures < RETRY_LIMIT:
+        limit_before = job.limit
         try:
             if stream_once(job, target):
                 failures = 0
@@ -444,7 +449,7 @@ def stream_worker(job: Job, target: str) -> None:
                 failures += 1
                 time.sleep(min(0.2 * 2**failures, 5.0))
         except grpc.RpcError as exc:
-            if job.follow_refusal(exc):  # repacked under the server's limit: go on at once
+            if job.follow_refusal(exc, limit_before):  # repacked under the server's limit: go on at once
                 continue
             if exc.code() not in RETRYABLE:
                 job.answers.put(ScoreError(f"{target}: {exc.code().name}: {exc.details()}"))
