@@ -203,3 +203,73 @@ def test_file_names_that_are_not_utf8_are_written_and_resumed(
     else:  # valid UTF-8 JSON; undecodable bytes escaped, read back to the same name
         written = {json.loads(line)["path"] for line in text.decode("utf-8").splitlines()}
         assert written == {str(folder / os.fsdecode(name)) for name in names}
+
+
+def noise_png(side: int, seed: int) -> bytes:
+    """An RGB PNG of random noise: it does not compress, so its size is about 3 * side * side bytes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode(pixels)
+
+
+@pytest.fixture
+def large_files(tmp_path) -> tuple[Path, Path]:
+    """20 noise PNGs of about 300 KiB (16 of them, the default --batch, make a 4.7 MiB message) and one
+    of about 1.4 MiB: against a server started with --max-message-mb 1."""
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"photo_{i:02d}.png").write_bytes(noise_png(320, i))
+    big = folder / "huge.png"
+    big.write_bytes(noise_png(700, 99))
+    assert big.stat().st_size > 1024 * 1024
+    return folder, big
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["flag", "learned-from-the-server"])
+def test_messages_are_packed_under_the_servers_limit(
+    large_files, model_repo, server_factory, tmp_path, told
+) -> None:
+    folder, big = large_files
+    server = server_factory(model_repo, "--max-message-mb", "1")
+    out = tmp_path / "out.jsonl"
+    flag = ["--max-message-mb", "1"] if told else []  # untold: the job follows the server's refusal
+    done = run_score(str(folder), "--out", str(out), "--server", server.address, *flag)
+    assert done.returncode == 0, done.stderr
+    assert "scored 20, failed 1, skipped 0" in done.stdout
+    results = read_jsonl(out)
+    assert len(results) == 21
+    assert "message limit of 1 MiB" in results[str(big)]["error"]
+    assert all(r["top_k"] and r["error"] is None for p, r in results.items() if p != str(big))
+    assert "failed (RESOURCE_EXHAUSTED" not in done.stderr, "a refusal for size is not an outage"
+    if not told:
+        assert "packing messages under 1048576 bytes" in done.stderr
+    again = run_score(str(folder), "--out", str(out), "--server", server.address, *flag)
+    assert again.returncode == 0, again.stderr
+    assert "scored 0, failed 0, skipped 21" in again.stdout
+
+
+def test_non_regular_files_are_skipped_with_a_line(digit_samples, model_repo, tmp_path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = folder / "good.png"
+    good.write_bytes(encode(digit_samples[0][0]))
+    fifo = folder / "pipe.png"
+    os.mkfifo(fifo)
+    dangling = folder / "dangling.png"
+    dangling.symlink_to(folder / "gone.png")
+    loop = folder / "loop.png"
+    loop.symlink_to(loop)
+    expected = {
+        str(good): None,
+        str(fifo): "skipped: not a regular file (a FIFO)",
+        str(dangling): "skipped: dangling symbolic link",
+        str(loop): "skipped: symbolic link loop",
+    }
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(expected) + "\n")
+    for source in (str(listing), str(folder)):  # a list file names them; a folder walk finds them
+        out = tmp_path / f"out-{len(source)}.jsonl"
+        done = run_score(source, "--out", str(out), "--local", str(model_repo), timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "scored 1, failed 3" in done.stdout
+        assert {p: r["error"] for p, r in read_jsonl(out).items()} == expected

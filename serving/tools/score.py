@@ -2,9 +2,14 @@
 
 Images are read and sent while earlier answers come back: each server gets `--streams` long-lived
 ClassifyStream calls, all fed from one queue of chunks (`--batch` images per message) with at most
-`--inflight` images unanswered. A stream that breaks puts its unanswered chunks back on the queue,
-so the other servers (or the same one, once it is back) score them. One output line per image, in
-the order answers arrive; rerunning with the same `--out` skips what is already there.
+`--inflight` images unanswered. Chunks are packed by bytes as well, under the server's message limit
+(`--max-message-mb`, lowered to what the server says when it refuses a message as too large), and a
+file larger than that limit gets its own error line instead of sinking its chunk. A stream that
+breaks puts its unanswered chunks back on the queue, so the other servers (or the same one, once it
+is back) score them. One output line per image, in the order answers arrive; rerunning with the same
+`--out` skips what is already there. Only regular files are read: a FIFO, a device, a dangling
+symbolic link or a loop of links gets a line saying it was skipped (reading a FIFO would block the
+job for ever).
 
 `--local MODEL_DIR` runs the very same data plane in process (decode pool, dynamic batcher, ONNX
 Runtime, top-k), with no server: for a laptop, and as the reference.
@@ -19,12 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import errno
 import glob
 import io
+import itertools
 import json
 import logging
+import os
 import queue
 import re
+import stat
 import sys
 import threading
 import time
@@ -47,6 +56,17 @@ log = logging.getLogger(__name__)
 
 IMAGE_PREFIX = re.compile(r"^image \d+: ")  # how the server names an image within its request
 RETRY_LIMIT = 5  # consecutive failed connections before a stream gives up on its server
+MIB = 1024 * 1024
+MESSAGE_OVERHEAD = 4096  # a request's fields besides its images (id, model name, top_k), with room to spare
+IMAGE_OVERHEAD = 16  # per image: the field tags and length prefixes around its bytes
+SIZE_REFUSAL = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")  # gRPC's words for a too-large message
+FILE_KINDS = {  # what a path that is not a regular file is, for its line
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+}
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.CANCELLED,
@@ -83,6 +103,13 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", type=int, default=0)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="images per message")
+    parser.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=64,
+        help="the server's --max-message-mb: messages are packed under it, a larger file gets an error "
+        "line; a server that refuses a message as too large is followed to its own limit (default 64)",
+    )
     parser.add_argument("--inflight", type=int, default=256, help="images sent and not yet answered, at most")
     parser.add_argument("--streams", type=int, default=2, help="ClassifyStream calls per server")
     parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any image failed")
@@ -111,13 +138,30 @@ def find_inputs(spec: str) -> list[str]:
     path = Path(spec)
     if path.is_dir():
         suffixes = image_suffixes()
-        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        # Anything but a folder: a FIFO or a dangling link named like an image gets a line saying so.
+        return sorted(str(p) for p in path.rglob("*") if not p.is_dir() and p.suffix.lower() in suffixes)
     if any(ch in spec for ch in "*?["):
-        return sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        return sorted(p for p in glob.glob(spec, recursive=True) if not Path(p).is_dir())
     if path.is_file():
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
         return [line.strip() for line in text.splitlines() if line.strip()]
     raise ScoreError(f"input {spec!r} is not a folder, a glob, a list file or -", exit_code=2)
+
+
+def inspect_file(path: str) -> tuple[int, str | None]:
+    """The file's size, or why it is not read: only regular files are (a FIFO would block for ever)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return 0, "skipped: symbolic link loop"
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return 0, "skipped: dangling symbolic link"
+        return 0, f"cannot read file: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+        return 0, f"skipped: not a regular file ({kind})"
+    return info.st_size, None
 
 
 def output_format(out: Path, chosen: str | None) -> str:
@@ -191,6 +235,38 @@ class ResultWriter:
 class Chunk:
     id: int
     paths: list[str]
+    sizes: list[int]  # bytes per file when the job was planned
+
+    @property
+    def message_bytes(self) -> int:
+        return sum(self.sizes) + IMAGE_OVERHEAD * len(self.sizes)
+
+
+def pack(
+    paths: list[str], sizes: list[int], batch: int, budget: int | None, ids: Iterator[int]
+) -> list[Chunk]:
+    """Consecutive paths in chunks of at most `batch` files and `budget` bytes of images; a file over
+    the budget is alone in its chunk (it is answered with an error, not sent)."""
+    chunks: list[Chunk] = []
+    current: list[str] = []
+    current_sizes: list[int] = []
+    for path, size in zip(paths, sizes, strict=True):
+        over = budget is not None and sum(current_sizes) + IMAGE_OVERHEAD * len(current) + size > budget
+        if current and (len(current) == batch or over):
+            chunks.append(Chunk(next(ids), current, current_sizes))
+            current, current_sizes = [], []
+        current.append(path)
+        current_sizes.append(size)
+    if current:
+        chunks.append(Chunk(next(ids), current, current_sizes))
+    return chunks
+
+
+def too_large(size: int, limit: int) -> str:
+    return (
+        f"file is {size / MIB:.1f} MiB, over the server's message limit of {limit / MIB:g} MiB: not sent "
+        "(raise the server's --max-message-mb, and this job's, to score it)"
+    )
 
 
 def outcomes_of(
@@ -218,10 +294,10 @@ def outcomes_of(
 
 
 def build_request(
-    chunk: Chunk, model: str, version: int, top_k: int
+    chunk: Chunk, model: str, version: int, top_k: int, budget: int | None
 ) -> tuple[pb.ClassifyRequest | None, dict]:
-    """Reads the chunk's files; unreadable ones become errors and are not sent."""
-    images, unreadable = read_chunk(chunk)
+    """Reads the chunk's files; unreadable ones, and any over the message budget, are errors, not sent."""
+    images, unreadable = read_chunk(chunk, budget)
     if not images:
         return None, unreadable
     request = pb.ClassifyRequest(id=str(chunk.id), model=model, version=version, top_k=top_k)
@@ -230,10 +306,20 @@ def build_request(
 
 
 class Job:
-    """The shared state: a queue of chunks, a bound on images in flight, and the answers."""
+    """The shared state: a queue of chunks, a bound on chunks in flight, the message limit, the answers."""
 
-    def __init__(self, chunks: list[Chunk], inflight_chunks: int, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        chunks: list[Chunk],
+        inflight_chunks: int,
+        args: argparse.Namespace,
+        limit: int | None,
+        ids: Iterator[int],
+    ) -> None:
         self.connection = connection_from_args(args)  # TLS files and token file, checked once
+        self.limit = limit  # bytes per message; None in process (no messages)
+        self.ids = ids
+        self.limit_lock = threading.Lock()
         self.todo: queue.Queue[Chunk] = queue.Queue()
         for chunk in chunks:
             self.todo.put(chunk)
@@ -248,10 +334,53 @@ class Job:
             if not self.slots.acquire(timeout=0.1):
                 continue
             try:
-                return self.todo.get(timeout=0.1)
+                chunk = self.todo.get(timeout=0.1)
             except queue.Empty:
                 self.slots.release()
+                continue
+            return self.fit(chunk)
         return None
+
+    @property
+    def budget(self) -> int | None:
+        """Bytes of images one message may carry."""
+        return None if self.limit is None else self.limit - MESSAGE_OVERHEAD
+
+    def fit(self, chunk: Chunk) -> Chunk:
+        """The chunk, or its first part when the limit was lowered after it was packed (the rest is
+        queued again, holding no slot: each part takes its own when it is sent)."""
+        budget = self.budget
+        if budget is None or len(chunk.paths) == 1 or chunk.message_bytes <= budget:
+            return chunk
+        first, *rest = pack(chunk.paths, chunk.sizes, len(chunk.paths), budget, self.ids)
+        for part in rest:
+            self.todo.put(part)
+        return first
+
+    def follow_refusal(self, exc: grpc.RpcError, limit_before: int | None) -> bool:
+        """True when the server refused a message as larger than its limit and the job now packs under
+        that limit (a refusal for size is the job's mistake, not an outage: nothing is counted).
+        `limit_before` is the limit when the stream began: a refusal of a message packed under an
+        older, higher limit is explained; one packed under the server's own limit is counted."""
+        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # also "overloaded": that one is retried
+            return False
+        found = SIZE_REFUSAL.search(exc.details() or "")
+        if found is None:
+            return False
+        sent, server_limit = int(found[1]), int(found[2])
+        with self.limit_lock:
+            if self.limit is None:
+                return False
+            if server_limit >= self.limit:  # lowered already, by this stream or another one
+                return limit_before is not None and self.limit < limit_before
+            self.limit = server_limit
+        log.warning(
+            "the server refused a message of %d bytes as larger than its limit: "
+            "packing messages under %d bytes from now on (pass --max-message-mb to start there)",
+            sent,
+            server_limit,
+        )
+        return True
 
     def give_back(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
@@ -271,7 +400,7 @@ def stream_once(job: Job, target: str) -> int:
 
     def requests() -> Iterator[pb.ClassifyRequest]:
         while (chunk := job.next_chunk(closed)) is not None:
-            request, unreadable = build_request(chunk, args.model, args.version, args.top_k)
+            request, unreadable = build_request(chunk, args.model, args.version, args.top_k, job.budget)
             if request is None:  # nothing readable: answer it here
                 job.answers.put((chunk, outcomes_of(chunk, unreadable, None)))
                 continue
@@ -283,7 +412,9 @@ def stream_once(job: Job, target: str) -> int:
             yield request
 
     # Each new channel reads the token file again, so a stream that reconnects takes a rotated token.
-    client = ClassifierClient(target, retries=0, connection=job.connection)
+    client = ClassifierClient(
+        target, retries=0, connection=job.connection, max_message_mb=args.max_message_mb + 1
+    )
     try:
         for response in client.stream(requests()):
             with lock:
@@ -310,6 +441,7 @@ def stream_worker(job: Job, target: str) -> None:
     """Keeps one stream to `target` open while there is work, reconnecting with backoff."""
     failures = 0
     while not job.finished.is_set() and failures < RETRY_LIMIT:
+        limit_before = job.limit
         try:
             if stream_once(job, target):
                 failures = 0
@@ -317,6 +449,8 @@ def stream_worker(job: Job, target: str) -> None:
                 failures += 1
                 time.sleep(min(0.2 * 2**failures, 5.0))
         except grpc.RpcError as exc:
+            if job.follow_refusal(exc, limit_before):  # repacked under the server's limit: go on at once
+                continue
             if exc.code() not in RETRYABLE:
                 job.answers.put(ScoreError(f"{target}: {exc.code().name}: {exc.details()}"))
                 return
@@ -343,7 +477,7 @@ def local_worker(job: Job, model_dir: Path) -> None:
         tasks: set[asyncio.Task] = set()
 
         async def one(chunk: Chunk) -> None:
-            images, unreadable = await loop.run_in_executor(local.pool, read_chunk, chunk)
+            images, unreadable = await loop.run_in_executor(local.pool, read_chunk, chunk, None)
             result: ClassifyResult | str | None = None
             if images:
                 request = ClassifyRequest(images, args.model, args.version, args.top_k)
@@ -364,15 +498,27 @@ def local_worker(job: Job, model_dir: Path) -> None:
     asyncio.run(run())
 
 
-def read_chunk(chunk: Chunk) -> tuple[list[bytes], dict[str, str]]:
-    """The chunk's files as bytes; unreadable ones become errors and are not sent."""
+def read_chunk(chunk: Chunk, budget: int | None) -> tuple[list[bytes], dict[str, str]]:
+    """The chunk's files as bytes; unreadable ones, non-regular ones and (with a budget, the bytes one
+    message may carry) any larger than a message become errors and are not sent."""
     unreadable: dict[str, str] = {}
     images = []
     for path in chunk.paths:
+        size, problem = inspect_file(path)
+        if problem is None and budget is not None and size > budget:
+            problem = too_large(size, budget + MESSAGE_OVERHEAD)
+        if problem is not None:
+            unreadable[path] = problem
+            continue
         try:
-            images.append(Path(path).read_bytes())
+            data = Path(path).read_bytes()
         except OSError as exc:
             unreadable[path] = f"cannot read file: {exc.strerror or exc}"
+            continue
+        if budget is not None and len(data) > budget:  # it grew since it was looked at
+            unreadable[path] = too_large(len(data), budget + MESSAGE_OVERHEAD)
+            continue
+        images.append(data)
     return images, unreadable
 
 
@@ -423,8 +569,10 @@ class Summary:
 
 
 def score(args: argparse.Namespace) -> Summary:
-    if args.batch < 1 or args.inflight < 1 or args.top_k < 1 or args.streams < 1:
-        raise ScoreError("--batch, --inflight, --top-k and --streams must be at least 1", exit_code=2)
+    if min(args.batch, args.inflight, args.top_k, args.streams, args.max_message_mb) < 1:
+        raise ScoreError(
+            "--batch, --inflight, --top-k, --streams and --max-message-mb must be at least 1", exit_code=2
+        )
     fmt = output_format(args.out, args.format)
     paths = find_inputs(args.input)
     if not paths:  # e.g. a folder the container engine created empty for a missing bind mount
@@ -437,10 +585,11 @@ def score(args: argparse.Namespace) -> Summary:
     done = completed_paths(args.out, fmt)
     todo = [p for p in dict.fromkeys(paths) if p not in done]
     summary = Summary(skipped=len(paths) - len(todo))
-    chunks = [
-        Chunk(i, todo[start : start + args.batch]) for i, start in enumerate(range(0, len(todo), args.batch))
-    ]
-    job = Job(chunks, args.inflight // args.batch, args)
+    limit = None if args.local is not None else args.max_message_mb * MIB
+    sizes = [inspect_file(path)[0] for path in todo]  # the problems are found again when read
+    ids = itertools.count()
+    chunks = pack(todo, sizes, args.batch, None if limit is None else limit - MESSAGE_OVERHEAD, ids)
+    job = Job(chunks, args.inflight // args.batch, args, limit, ids)
     writer = ResultWriter(args.out, fmt, args.top_k)
     started = time.perf_counter()
     if args.local is not None:
@@ -455,9 +604,10 @@ def score(args: argparse.Namespace) -> Summary:
     for worker in workers:
         worker.start()
     answered: set[int] = set()
+    remaining = set(todo)  # by path: a chunk split after a refusal is answered under new ids
     try:
         with tqdm(total=len(todo), unit="img", desc="scoring", disable=None, smoothing=0.1) as bar:
-            while len(answered) < len(chunks):
+            while remaining:
                 try:
                     item = job.answers.get(timeout=0.5)
                 except queue.Empty:
@@ -474,7 +624,9 @@ def score(args: argparse.Namespace) -> Summary:
                     continue
                 answered.add(chunk.id)
                 job.slots.release()
+                outcomes = [outcome for outcome in outcomes if outcome.path in remaining]
                 for outcome in outcomes:
+                    remaining.discard(outcome.path)
                     writer.write(outcome)
                     if outcome.error:
                         summary.failed += 1
