@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import ServerConfig
-from serving.protocols import rest_v2
+from serving.protocols import openapi, rest_v1, rest_v2
 from serving.protocols.http_edge import HttpEdge
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ async def not_found(request: Request, error: Exception) -> JSONResponse:
 
 
 def build_app(edge: HttpEdge) -> Starlette:
-    return Starlette(routes=rest_v2.routes(edge), exception_handlers={HTTPException: not_found})
+    routes = [*rest_v2.routes(edge), *rest_v1.routes(edge), *openapi.routes(edge)]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 
 class EmbeddedServer(uvicorn.Server):

@@ -66,7 +66,7 @@ def parse_version(version: str) -> int:
     """'' is the newest ready version; otherwise a positive integer."""
     if not version:
         return 0
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise InvalidInput(f"model version must be a positive integer, got {shown(version)}")
     return int(version)
 

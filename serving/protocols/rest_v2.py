@@ -295,6 +295,7 @@ def routes(edge: HttpEdge) -> list[Route]:
         ]
     return [
         Route("/v2", r(server_metadata), methods=["GET"]),
+        Route("/v2/", r(server_metadata), methods=["GET"]),  # as the spec writes it
         Route("/v2/health/live", r(live, open_route=True), methods=["GET"]),
         Route("/v2/health/ready", r(ready, open_route=True), methods=["GET"]),
         Route("/v2/models/stats", r(stats), methods=["GET"]),
