@@ -28,7 +28,6 @@ from schemathesis.specs.openapi.checks import (
 
 from serving.tools.launch import LaunchedServer
 from tests.conftest import start_server
-from tests.test_http_ops_shutdown import http_address
 
 pytestmark = pytest.mark.slow
 REQUESTS = 1000  # at least this many generated requests
@@ -44,7 +43,7 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedServer]:
-    launched = start_server(model_repo, tmp_path_factory.mktemp("schema"), "--max-delay-ms", "1")
+    launched = start_server(model_repo, tmp_path_factory.mktemp("schema"), "--max-delay-ms", "1", http=True)
     yield launched
     launched.stop()
 
@@ -77,7 +76,7 @@ def exercise(operation, mode: GenerationMode, examples: int, base: str, session,
 
 
 def test_every_generated_request_gets_a_documented_answer(server: LaunchedServer) -> None:
-    base = f"http://{http_address(server)}"
+    base = server.http_url
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json", timeout=10)
     operations = [result.ok() for result in schema.get_all_operations()]
     paths = {op.path for op in operations}

@@ -13,16 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.tools.launch import LaunchedServer
-
 pytestmark = pytest.mark.slow
 CLIENTS = 16
 GRACE_S = 5.0
-
-
-def http_address(server: LaunchedServer) -> str:
-    """HOST:PORT of the server's HTTP API."""
-    return server.http_address
 
 
 def infer_body(metadata: dict, pixels: np.ndarray) -> dict:
@@ -50,8 +43,8 @@ class Outcome:
 
 @pytest.mark.parametrize("repetition", range(5))
 def test_sigterm_under_continuous_http_load(repetition, model_repo, digit_samples, server_factory) -> None:
-    server = server_factory(model_repo, "--grace-s", str(GRACE_S))
-    base = f"http://{http_address(server)}"
+    server = server_factory(model_repo, "--grace-s", str(GRACE_S), http=True)
+    base = server.http_url
     with httpx.Client(base_url=base, timeout=10) as probe:
         body = infer_body(probe.get("/v2/models/digits").json(), digit_samples[0][:8])
         first = probe.post("/v2/models/digits/infer", json=body)

@@ -24,7 +24,6 @@ import pytest
 
 from serving.tools.launch import LaunchedServer
 from tests.conftest import encode, start_server
-from tests.test_http_ops_shutdown import http_address
 from tests.venvs import missing, venv
 
 pytestmark = pytest.mark.slow
@@ -41,7 +40,7 @@ def perf_analyzer() -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedServer]:
-    launched = start_server(model_repo, tmp_path_factory.mktemp("perf"), "--max-delay-ms", "2")
+    launched = start_server(model_repo, tmp_path_factory.mktemp("perf"), "--max-delay-ms", "2", http=True)
     yield launched
     launched.stop()
     assert "Traceback" not in launched.log()
@@ -52,7 +51,7 @@ TRANSPORTS = {"grpc": ("grpc", None), "http": ("http", None), "http-json": ("htt
 
 
 def address_of(server: LaunchedServer, transport: str) -> str:
-    return server.address if transport == "grpc" else http_address(server)
+    return server.address if transport == "grpc" else server.http_address
 
 
 def run(tool: tuple[Path, dict[str, str]], server: LaunchedServer, transport: str, data: Path) -> str:

@@ -275,6 +275,7 @@ def launch_servers(args: argparse.Namespace, workdir: Path) -> Servers:
                         batch_flags[kind],
                         *flags,
                         metrics=state == "on",
+                        http=True,
                     )
     except BaseException:
         for server in servers.values():
