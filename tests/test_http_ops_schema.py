@@ -17,7 +17,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
-from schemathesis.checks import not_a_server_error
+from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -32,8 +32,19 @@ from tests.conftest import start_server
 pytestmark = pytest.mark.slow
 REQUESTS = 1000  # at least this many generated requests
 BUDGET_S = 150.0  # and at most about this long: it stops topping up once spent
+
+
+@schemathesis.check
+def no_internal_error(ctx, response, case) -> bool:
+    """No 500, nor a 5xx the error table does not give: 503 (draining, overloaded, not ready) and 504
+    (the request's own deadline, e.g. a tiny `Timeout-Ms`) are answers, if the schema documents them."""
+    if response.status_code >= 500 and response.status_code not in (503, 504):
+        raise AssertionError(f"server error {response.status_code}: {response.text[:500]}")
+    return True
+
+
 CHECKS = [
-    not_a_server_error,
+    no_internal_error,
     status_code_conformance,
     content_type_conformance,
     response_headers_conformance,
@@ -69,7 +80,9 @@ def exercise(operation, mode: GenerationMode, examples: int, base: str, session,
 
     try:
         check()
-    except Exception as failure:  # every operation's failure is reported, not only the first
+    except Unsatisfiable:  # nothing to break (no parameters, or only path strings): nothing to send
+        pass
+    except (Exception, BaseExceptionGroup) as failure:  # every operation's failure is reported
         key = f"{operation.method.upper()} {operation.path} ({mode.value})"
         failures.setdefault(key, str(failure)[:3000])
     return sent
