@@ -130,7 +130,7 @@ class HttpEdge:
                     check_bearer(self.tokens, bearer(request), where, MISSING_TOKEN)
                 call.deadline = header_deadline(request)
                 if not data:
-                    return await handler(request, call)
+                    return self._closing_if_draining(await handler(request, call))
                 admission = self.admission
                 if admission.draining:
                     raise Unavailable("server is shutting down")
@@ -141,15 +141,19 @@ class HttpEdge:
                 status, code, message = http_status_of(error, where)
                 if data and self.calls is not None:
                     self.calls.failed(READING, call.asked, code)
-                draining = isinstance(error, Unavailable) and self.admission.draining
-                close = isinstance(error, TooLarge) or draining
-                return error_response(status, message, close)
+                return error_response(status, message, isinstance(error, TooLarge) or self.admission.draining)
             if self.calls is not None and call.answered is not None:
                 model, version, images = call.answered
                 self.calls.answered(PROTOCOL, model, version, images, time.perf_counter() - started)
-            return response
+            return self._closing_if_draining(response)
 
         return endpoint
+
+    def _closing_if_draining(self, response: Response) -> Response:
+        """While the server drains, every answer closes its connection: the client reconnects elsewhere."""
+        if self.admission.draining:
+            response.headers["connection"] = "close"
+        return response
 
     @staticmethod
     async def _within_deadline(work: Awaitable[Response], call: Call) -> Response:
