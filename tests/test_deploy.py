@@ -476,3 +476,15 @@ def test_the_load_balancer_spreads_grpc_and_http_over_two_replicas_and_drains_on
         process.terminate()
         process.wait(10)
         dns.close()
+
+
+def test_the_gpu_install_serves_everything_the_cpu_install_does() -> None:
+    # The GPU image installs the `gpu` extra instead of `serve`: only ONNX Runtime's build may differ,
+    # or the GPU server fails to import what the CPU one serves with (the HTTP edge, for one).
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "install.sh /opt/venv gpu," in (ROOT / "docker" / "Dockerfile.serve-gpu").read_text()
+    assert set(extras["serve"]) - {r for r in extras["serve"] if r.startswith("onnxruntime")} <= set(
+        extras["gpu"]
+    )
