@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import ROOT
 
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "tls"]
 # The oldest Kubernetes the manifests target and the newest schemas.
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 
@@ -93,7 +93,8 @@ def test_the_server_deployment_is_probed_drained_bounded_and_unprivileged(overla
     handlers = {"exec", "grpc", "httpGet", "tcpSocket"}
     for probe, path in paths.items():
         assert handlers & set(server[probe]) == {"httpGet"}, f"{probe}: one handler (an overlay merges)"
-        assert server[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+        scheme = {"scheme": "HTTPS"} if overlay == "tls" else {}  # the HTTP port speaks TLS there
+        assert server[probe]["httpGet"] == {"path": path, "port": "http", **scheme}, probe
     # Stopping: preStop's sleep, then the server's --grace-s, inside terminationGracePeriodSeconds.
     sleep = int(server["lifecycle"]["preStop"]["exec"]["command"][-1])
     grace = float(env_of(server)["CONVSERVE_GRACE_S"])
@@ -154,3 +155,28 @@ def test_the_scoring_job_is_indexed_and_each_pod_scores_its_own_shard() -> None:
     out = args[args.index("--out") + 1]
     assert f"$({index_var})" in out, "each pod writes its own results file"
     assert args[args.index("--server") + 1].startswith("dns:///convserve-headless:")
+
+
+def mounted_secret_files(pod: dict, container: dict) -> set[str]:
+    """Paths of the files a container sees from the pod's Secret volumes."""
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    files = set()
+    for mount in container.get("volumeMounts", []):
+        if (secret := secrets.get(mount["name"])) is not None:
+            keys = [i["path"] for i in secret.get("items", [])] or ["tls.crt", "tls.key", "ca.crt"]
+            files |= {f"{mount['mountPath']}/{key}" for key in keys}
+    return files
+
+
+def test_the_tls_overlay_serves_tls_probes_over_https_and_the_job_trusts_the_ca() -> None:
+    docs = by_kind(render("tls"))
+    pod = docs[("Deployment", "convserve")]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    files = mounted_secret_files(pod, server)
+    assert {env_of(server)["CONVSERVE_TLS_CERT"], env_of(server)["CONVSERVE_TLS_KEY"]} <= files, files
+    assert "CONVSERVE_TLS_CLIENT_CA" not in env_of(server)  # the kubelet's probes carry no certificate
+    job = docs[("Job", "convserve-score")]["spec"]["template"]["spec"]
+    (score,) = job["containers"]
+    assert env_of(score)["CONVSERVE_CLIENT_TLS_CA"] in mounted_secret_files(job, score)
+    secrets = {v["secret"]["secretName"] for spec in (pod, job) for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"convserve-tls"}
