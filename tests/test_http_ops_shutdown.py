@@ -39,6 +39,7 @@ class Outcome:
     error: str = ""  # the exception's name when there was no answer
     closes: bool = False  # the answer said `Connection: close`
     right: bool = True
+    fresh: bool = False  # sent on a new connection (the last answer closed the one before)
 
 
 @pytest.mark.parametrize("repetition", range(5))
@@ -57,17 +58,20 @@ def test_sigterm_under_continuous_http_load(repetition, model_repo, digit_sample
     def client() -> None:
         # One keep-alive connection per client, no retries: every outcome is seen.
         with httpx.Client(base_url=base, timeout=10, transport=httpx.HTTPTransport(retries=0)) as http:
+            fresh = True
             while not stop.is_set():
                 sent = time.monotonic()
                 try:
                     answer = http.post("/v2/models/digits/infer", json=body)
                 except httpx.HTTPError as exc:
-                    outcomes.append(Outcome(sent, time.monotonic(), None, type(exc).__name__))
+                    outcomes.append(Outcome(sent, time.monotonic(), None, type(exc).__name__, fresh=fresh))
+                    fresh = True
                     time.sleep(0.01)  # the port is closed: don't spin
                     continue
                 right = answer.status_code != 200 or top_classes(answer.json()) == expected
                 closes = answer.headers.get("connection", "").lower() == "close"
-                outcomes.append(Outcome(sent, time.monotonic(), answer.status_code, "", closes, right))
+                outcomes.append(Outcome(sent, time.monotonic(), answer.status_code, "", closes, right, fresh))
+                fresh = closes
 
     def watch_health() -> None:
         with httpx.Client(base_url=base, timeout=2) as http:
@@ -111,7 +115,7 @@ def test_sigterm_under_continuous_http_load(repetition, model_repo, digit_sample
         return o.error == "ConnectError" and o.sent > signalled
 
     lost = [o for o in outcomes if o.status is None and not refused(o)]
-    assert not lost, [(o.error, round(o.sent - signalled, 3)) for o in lost]
+    assert not lost, [(o.error, f"sent {o.sent - signalled:.3f}s after SIGTERM", o.fresh) for o in lost]
     # Health went 503 at once, and every request sent after that was refused.
     assert unready_at and unready_at[0] - signalled < 1
     assert all(o.status != 200 for o in outcomes if o.sent > unready_at[0])
