@@ -1,4 +1,7 @@
-"""The composition root and lifecycle: build the rooms, serve gRPC, shut down gracefully.
+"""The composition root and lifecycle: build the rooms, serve gRPC and HTTP, shut down gracefully.
+
+gRPC (--port) and HTTP (--http-port, `http_server`) run on one event loop over one data plane, one
+set of batchers, one admission/drain and one request ledger.
 
 Health (`grpc.health.v1`) is NOT_SERVING while the models load and warm up, SERVING while any
 version is ready (a version that fails to load is UNAVAILABLE with its reason; the others serve;
