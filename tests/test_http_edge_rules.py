@@ -190,6 +190,29 @@ def test_a_chunked_body_is_cut_off_when_it_passes_the_limit(server: LaunchedServ
     assert_still_serving(server, digit_samples)
 
 
+def test_a_compressed_body_is_not_inflated_past_the_limit(server: LaunchedServer, digit_samples) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"[" + b" " * (8 * 1024 * 1024) + b"]")  # 8 MiB inflated, a few KiB sent
+    assert len(bomb) < 64 * 1024
+    status, _, body = post(server, INFER, bomb, "Content-Encoding: gzip")
+    assert status == 413 and "inflates" in error_of(body)
+    status, _, body = post(server, INFER, b"not gzip at all", "Content-Encoding: gzip")
+    assert status == 400 and "gzip" in error_of(body)
+    status, _, body = post(server, INFER, b"{}", "Content-Encoding: br")
+    assert status == 400 and "not supported" in error_of(body)
+    assert_still_serving(server, digit_samples)
+
+
+def test_garbage_bytes_get_400_and_do_not_flood_the_log(server: LaunchedServer, digit_samples) -> None:
+    before = server.log().count("Invalid HTTP request")
+    for _ in range(20):
+        status, _, _ = raw_request(server, b"\x16\x03\x01 this is not HTTP\r\n\r\n")
+        assert status == 400
+    assert_still_serving(server, digit_samples)
+    assert server.log().count("Invalid HTTP request") - before <= 1
+
+
 def test_a_client_trickling_headers_is_timed_out(server: LaunchedServer, digit_samples) -> None:
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n")

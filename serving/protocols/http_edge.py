@@ -21,6 +21,7 @@ import asyncio
 import json
 import math
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -179,7 +180,30 @@ class HttpEdge:
             if size > limit:
                 raise TooLarge(f"the request body is over the limit of {limit} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        return body if encoding == "identity" else inflate(body, encoding, limit)
+
+
+# Content-Encoding -> zlib's wbits (what tritonclient's request_compression_algorithm sends).
+WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A compressed body, never inflated past `limit` bytes (413: a small body can hide a huge one)."""
+    wbits = WBITS.get(encoding)
+    if wbits is None:
+        raise InvalidInput(f"Content-Encoding {shown(encoding)} is not supported: send gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise InvalidInput(f"the body is not valid {encoding} data") from None
+    if len(data) > limit:
+        raise TooLarge(f"the request body inflates past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInput(f"the {encoding} body is truncated")
+    return data
 
 
 def parse_json(data: bytes, what: str = "the request body") -> Any:
