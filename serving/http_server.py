@@ -215,6 +215,11 @@ class HttpServer:
         self._main = asyncio.create_task(self.server.main_loop())
         return self.port
 
+    def stop_accepting(self) -> None:
+        """Closes the listener; connections already open keep being served."""
+        for server in self.server.servers:
+            server.close()
+
     async def stop(self, timeout_s: float) -> None:
         """Stops accepting, lets the responses in flight finish (each then closes its connection), closes
         idle connections; what is left after `timeout_s` is cancelled."""

@@ -3,9 +3,12 @@
 `HttpEdge.route` wraps a route's handler:
   * bearer tokens (`auth.check_bearer`): every route but `/v2/health/*` needs `Authorization: Bearer`;
     401 without one, 403 with a wrong one;
-  * admission and drain (`admission.Admission`): a data route is admitted and counted as work in
-    flight; from SIGTERM a new request is refused at once with 503 and `Connection: close` (no parking:
-    an HTTP/1.1 request is never half-received by a server that stops, unlike a gRPC call);
+  * admission and drain (`admission.Admission`, as for gRPC): a data route is admitted and counted as
+    work in flight; from SIGTERM a new request is parked, and refused with 503 and `Connection: close`
+    once the server has stopped accepting. A client that loops on requests therefore waits on its
+    parked request instead of opening connections that the closing listener would reset: it sees a
+    503, then a refused connection, never a connection dropped without an answer. Every answer given
+    while draining closes its connection;
   * the body: refused with 413 from `Content-Length` before anything is read when it is over
     --max-message-mb, and a chunked body cut off as soon as it passes it;
   * deadlines: header `Timeout-Ms` (milliseconds) on any route, or the Open Inference Protocol's
@@ -30,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serving.core.dataplane import DataPlane
-from serving.core.errors import DeadlineExceeded, InvalidInput, TooLarge, Unavailable, shown
+from serving.core.errors import DeadlineExceeded, InvalidInput, TooLarge, shown
 from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry
 from serving.protocols.admission import Admission
@@ -133,9 +136,8 @@ class HttpEdge:
                 if not data:
                     return self._closing_if_draining(await handler(request, call))
                 admission = self.admission
-                if admission.draining:
-                    raise Unavailable("server is shutting down")
                 admission.arrive()
+                await admission.refuse_if_draining()
                 with admission.working():
                     response = await self._within_deadline(handler(request, call), call)
             except Exception as error:
