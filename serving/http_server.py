@@ -9,7 +9,9 @@ Connections (what uvicorn does not do by itself):
     trickling headers is answered 408 and closed), and hold at most MAX_HEADERS headers of
     MAX_HEADER_BYTES in all (431 and closed);
   * TLS and mTLS from --tls-cert/--tls-key/--tls-client-ca, as for gRPC;
-  * idle keep-alive connections close after KEEP_ALIVE_S.
+  * idle keep-alive connections close after KEEP_ALIVE_S;
+  * what uvicorn logs about a client's bad bytes ("Invalid HTTP request received.") is rate-limited:
+    no client can flood the log.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 
 import uvicorn
@@ -38,6 +41,31 @@ log = logging.getLogger(__name__)
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 64 * 1024
 KEEP_ALIVE_S = 75.0  # longer than the usual load balancer's idle timeout (60 s)
+
+
+class RateLimitedWarnings(logging.Filter):
+    """Lets each kind of warning (its message template) through at most once per `interval_s`."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = str(record.msg)[:200]
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+def limit_uvicorn_warnings() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RateLimitedWarnings) for f in logger.filters):
+        logger.addFilter(RateLimitedWarnings())
 
 
 def _refuse(transport: asyncio.BaseTransport, status: str, message: str) -> None:
@@ -171,6 +199,7 @@ class HttpServer:
             **tls,  # type: ignore[arg-type]
         )
         self.server = EmbeddedServer(self.uvicorn_config)
+        limit_uvicorn_warnings()
         self.host = config.host
         self.requested_port = config.http_port
         self.port = 0
@@ -185,6 +214,11 @@ class HttpServer:
         await self.server.startup(sockets=[self._socket])
         self._main = asyncio.create_task(self.server.main_loop())
         return self.port
+
+    def stop_accepting(self) -> None:
+        """Closes the listener; connections already open keep being served."""
+        for server in self.server.servers:
+            server.close()
 
     async def stop(self, timeout_s: float) -> None:
         """Stops accepting, lets the responses in flight finish (each then closes its connection), closes

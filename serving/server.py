@@ -287,9 +287,12 @@ class Server:
             admission.active,
             admission.parked,
         )
-        # Stop accepting (GOAWAY, listener closed) while the parked calls are still matched to handlers.
+        # Stop accepting (GOAWAY, listeners closed) while the parked calls are still matched to handlers,
+        # so that the clients they belong to see the refusal and then a closed port.
+        if self.http is not None:
+            self.http.stop_accepting()
         stopping = asyncio.create_task(self.grpc.stop(max(0.0, end - time.monotonic())))
-        # HTTP: stop accepting; each response in flight ends with `Connection: close`, idle ones close.
+        # HTTP: each response in flight ends with `Connection: close`, idle connections close.
         http_stopping = (
             asyncio.create_task(self.http.stop(max(0.0, 0.8 * (end - time.monotonic()))))
             if self.http is not None

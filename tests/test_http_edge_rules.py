@@ -190,6 +190,29 @@ def test_a_chunked_body_is_cut_off_when_it_passes_the_limit(server: LaunchedServ
     assert_still_serving(server, digit_samples)
 
 
+def test_a_compressed_body_is_not_inflated_past_the_limit(server: LaunchedServer, digit_samples) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"[" + b" " * (8 * 1024 * 1024) + b"]")  # 8 MiB inflated, a few KiB sent
+    assert len(bomb) < 64 * 1024
+    status, _, body = post(server, INFER, bomb, "Content-Encoding: gzip")
+    assert status == 413 and "inflates" in error_of(body)
+    status, _, body = post(server, INFER, b"not gzip at all", "Content-Encoding: gzip")
+    assert status == 400 and "gzip" in error_of(body)
+    status, _, body = post(server, INFER, b"{}", "Content-Encoding: br")
+    assert status == 400 and "not supported" in error_of(body)
+    assert_still_serving(server, digit_samples)
+
+
+def test_garbage_bytes_get_400_and_do_not_flood_the_log(server: LaunchedServer, digit_samples) -> None:
+    before = server.log().count("Invalid HTTP request")
+    for _ in range(20):
+        status, _, _ = raw_request(server, b"\x16\x03\x01 this is not HTTP\r\n\r\n")
+        assert status == 400
+    assert_still_serving(server, digit_samples)
+    assert server.log().count("Invalid HTTP request") - before <= 1
+
+
 def test_a_client_trickling_headers_is_timed_out(server: LaunchedServer, digit_samples) -> None:
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n")
@@ -329,25 +352,32 @@ def test_tls_and_mtls_over_http(model_repo: Path, server_factory, tmp_path: Path
 def test_sigterm_drains_http_admitted_requests_finish_new_ones_get_503_and_close(
     model_repo: Path, server_factory
 ) -> None:
-    """A request admitted before SIGTERM (its body still arriving) finishes with 200; meanwhile health is
-    503 at once and a new data request is refused 503 with Connection: close; the server exits 0."""
+    """A request admitted before SIGTERM (its body still arriving) finishes with 200; health is 503 at
+    once; a new data request is parked and, once the listener is closed, refused 503 with
+    Connection: close; a new connection is then refused; the server exits 0."""
     server = server_factory(model_repo, "--grace-s", "8", http=True)
     body = tensor_request([1, 1, 8, 8], 64)
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as admitted:
-        admitted.sendall(f"POST {INFER} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n".encode())
-        admitted.sendall(body[:10])
+    head = f"POST {INFER} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    with (
+        socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as admitted,
+        socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as late,
+    ):
+        admitted.sendall(head + body[:10])
         time.sleep(0.3)  # the handler runs and waits for the rest of the body
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         status, _, _ = raw_request(server, b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n")
         assert status == 503
-        assert raw_request(server, b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
-        status, headers, answer = post(server, INFER, body)
-        assert status == 503 and headers.get("connection") == "close" and "shutting down" in error_of(answer)
+        late.sendall(head + body)  # parked while the admitted request is still working
+        time.sleep(0.3)
         admitted.sendall(body[10:])
         status, headers, answer = read_response(admitted)
-    assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 10]
-    assert headers.get("connection") == "close"  # the server is stopping: no keep-alive
+        assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 10]
+        assert headers.get("connection") == "close"  # the server is stopping: no keep-alive
+        status, headers, answer = read_response(late)
+        assert status == 503 and headers.get("connection") == "close" and "shutting down" in error_of(answer)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.http_port), timeout=5).close()
     assert server.process.wait(10) == 0
     assert "Traceback" not in server.log()
 

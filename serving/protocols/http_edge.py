@@ -3,9 +3,12 @@
 `HttpEdge.route` wraps a route's handler:
   * bearer tokens (`auth.check_bearer`): every route but `/v2/health/*` needs `Authorization: Bearer`;
     401 without one, 403 with a wrong one;
-  * admission and drain (`admission.Admission`): a data route is admitted and counted as work in
-    flight; from SIGTERM a new request is refused at once with 503 and `Connection: close` (no parking:
-    an HTTP/1.1 request is never half-received by a server that stops, unlike a gRPC call);
+  * admission and drain (`admission.Admission`, as for gRPC): a data route is admitted and counted as
+    work in flight; from SIGTERM a new request is parked, and refused with 503 and `Connection: close`
+    once the server has stopped accepting. A client that loops on requests therefore waits on its
+    parked request instead of opening connections that the closing listener would reset: it sees a
+    503, then a refused connection, never a connection dropped without an answer. Every answer given
+    while draining closes its connection;
   * the body: refused with 413 from `Content-Length` before anything is read when it is over
     --max-message-mb, and a chunked body cut off as soon as it passes it;
   * deadlines: header `Timeout-Ms` (milliseconds) on any route, or the Open Inference Protocol's
@@ -21,6 +24,7 @@ import asyncio
 import json
 import math
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serving.core.dataplane import DataPlane
-from serving.core.errors import DeadlineExceeded, InvalidInput, TooLarge, Unavailable, shown
+from serving.core.errors import DeadlineExceeded, InvalidInput, TooLarge, shown
 from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry
 from serving.protocols.admission import Admission
@@ -132,9 +136,8 @@ class HttpEdge:
                 if not data:
                     return self._closing_if_draining(await handler(request, call))
                 admission = self.admission
-                if admission.draining:
-                    raise Unavailable("server is shutting down")
                 admission.arrive()
+                await admission.refuse_if_draining()
                 with admission.working():
                     response = await self._within_deadline(handler(request, call), call)
             except Exception as error:
@@ -179,7 +182,30 @@ class HttpEdge:
             if size > limit:
                 raise TooLarge(f"the request body is over the limit of {limit} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        return body if encoding == "identity" else inflate(body, encoding, limit)
+
+
+# Content-Encoding -> zlib's wbits (what tritonclient's request_compression_algorithm sends).
+WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A compressed body, never inflated past `limit` bytes (413: a small body can hide a huge one)."""
+    wbits = WBITS.get(encoding)
+    if wbits is None:
+        raise InvalidInput(f"Content-Encoding {shown(encoding)} is not supported: send gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise InvalidInput(f"the body is not valid {encoding} data") from None
+    if len(data) > limit:
+        raise TooLarge(f"the request body inflates past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInput(f"the {encoding} body is truncated")
+    return data
 
 
 def parse_json(data: bytes, what: str = "the request body") -> Any:

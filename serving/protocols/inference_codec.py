@@ -301,27 +301,34 @@ _INTEGERS = {
 }
 
 
-def proto_json(message: Message) -> dict[str, Any]:
+def proto_json(message: Message, defaults: bool = True) -> dict[str, Any]:
     """A message as Triton's REST form writes it: field names as in the .proto, 64-bit integers as JSON
-    numbers (protobuf's own JSON mapping writes them as strings), enums by name, unset fields left out."""
+    numbers (protobuf's own JSON mapping writes them as strings), enums by name; with `defaults`, every
+    scalar and list written even at its default (readers such as perf_analyzer expect a count of 0, not
+    no count); a sub-message and a oneof member only when set. Without `defaults`, only what is set."""
+    if not defaults:
+        return {d.name: _json_value(d, value, defaults) for d, value in message.ListFields()}
     out: dict[str, Any] = {}
-    for descriptor, value in message.ListFields():
-        out[descriptor.name] = _json_value(descriptor, value)
+    for descriptor in message.DESCRIPTOR.fields:
+        optional = descriptor.message_type is not None or descriptor.containing_oneof is not None
+        if not descriptor.is_repeated and optional and not message.HasField(descriptor.name):
+            continue
+        out[descriptor.name] = _json_value(descriptor, getattr(message, descriptor.name), defaults)
     return out
 
 
-def _json_value(descriptor: pb_descriptor.FieldDescriptor, value: Any) -> Any:
+def _json_value(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: bool) -> Any:
     if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
         value_field = descriptor.message_type.fields_by_name["value"]
-        return {key: _scalar(value_field, item) for key, item in value.items()}
-    if descriptor.label == pb_descriptor.FieldDescriptor.LABEL_REPEATED:
-        return [_scalar(descriptor, item) for item in value]
-    return _scalar(descriptor, value)
+        return {key: _scalar(value_field, item, defaults) for key, item in value.items()}
+    if descriptor.is_repeated:
+        return [_scalar(descriptor, item, defaults) for item in value]
+    return _scalar(descriptor, value, defaults)
 
 
-def _scalar(descriptor: pb_descriptor.FieldDescriptor, value: Any) -> Any:
+def _scalar(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: bool) -> Any:
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_MESSAGE:
-        return proto_json(value)
+        return proto_json(value, defaults)
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_ENUM:
         return descriptor.enum_type.values_by_number[value].name
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_BYTES:

@@ -283,7 +283,10 @@ def _classify(parameters: list[dict[str, Any]]) -> dict[str, Any]:
 def _repository() -> dict[str, Any]:
     index = {
         "summary": "Repository Index",
-        "responses": {"200": {"description": "OK", "content": {JSON: {"schema": _ref("repository_index")}}}},
+        "responses": {
+            "200": {"description": "OK", "content": {JSON: {"schema": _ref("repository_index")}}},
+            **ERRORS,
+        },
     }
     action = {
         "parameters": [MODEL],

@@ -75,7 +75,8 @@ def routes(edge: HttpEdge) -> list[Route]:
         result = await edge.dataplane.classify(ClassifyRequest(images, name, version, top_k, call.deadline))
         call.answered = (result.model, str(result.version), result.count)
         message = pb.ClassifyRequest(model=name, version=version)
-        return JSONResponse(proto_json(to_response(message, result)))
+        # Only the fields set, as protobuf's JSON mapping writes them: an image's error has no empty lists.
+        return JSONResponse(proto_json(to_response(message, result), defaults=False))
 
     endpoint = edge.route(classify, data=True)
     return [
