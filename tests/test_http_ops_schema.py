@@ -59,8 +59,17 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     launched.stop()
 
 
-def exercise(operation, mode: GenerationMode, examples: int, base: str, session, failures: dict) -> int:
-    """Up to `examples` generated requests for one operation; returns how many were sent."""
+def exercise(
+    operation,
+    mode: GenerationMode,
+    examples: int,
+    base: str,
+    session,
+    failures: dict,
+    seen: set | None = None,
+) -> int:
+    """Up to `examples` generated requests for one operation; returns how many were sent. The statuses
+    answered go into `seen` when given."""
     sent = 0
 
     @settings(
@@ -76,6 +85,8 @@ def exercise(operation, mode: GenerationMode, examples: int, base: str, session,
         nonlocal sent
         response = case.call(base_url=base, session=session, timeout=30)
         sent += 1
+        if seen is not None:
+            seen.add(response.status_code)
         case.validate_response(response, checks=CHECKS)
 
     try:
@@ -112,3 +123,36 @@ def test_every_generated_request_gets_a_documented_answer(server: LaunchedServer
     assert sent >= REQUESTS, f"only {sent} requests in {elapsed:.0f}s"
     log = server.log()
     assert "Traceback" not in log, log[-5000:]
+
+
+OPEN_PATHS = {"/v2/health/live", "/v2/health/ready"}  # the probes
+DESCRIBING = {"/openapi.json", "/docs"}  # the API's own description: open or guarded, as documented
+
+
+def test_without_a_token_every_guarded_operation_answers_a_documented_401(
+    model_repo: Path, server_factory, tmp_path: Path
+) -> None:
+    """With --auth-token-file, generated requests that carry no token: the probes still answer, every
+    other operation answers 401 (documented, as the rest is). The schema is fetched with the token."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("schema-test-token\n")
+    server = server_factory(model_repo, "--auth-token-file", str(tokens), http=True)
+    base = server.http_url
+    token = {"Authorization": "Bearer schema-test-token"}
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json", timeout=10, headers=token)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    failures: dict[str, str] = {}
+    statuses: dict[str, set[int]] = {}
+    sent = 0
+    with requests.Session() as session:
+        for operation in operations:
+            seen = statuses.setdefault(f"{operation.method.upper()} {operation.path}", set())
+            sent += exercise(operation, GenerationMode.POSITIVE, 8, base, session, failures, seen)
+    report = "\n\n".join(f"{key}:\n{text}" for key, text in sorted(failures.items()))
+    assert not failures, f"{len(failures)} operations failed:\n\n{report}"
+    path_of = {key: key.split(" ", 1)[1] for key in statuses}
+    guarded = {key: seen for key, seen in statuses.items() if path_of[key] not in OPEN_PATHS | DESCRIBING}
+    assert guarded and all(seen == {401} for seen in guarded.values()), guarded
+    assert all(401 not in seen for key, seen in statuses.items() if path_of[key] in OPEN_PATHS), statuses
+    print(f"{sent} requests without a token over {len(operations)} operations")
+    assert "Traceback" not in server.log()
