@@ -202,6 +202,21 @@ def test_a_body_over_the_limit_is_refused_from_content_length_before_it_is_read(
     assert_still_serving(server, digit_samples)
 
 
+def test_json_past_an_eighth_of_the_body_limit_is_413(
+    model_repo: Path, server_factory, digit_samples
+) -> None:
+    """--max-message-mb 16: 2 MiB of JSON at most (parsed numbers cost ~30x their bytes in memory)."""
+    server = server_factory(model_repo, "--max-message-mb", "16", http=True)
+    big_json = tensor_request([1, 1, 8, 8], 64, id="x" * (3 * 1024 * 1024))
+    status, headers, body = post(server, INFER, big_json)
+    assert (
+        status == 413 and "binary tensor extension" in error_of(body) and headers.get("connection") == "close"
+    )
+    status, _, body = post(server, INFER, tensor_request([1, 1, 8, 8], 64, id="x" * (1024 * 1024)))
+    assert status == 200 and json.loads(body)["id"].startswith("xxx")
+    assert_still_serving(server, digit_samples)
+
+
 def test_a_chunked_body_is_cut_off_when_it_passes_the_limit(server: LaunchedServer, digit_samples) -> None:
     chunk = b"x" * 65536
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:

@@ -230,7 +230,9 @@ def routes(edge: HttpEdge) -> list[Route]:
         body = await edge.body(request) if request.method == "POST" else b""
         only_ready = False
         if body.strip():
-            only_ready = bool(_object(parse_json(body), "the request body").get("ready", False))
+            only_ready = bool(
+                _object(parse_json(body, edge.max_json_bytes), "the request body").get("ready", False)
+            )
         return JSONResponse(
             [
                 {"name": e.name, "version": str(e.version), "state": e.state.value, "reason": e.reason}
@@ -242,7 +244,9 @@ def routes(edge: HttpEdge) -> list[Route]:
     async def load(request: Request, call: Call) -> Response:
         lifecycle.require_explicit("load")  # outside explicit mode: refused before anything else
         body = await edge.body(request)
-        if body.strip() and _parameters(_object(parse_json(body), "the request body"), "the request"):
+        if body.strip() and _parameters(
+            _object(parse_json(body, edge.max_json_bytes), "the request body"), "the request"
+        ):
             raise InvalidInput("load takes no parameters; put the files in the repository")
         await lifecycle.load(request.path_params["model"])
         return Response(status_code=200)
@@ -265,7 +269,7 @@ def routes(edge: HttpEdge) -> list[Route]:
                     f"the body's {len(body)} bytes"
                 )
             json_part, binary = body[: int(length_text)], body[int(length_text) :]
-        header = _object(parse_json(json_part), "the inference request")
+        header = _object(parse_json(json_part, edge.max_json_bytes), "the inference request")
         call.deadline_from_us(_parameters(header, "the request").get("timeout"))
         started = time.perf_counter_ns()
         key: tuple[str, int] | None = None
