@@ -165,6 +165,32 @@ def test_unknown_model_and_route_are_404_json(server: LaunchedServer) -> None:
     assert status == 404 and "/nowhere" in error_of(body)
 
 
+@pytest.mark.parametrize("version", ["1" * 5000, "\u00b2", "\u0661", "0", "-1", "1e3"])
+def test_unreadable_versions_are_400(server: LaunchedServer, version: str) -> None:
+    from urllib.parse import quote
+
+    status, _, body = raw_request(
+        server, f"GET /v2/models/{MODEL}/versions/{quote(version)} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    )
+    assert status == 400 and "positive integer" in error_of(body) and len(error_of(body)) < 200
+
+
+def test_a_request_with_both_inputs_is_served_from_the_tensor(server: LaunchedServer, digit_samples) -> None:
+    pixels, _ = digit_samples
+    rows = (pixels[:1].astype(np.float32) / 255).ravel().tolist()
+    png = __import__("base64").b64encode(encode(pixels[1], "PNG")).decode()
+    inputs = [
+        {"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [{"b64": png}]},
+        {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": rows},
+    ]
+    status, _, both = post(server, INFER, json.dumps({"inputs": inputs}).encode())
+    status_one, _, one = post(server, INFER, json.dumps({"inputs": inputs[1:]}).encode())
+    assert status == status_one == 200
+    answer = json.loads(both)
+    assert answer["parameters"] == {"ignored_inputs": "image_bytes"}
+    assert answer["outputs"] == json.loads(one)["outputs"]
+
+
 def test_a_body_over_the_limit_is_refused_from_content_length_before_it_is_read(
     server: LaunchedServer, digit_samples
 ) -> None:
@@ -173,6 +199,21 @@ def test_a_body_over_the_limit_is_refused_from_content_length_before_it_is_read(
     status, headers, body = raw_request(server, head + b"{")  # 64 MiB announced, one byte sent
     assert status == 413 and "limit" in error_of(body) and headers.get("connection") == "close"
     assert time.monotonic() - started < 10
+    assert_still_serving(server, digit_samples)
+
+
+def test_json_past_an_eighth_of_the_body_limit_is_413(
+    model_repo: Path, server_factory, digit_samples
+) -> None:
+    """--max-message-mb 16: 2 MiB of JSON at most (parsed numbers cost ~30x their bytes in memory)."""
+    server = server_factory(model_repo, "--max-message-mb", "16", http=True)
+    big_json = tensor_request([1, 1, 8, 8], 64, id="x" * (3 * 1024 * 1024))
+    status, headers, body = post(server, INFER, big_json)
+    assert (
+        status == 413 and "binary tensor extension" in error_of(body) and headers.get("connection") == "close"
+    )
+    status, _, body = post(server, INFER, tensor_request([1, 1, 8, 8], 64, id="x" * (1024 * 1024)))
+    assert status == 200 and json.loads(body)["id"].startswith("xxx")
     assert_still_serving(server, digit_samples)
 
 

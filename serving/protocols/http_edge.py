@@ -10,7 +10,9 @@
     503, then a refused connection, never a connection dropped without an answer. Every answer given
     while draining closes its connection;
   * the body: refused with 413 from `Content-Length` before anything is read when it is over
-    --max-message-mb, and a chunked body cut off as soon as it passes it;
+    --max-message-mb, and a chunked body cut off as soon as it passes it; its JSON may take at most
+    an eighth of that (`json_limit`): parsed JSON numbers cost some 30 times their bytes in memory, so
+    big tensors go with the binary tensor extension;
   * deadlines: header `Timeout-Ms` (milliseconds) on any route, or the Open Inference Protocol's
     `timeout` request parameter (microseconds, as Triton reads it); past it the request gets 504;
   * errors through the one table (`status.http_status_of`): JSON `{"error": "..."}`, a domain error's
@@ -119,6 +121,7 @@ class HttpEdge:
         self.lifecycle = lifecycle
         self.ledger = ledger
         self.max_body_bytes = max_body_bytes
+        self.max_json_bytes = json_limit(max_body_bytes)
         self.tokens = tokens
         self.calls = calls
 
@@ -208,7 +211,16 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def parse_json(data: bytes, what: str = "the request body") -> Any:
+def json_limit(max_body_bytes: int) -> int:
+    return max(1024 * 1024, max_body_bytes // 8)
+
+
+def parse_json(data: bytes, limit: int, what: str = "the request body") -> Any:
+    if len(data) > limit:
+        raise TooLarge(
+            f"{what} holds {len(data)} bytes of JSON; at most {limit} are read as JSON (an eighth of "
+            "--max-message-mb): send tensors with the binary tensor extension"
+        )
     try:
         return json.loads(data)
     except (ValueError, RecursionError):

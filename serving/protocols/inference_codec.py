@@ -34,7 +34,9 @@ SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 ENCODED_INPUT = "image_bytes"
 OUTPUT = "probabilities"
+IGNORED = "ignored_inputs"  # a response parameter: the inputs of the request that were not read
 LENGTH = struct.Struct("<I")
+MAX_VERSION_DIGITS = 18  # an int64 (and `int` refuses strings of over 4,300 digits)
 
 # KServe datatype ↔ numpy, and which typed `contents` field of the gRPC form holds it.
 DTYPES: dict[str, tuple[np.dtype, str]] = {
@@ -63,10 +65,12 @@ def config_dtype(name: str) -> int:
 
 
 def parse_version(version: str) -> int:
-    """'' is the newest ready version; otherwise a positive integer."""
+    """'' is the newest ready version; otherwise a positive integer in ASCII digits that fits int64
+    ("²" and "١" are digits to `str.isdigit`: `int` refuses the first and reads the second as 1)."""
     if not version:
         return 0
-    if not (version.isascii() and version.isdigit()) or int(version) < 1:
+    digits = len(version) <= MAX_VERSION_DIGITS and version.isascii() and version.isdigit()
+    if not digits or int(version) < 1:
         raise InvalidInput(f"model version must be a positive integer, got {shown(version)}")
     return int(version)
 
@@ -110,6 +114,20 @@ class InputTensor:
     shape: list[int]
     raw: bytes | None = None
     elements: Sequence[Any] | None = None
+
+
+def served_input(names: Sequence[str], model: ServedModel) -> int:
+    """The index of the input a request is served from: its only one or, when it carries both inputs the
+    metadata lists (perf_analyzer's default, random-data run sends every input listed), the model's
+    tensor; the encoded images are then not read, and the response says so (IGNORED)."""
+    if len(names) == 1:
+        return 0
+    if sorted(names) == sorted((model.runtime.input_name, ENCODED_INPUT)):
+        return list(names).index(model.runtime.input_name)
+    raise InvalidInput(
+        f"send one input, {model.runtime.input_name!r} (a tensor) or {ENCODED_INPUT!r} "
+        f"(encoded images), or both (the tensor is used); the request has {len(names)}"
+    )
 
 
 def decode_input(tensor: InputTensor, model: ServedModel) -> RawBatch | list[bytes]:

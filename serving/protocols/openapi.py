@@ -288,7 +288,7 @@ def _repository() -> dict[str, Any]:
             **ERRORS,
         },
     }
-    action = {
+    action: dict[str, Any] = {
         "parameters": [MODEL],
         "post": {
             "summary": "",

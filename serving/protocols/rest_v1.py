@@ -10,7 +10,7 @@ fail as a whole (400).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -29,7 +29,7 @@ CLASSIFY = "/v1/models/{model}:classify"
 CLASSIFY_VERSION = "/v1/models/{model}/versions/{version}:classify"
 
 
-async def _once(body: bytes) -> AsyncIterator[bytes]:
+async def _once(body: bytes) -> AsyncGenerator[bytes, None]:
     yield body
 
 

@@ -30,6 +30,7 @@ from serving.protocols.http_edge import Call, HttpEdge, parse_json
 from serving.protocols.inference_codec import (
     ENCODED_INPUT,
     EXTENSIONS,
+    IGNORED,
     OUTPUT,
     SERVER_NAME,
     SERVER_VERSION,
@@ -43,6 +44,7 @@ from serving.protocols.inference_codec import (
     model_statistics,
     parse_version,
     proto_json,
+    served_input,
 )
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -160,10 +162,14 @@ def requested_output(header: dict[str, Any]) -> tuple[int | None, bool]:
     return k, bool(parameters.get("binary_data", binary))
 
 
-def infer_response(header: dict[str, Any], result: PredictResult, k: int | None, binary: bool) -> Response:
+def infer_response(
+    header: dict[str, Any], result: PredictResult, k: int | None, binary: bool, ignored: bool = False
+) -> Response:
     answer: dict[str, Any] = {"model_name": result.model, "model_version": str(result.version)}
     if isinstance(header.get("id"), str):
         answer["id"] = header["id"]
+    if ignored:
+        answer["parameters"] = {IGNORED: ENCODED_INPUT}
     if k is None:
         probabilities = result.probabilities.astype("<f4", copy=False)
         output: dict[str, Any] = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
@@ -224,7 +230,9 @@ def routes(edge: HttpEdge) -> list[Route]:
         body = await edge.body(request) if request.method == "POST" else b""
         only_ready = False
         if body.strip():
-            only_ready = bool(_object(parse_json(body), "the request body").get("ready", False))
+            only_ready = bool(
+                _object(parse_json(body, edge.max_json_bytes), "the request body").get("ready", False)
+            )
         return JSONResponse(
             [
                 {"name": e.name, "version": str(e.version), "state": e.state.value, "reason": e.reason}
@@ -236,7 +244,9 @@ def routes(edge: HttpEdge) -> list[Route]:
     async def load(request: Request, call: Call) -> Response:
         lifecycle.require_explicit("load")  # outside explicit mode: refused before anything else
         body = await edge.body(request)
-        if body.strip() and _parameters(_object(parse_json(body), "the request body"), "the request"):
+        if body.strip() and _parameters(
+            _object(parse_json(body, edge.max_json_bytes), "the request body"), "the request"
+        ):
             raise InvalidInput("load takes no parameters; put the files in the repository")
         await lifecycle.load(request.path_params["model"])
         return Response(status_code=200)
@@ -259,7 +269,7 @@ def routes(edge: HttpEdge) -> list[Route]:
                     f"the body's {len(body)} bytes"
                 )
             json_part, binary = body[: int(length_text)], body[int(length_text) :]
-        header = _object(parse_json(json_part), "the inference request")
+        header = _object(parse_json(json_part, edge.max_json_bytes), "the inference request")
         call.deadline_from_us(_parameters(header, "the request").get("timeout"))
         started = time.perf_counter_ns()
         key: tuple[str, int] | None = None
@@ -267,21 +277,17 @@ def routes(edge: HttpEdge) -> list[Route]:
             model = registry.resolve(name, version)
             key = (model.name, model.version)
             tensors = read_inputs(header, binary)
-            if len(tensors) != 1:
-                raise InvalidInput(
-                    f"send exactly one input, {model.runtime.input_name!r} (a tensor) or {ENCODED_INPUT!r} "
-                    f"(encoded images); the request has {len(tensors)}"
-                )
+            tensor = tensors[served_input([t.name for t in tensors], model)]
             k, binary_output = requested_output(header)
-            inputs = decode_input(tensors[0], model)
-            predict = PredictRequest(inputs, model.name, model.version, call.deadline, tensors[0].name)
+            inputs = decode_input(tensor, model)
+            predict = PredictRequest(inputs, model.name, model.version, call.deadline, tensor.name)
             result = await edge.dataplane.predict(predict)
         except BaseException:
             edge.ledger.failed(key, started)
             raise
         edge.ledger.succeeded(key, started)
         call.answered = (result.model, str(result.version), int(np.shape(result.probabilities)[0]))
-        return infer_response(header, result, k, binary_output)
+        return infer_response(header, result, k, binary_output, ignored=len(tensors) > 1)
 
     r = edge.route
     model_routes: list[Route] = []
