@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve every model of a repository over gRPC")
+    serve = commands.add_parser("serve", help="serve every model of a repository over gRPC and HTTP")
     add_config_arguments(serve)
 
     classify = commands.add_parser("classify", help="classify image files through a server")

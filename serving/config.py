@@ -65,6 +65,15 @@ class ServerConfig(BaseSettings):
         le=65535,
         description="Prometheus metrics over HTTP on this port of --host, at /metrics; 0: off",
     )
+    http_port: int = Field(
+        8501,
+        ge=0,
+        le=65535,
+        description="HTTP/REST (Open Inference Protocol REST, image upload) on this port of --host; 0: off",
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="an HTTP request's headers must arrive within this, else 408"
+    )
     port_file: Path | None = Field(
         None, description="write the bound port here once serving (for tests and scripts)"
     )
@@ -163,6 +172,8 @@ class ServerConfig(BaseSettings):
             raise ValueError("max_queue_size must be at least max_batch_size")
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError(f"metrics_port must differ from port ({self.port})")
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise ValueError(f"http_port must differ from port and metrics_port ({self.http_port})")
         if not self.models.is_dir():
             raise ValueError(f"models: {self.models} is not a directory")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -1,4 +1,7 @@
-"""The composition root and lifecycle: build the rooms, serve gRPC, shut down gracefully.
+"""The composition root and lifecycle: build the rooms, serve gRPC and HTTP, shut down gracefully.
+
+gRPC (--port) and HTTP (--http-port, `http_server`) run on one event loop over one data plane, one
+set of batchers, one admission/drain and one request ledger.
 
 Health (`grpc.health.v1`) is NOT_SERVING while the models load and warm up, SERVING while any
 version is ready (a version that fails to load is UNAVAILABLE with its reason; the others serve;
@@ -33,6 +36,7 @@ from serving.core.batching import BatchingConfig
 from serving.core.budget import MIB, InputBudget
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.runtime import RuntimeOptions
+from serving.http_server import HttpServer
 from serving.memory import configure_malloc, trim_when_quiet
 from serving.metrics import MetricsEndpoint, ServerCollector
 from serving.models.lifecycle import ModelLifecycle
@@ -42,6 +46,8 @@ from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
 from serving.protocols.auth import TokenAuth, TokenFile
 from serving.protocols.calls import CallStats
+from serving.protocols.http_edge import HttpEdge
+from serving.protocols.inference_codec import RequestLedger
 from serving.protocols.interceptors import AdmissionGate, CallCounter, ProtocolGuard
 from serving.transport import connection_options, describe_security, server_credentials
 
@@ -119,7 +125,8 @@ class Server:
         # parsed or admitted.
         self.calls = CallStats(self.registry) if config.metrics_port else None
         counting = [CallCounter(self.calls, COUNTED)] if self.calls is not None else []
-        auth = [TokenAuth(TokenFile(config.auth_token_file))] if config.auth_token_file else []
+        tokens = TokenFile(config.auth_token_file) if config.auth_token_file else None
+        auth = [TokenAuth(tokens)] if tokens is not None else []
         self.grpc = grpc.aio.server(
             options=grpc_options(config),
             interceptors=[*counting, *auth, ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
@@ -139,11 +146,28 @@ class Server:
             config.poll_s,
             on_change=self._update_health,
         )
-        # The Open Inference Protocol on the same port, over the same data plane and batchers.
+        # The Open Inference Protocol on the same port, over the same data plane and batchers; its REST
+        # form (--http-port) shares them and the request ledger its statistics report.
+        ledger = RequestLedger()
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            kserve_v2.InferenceServicer(self.dataplane, self.registry, self.admission, self.lifecycle),
+            kserve_v2.InferenceServicer(
+                self.dataplane, self.registry, self.admission, self.lifecycle, ledger
+            ),
             self.grpc,
         )
+        self.http: HttpServer | None = None
+        if config.http_port:
+            edge = HttpEdge(
+                self.dataplane,
+                self.registry,
+                self.admission,
+                self.lifecycle,
+                ledger,
+                config.max_message_mb * MIB,
+                tokens,
+                self.calls,
+            )
+            self.http = HttpServer(config, edge)
         services = list(SERVICES)
         if config.bench_service:
             pb_grpc.add_BenchServicer_to_server(convserve_v1.BenchServicer(), self.grpc)
@@ -152,6 +176,7 @@ class Server:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
             reflection.enable_server_reflection((*services, health_name, reflection.SERVICE_NAME), self.grpc)
         self.port = 0
+        self.http_port = 0
         self._trimmer: asyncio.Task | None = None
         self._arrivals_seen = 0
         self._started = False
@@ -183,6 +208,14 @@ class Server:
             self.port,
             describe_security(config),
         )
+        if self.http is not None:
+            try:
+                self.http_port = await self.http.start()
+            except OSError:
+                await self.grpc.stop(None)
+                raise
+            scheme = "https" if config.tls_cert else "http"
+            log.info("HTTP on %s://%s:%d", scheme, config.host, self.http_port)
         if config.metrics_port:
             collector = ServerCollector(
                 asyncio.get_running_loop(), self.registry, self.dataplane.budget, self.calls
@@ -192,6 +225,8 @@ class Server:
                 port = self.metrics.start(config.host, config.metrics_port)
             except OSError:
                 await self.grpc.stop(None)
+                if self.http is not None:
+                    await self.http.stop(0)
                 raise
             log.info("metrics on http://%s:%d/metrics", config.host, port)
         await self.lifecycle.start()
@@ -252,13 +287,24 @@ class Server:
             admission.active,
             admission.parked,
         )
-        # Stop accepting (GOAWAY, listener closed) while the parked calls are still matched to handlers.
+        # Stop accepting (GOAWAY, listeners closed) while the parked calls are still matched to handlers,
+        # so that the clients they belong to see the refusal and then a closed port.
+        if self.http is not None:
+            self.http.stop_accepting()
         stopping = asyncio.create_task(self.grpc.stop(max(0.0, end - time.monotonic())))
+        # HTTP: each response in flight ends with `Connection: close`, idle connections close.
+        http_stopping = (
+            asyncio.create_task(self.http.stop(max(0.0, 0.8 * (end - time.monotonic()))))
+            if self.http is not None
+            else None
+        )
         await asyncio.sleep(0.05)
         admission.release()  # parked calls get UNAVAILABLE, open streams end
         await admission.wait_idle(end - 0.2 * (end - time.monotonic()))
         await self.grpc.stop(None)  # what is left (health watchers) is cancelled now, not at the grace's end
         await stopping
+        if http_stopping is not None:
+            await http_stopping
         await self.lifecycle.wait_drained(max(0.0, end - time.monotonic()))
         await self.registry.close()
         self.decode_pool.shutdown(wait=True)

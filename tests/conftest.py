@@ -163,7 +163,19 @@ class ThreadedServer:
         add_config_arguments(parser)
         config = config_from_args(
             parser.parse_args(
-                ["--models", str(models), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags]
+                [
+                    "--models",
+                    str(models),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--metrics-port",
+                    "0",
+                    "--http-port",
+                    "0",
+                    *flags,
+                ]
             )
         )
         self.loop = asyncio.new_event_loop()

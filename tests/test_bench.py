@@ -53,3 +53,27 @@ def test_bench_writes_a_report_with_ratios(model_repo: Path, tmp_path: Path) -> 
     text = out.read_text()
     assert "Command: `python -m serving bench" in text and "| unary c1 tensor |" in text
     assert "c1 png p50 ≤ in-process batch-1 + 1 ms" in text
+
+
+def test_bench_runs_the_http_scenarios_beside_grpc(model_repo: Path, tmp_path: Path) -> None:
+    """Every HTTP form (binary tensor data with tensors and PNGs, JSON tensors, curl's :classify) from the
+    same load generator, against the server's HTTP port, with no failed request; the report compares
+    them with the gRPC Open Inference Protocol path."""
+    out, raw = tmp_path / "HTTP.md", tmp_path / "http.json"
+    names = ["kserve c1 tensor", "http c1 tensor", "http c1 png", "http-json c1 tensor"]
+    names += ["http-classify c1 png", "kserve c64 tensor", "http c64 tensor", "http-json c64 tensor"]
+    command = [sys.executable, "-m", "serving", "bench", "--models", str(model_repo), "--model", "digits"]
+    command += ["--duration", "0.3", "--rounds", "1", "--out", str(out), "--json", str(raw)]
+    for name in names:
+        command += ["--scenario", name]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (summary,) = json.loads(raw.read_text())["results"]
+    assert set(summary["scenarios"]) == set(names)
+    for name, scenario in summary["scenarios"].items():
+        assert scenario["images_per_s"] > 0 and scenario["errors"] == 0, name
+    assert summary["scenarios"]["http c1 tensor"]["mean_batch"] == 1.0  # the server counted them
+    text = out.read_text()
+    assert "| digits: http c64 tensor ≥ 0.9× kserve c64 tensor (gRPC) |" in text
+    assert "| digits: http-json c64 tensor / http c64 tensor (recorded) | – |" in text
+    assert "http c1 tensor p50 ≤ kserve c1 tensor p50 + 0.5 ms" in text

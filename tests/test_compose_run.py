@@ -160,6 +160,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "COMPOSE_PROJECT_NAME": project,
         "CONVSERVE_PUBLISH_PORT": "127.0.0.1:",  # "127.0.0.1::8500": any free port, loopback only
         "CONVSERVE_LB_PUBLISH_PORT": "127.0.0.1:",
+        "CONVSERVE_HTTP_PUBLISH_PORT": "127.0.0.1:",
+        "CONVSERVE_LB_HTTP_PUBLISH_PORT": "127.0.0.1:",
         "CONVSERVE_WHEELHOUSE_ONLY": "1",
         "TRAIN_ARGS": "--epochs 5",  # enough for these checks; the default 40 take minutes on a busy machine
     }
@@ -261,6 +263,23 @@ def test_train_job_writes_the_model_and_the_server_turns_healthy(stack: Stack, t
     assert len(answers) == 3
     correct = sum(a["top_k"][0]["label"] == Path(a["path"]).stem.split("-")[1] for a in answers)
     assert correct >= 2, answers
+    # The HTTP API on its own published port: health, and an image by curl's route.
+    http = f"http://127.0.0.1:{stack.port('server', 8501)}"
+    with urllib.request.urlopen(f"{http}/v2/health/ready", timeout=10) as response:
+        assert response.status == 200
+    labels = [classify_over_http(http, path.read_bytes()) for path in images]
+    correct = sum(label == path.stem.split("-")[1] for label, path in zip(labels, images, strict=True))
+    assert correct >= 2, labels
+
+
+def classify_over_http(base: str, image: bytes) -> str:
+    """The top label for one PNG sent as curl sends a file to `POST /v1/models/digits:classify`."""
+    request = urllib.request.Request(
+        f"{base}/v1/models/digits:classify", data=image, headers={"Content-Type": "image/png"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        (result,) = json.load(response)["results"]
+    return result["label"][0]  # convserve.v1 ImageResult, field names as in the .proto
 
 
 def test_score_profile_writes_one_result_per_input_into_a_folder_the_engine_creates(
@@ -357,6 +376,12 @@ def test_scale_profile_spreads_calls_and_follows_the_replica_count(stack: Stack,
     assert all(r.ok for r in results)
     counts = served_requests(stack)
     assert sum(counts.values()) >= 200 and min(counts.values()) >= 40, counts
+    # HTTP through the balancer's HTTP port: each request balanced over the replicas too.
+    http = f"http://127.0.0.1:{stack.port('lb', 8601)}"
+    labels = [classify_over_http(http, image) for _ in range(200)]
+    assert len(set(labels)) == 1, Counter(labels)
+    grown = {name: n - counts[name] for name, n in served_requests(stack).items()}
+    assert sum(grown.values()) >= 200 and min(grown.values()) >= 40, grown
     replicas = ("up", "-d", "--no-deps")  # the train job is done: leave it be
 
     with Load(port, image) as load:

@@ -87,6 +87,35 @@ def test_out_of_the_box_every_port_is_on_loopback_and_reflection_is_off() -> Non
         assert services[name]["environment"]["CONVSERVE_REFLECTION"] == "false", name
 
 
+def test_every_server_serves_http_beside_grpc_on_its_own_host_ports() -> None:
+    # The HTTP API (--http-port 8501) is published like gRPC, and no two services take one host port
+    # (the GPU server's gRPC used to be 8501 on the host: it moved to 8510 when HTTP took 8501).
+    from tests.test_metrics import published
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    command = [require("docker-compose"), "-f", str(ROOT / "docker-compose.yml")]
+    for profile in ("gpu", "scale", "monitoring"):
+        command += ["--profile", profile]
+    done = subprocess.run([*command, "config"], capture_output=True, text=True, cwd=ROOT, env=environment)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    for name in ("server", "server-gpu", "replica"):
+        assert services[name]["environment"]["CONVSERVE_HTTP_PORT"] == "8501", name
+    targets = {name: {p[2]: p[1] for p in map(published, s.get("ports", []))} for name, s in services.items()}
+    assert targets["server"] == {"8500": "8500", "8501": "8501"}
+    assert set(targets["server-gpu"]) == {"8500", "8501"} and set(targets["lb"]) == {"8600", "8601"}
+    host_ports = [port for ports in targets.values() for port in ports.values()]
+    assert len(host_ports) == len(set(host_ports)), targets
+    lb = services["lb"]["environment"]
+    assert lb["CONVSERVE_LB_UPSTREAM"] == "replica:8500"
+    assert lb["CONVSERVE_LB_HTTP_UPSTREAM"] == "replica:8501"
+    assert lb["CONVSERVE_LB_HTTP_PORT"] == "8601"
+    for name in ("Dockerfile.serve", "Dockerfile.serve-gpu"):
+        text = (ROOT / "docker" / name).read_text()
+        assert "CONVSERVE_HTTP_PORT=8501" in text and re.search(r"^EXPOSE 8500 8501 8502$", text, re.M)
+    assert re.search(r"^EXPOSE 8600 8601$", (ROOT / "docker" / "Dockerfile.lb").read_text(), re.M)
+
+
 def test_the_scoring_job_has_no_server_healthcheck_and_prepares_its_output() -> None:
     score = compose_config("score")["services"]["score"]
     assert score["healthcheck"]["test"] == ["NONE"]  # item 6 (disable: true): no server in a job
@@ -301,3 +330,161 @@ def test_the_load_balancer_terminates_tls_and_re_encrypts_to_a_replica(
     finally:
         process.terminate()
         process.wait(10)
+
+
+class TwoAddressDns:
+    """A DNS server on 127.0.0.1 answering every A query with the same addresses, as compose's DNS
+    answers `replica` with every replica's: nginx's resolver asks it, and balances over the answers."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        import threading
+
+        self.addresses = addresses
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.socket.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def answer(self, query: bytes) -> bytes:
+        end = 12
+        while query[end]:  # the question's name: length-prefixed labels, then a zero byte
+            end += query[end] + 1
+        question = query[12 : end + 5]
+        kind = int.from_bytes(query[end + 1 : end + 3], "big")
+        records = [] if kind != 1 else [socket.inet_aton(a) for a in self.addresses]
+        header = query[:2] + b"\x81\x80" + (1).to_bytes(2, "big") + len(records).to_bytes(2, "big") + bytes(4)
+        # Each: a pointer to the question's name, type A, class IN, a 2 s TTL, 4 bytes of address.
+        answer = b"\xc0\x0c\x00\x01\x00\x01" + (2).to_bytes(4, "big") + b"\x00\x04"
+        return header + question + b"".join(answer + r for r in records)
+
+    def serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                query, peer = self.socket.recvfrom(512)
+            except TimeoutError:
+                continue
+            self.socket.sendto(self.answer(query), peer)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.socket.close()
+
+
+def free_port_on(*hosts: str) -> int:
+    """A port free on every one of `hosts` (loopback addresses), for replicas that share one."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no port free on every address")
+
+
+def test_the_load_balancer_spreads_grpc_and_http_over_two_replicas_and_drains_one(
+    model_repo, server_factory, tmp_path, digit_samples
+) -> None:
+    """Two replicas behind one name (same ports on 127.0.0.2 and 127.0.0.3, a DNS answering with both,
+    as compose's does): gRPC calls and HTTP requests (keep-alive, as curl and tritonclient send them)
+    both reach both. Then one replica gets SIGTERM under HTTP load: it refuses new requests with 503
+    while it drains, nginx sends those to the other, and no client sees a failure."""
+    import threading
+
+    import httpx
+
+    from tests.conftest import encode
+    from tests.test_http_ops_shutdown import infer_body
+
+    hosts = ["127.0.0.2", "127.0.0.3"]
+    grpc_port, http_port = free_port_on(*hosts), free_port_on(*hosts)
+    replicas = [
+        server_factory(model_repo, "--port", str(grpc_port), "--http-port", str(http_port), host=host)
+        for host in hosts
+    ]
+    dns = TwoAddressDns(hosts)
+    port, lb_http_port = free_port(), free_port()
+    prefix = tmp_path / "nginx"
+    process = start_lb(
+        prefix,
+        f"replicas.test:{grpc_port}",
+        port,
+        CONVSERVE_LB_RESOLVER=dns.address,
+        CONVSERVE_LB_HTTP_UPSTREAM=f"replicas.test:{http_port}",
+        CONVSERVE_LB_HTTP_PORT=f"127.0.0.1:{lb_http_port}",
+    )
+
+    def items() -> list[int]:
+        counts = []
+        for replica in replicas:
+            with ClassifierClient(replica.address) as client:
+                counts.append(client.get_model("digits").stats.items)
+        return counts
+
+    try:
+        with ClassifierClient(f"127.0.0.1:{port}", timeout=10) as client:
+            client.wait_ready(10)
+            images = [encode(p) for p in digit_samples[0][:4]]
+            for _ in range(60):
+                assert all(r.ok for r in client.classify(images, top_k=1))
+        grpc_counts = items()
+        assert sum(grpc_counts) == 240 and min(grpc_counts) >= 40, grpc_counts
+
+        base = f"http://127.0.0.1:{lb_http_port}"
+        with httpx.Client(base_url=base, timeout=10) as http:
+            assert http.get("/v2/health/ready").status_code == 200
+            metadata = http.get("/v2/models/digits").json()
+            body = infer_body(metadata, digit_samples[0][:4])
+            for _ in range(60):
+                answer = http.post("/v2/models/digits/infer", json=body)
+                assert answer.status_code == 200, answer.text
+        http_counts = [b - a for a, b in zip(grpc_counts, items(), strict=True)]
+        assert sum(http_counts) == 240 and min(http_counts) >= 40, http_counts
+
+        outcomes: list[int] = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            with httpx.Client(base_url=base, timeout=10) as http:
+                while not stop.is_set():
+                    outcomes.append(http.post("/v2/models/digits/infer", json=body).status_code)
+
+        clients = [threading.Thread(target=loop) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            while len(outcomes) < 100:
+                time.sleep(0.01)
+            replicas[0].process.send_signal(15)
+            assert replicas[0].process.wait(20) == 0
+            sent = len(outcomes)
+            while len(outcomes) < sent + 100:  # the other replica serves them all now
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(15)
+        assert set(outcomes) == {200}, {code: outcomes.count(code) for code in set(outcomes)}
+        assert "Traceback" not in replicas[0].log() + replicas[1].log()
+    finally:
+        process.terminate()
+        process.wait(10)
+        dns.close()
+
+
+def test_the_gpu_install_serves_everything_the_cpu_install_does() -> None:
+    # The GPU image installs the `gpu` extra instead of `serve`: only ONNX Runtime's build may differ,
+    # or the GPU server fails to import what the CPU one serves with (the HTTP edge, for one).
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "install.sh /opt/venv gpu," in (ROOT / "docker" / "Dockerfile.serve-gpu").read_text()
+    assert set(extras["serve"]) - {r for r in extras["serve"] if r.startswith("onnxruntime")} <= set(
+        extras["gpu"]
+    )

@@ -15,8 +15,8 @@ import yaml
 
 from tests.conftest import ROOT
 
-OVERLAYS = ["cpu", "gpu"]
-# The oldest Kubernetes the manifests target (gRPC probes are GA from 1.27) and the newest schemas.
+OVERLAYS = ["cpu", "gpu", "tls"]
+# The oldest Kubernetes the manifests target and the newest schemas.
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 
 
@@ -83,8 +83,18 @@ def test_the_server_deployment_is_probed_drained_bounded_and_unprivileged(overla
     docs = by_kind(render(overlay))
     pod = docs[("Deployment", "convserve")]["spec"]["template"]["spec"]
     (server,) = pod["containers"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # Kubernetes' own gRPC probe
-        assert server[probe]["grpc"]["port"] == 8500, probe
+    # HTTP probes of the Open Inference Protocol's health routes, on the HTTP port the server listens on
+    # (they work under TLS too, with scheme HTTPS, where Kubernetes' gRPC probe cannot).
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports["grpc"] == int(env_of(server)["CONVSERVE_PORT"]) == 8500
+    assert ports["http"] == int(env_of(server)["CONVSERVE_HTTP_PORT"]) == 8501
+    paths = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready"}
+    paths["livenessProbe"] = "/v2/health/live"
+    handlers = {"exec", "grpc", "httpGet", "tcpSocket"}
+    for probe, path in paths.items():
+        assert handlers & set(server[probe]) == {"httpGet"}, f"{probe}: one handler (an overlay merges)"
+        scheme = {"scheme": "HTTPS"} if overlay == "tls" else {}  # the HTTP port speaks TLS there
+        assert server[probe]["httpGet"] == {"path": path, "port": "http", **scheme}, probe
     # Stopping: preStop's sleep, then the server's --grace-s, inside terminationGracePeriodSeconds.
     sleep = int(server["lifecycle"]["preStop"]["exec"]["command"][-1])
     grace = float(env_of(server)["CONVSERVE_GRACE_S"])
@@ -105,9 +115,13 @@ def test_services_hpa_and_pdb_select_the_server_pods() -> None:
     docs = by_kind(render("cpu"))
     labels = docs[("Deployment", "convserve")]["spec"]["template"]["metadata"]["labels"]
     plain, headless = docs[("Service", "convserve")], docs[("Service", "convserve-headless")]
+    (server,) = docs[("Deployment", "convserve")]["spec"]["template"]["spec"]["containers"]
+    container_ports = {p["name"] for p in server["ports"]}
     for service in (plain, headless):
         assert service["spec"]["selector"].items() <= labels.items()
-        assert service["spec"]["ports"][0]["port"] == 8500
+        ports = {p["name"]: (p["port"], p["targetPort"], p["appProtocol"]) for p in service["spec"]["ports"]}
+        assert ports == {"grpc": (8500, "grpc", "grpc"), "http": (8501, "http", "http")}
+        assert {target for _, target, _ in ports.values()} <= container_ports
     assert headless["spec"]["clusterIP"] == "None" and plain["spec"].get("clusterIP") != "None"
     pdb = docs[("PodDisruptionBudget", "convserve")]["spec"]
     assert pdb["selector"]["matchLabels"].items() <= labels.items()
@@ -141,3 +155,28 @@ def test_the_scoring_job_is_indexed_and_each_pod_scores_its_own_shard() -> None:
     out = args[args.index("--out") + 1]
     assert f"$({index_var})" in out, "each pod writes its own results file"
     assert args[args.index("--server") + 1].startswith("dns:///convserve-headless:")
+
+
+def mounted_secret_files(pod: dict, container: dict) -> set[str]:
+    """Paths of the files a container sees from the pod's Secret volumes."""
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    files = set()
+    for mount in container.get("volumeMounts", []):
+        if (secret := secrets.get(mount["name"])) is not None:
+            keys = [i["path"] for i in secret.get("items", [])] or ["tls.crt", "tls.key", "ca.crt"]
+            files |= {f"{mount['mountPath']}/{key}" for key in keys}
+    return files
+
+
+def test_the_tls_overlay_serves_tls_probes_over_https_and_the_job_trusts_the_ca() -> None:
+    docs = by_kind(render("tls"))
+    pod = docs[("Deployment", "convserve")]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    files = mounted_secret_files(pod, server)
+    assert {env_of(server)["CONVSERVE_TLS_CERT"], env_of(server)["CONVSERVE_TLS_KEY"]} <= files, files
+    assert "CONVSERVE_TLS_CLIENT_CA" not in env_of(server)  # the kubelet's probes carry no certificate
+    job = docs[("Job", "convserve-score")]["spec"]["template"]["spec"]
+    (score,) = job["containers"]
+    assert env_of(score)["CONVSERVE_CLIENT_TLS_CA"] in mounted_secret_files(job, score)
+    secrets = {v["secret"]["secretName"] for spec in (pod, job) for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"convserve-tls"}

@@ -1,5 +1,6 @@
-"""Triton's own load tool, perf_analyzer, runs against a convserve server process over gRPC with the
-model's tensor input and with the BYTES input of real PNG/JPEG files, and completes with no errors.
+"""Triton's own load tool, perf_analyzer, runs against a convserve server process over gRPC and over HTTP
+(binary tensor data, its default, and JSON) with the model's tensor input and with the BYTES input of
+real PNG/JPEG files, and completes with no errors.
 
 perf_analyzer asks for ModelMetadata and ModelConfig first, sends only the input it has data for
 (both are optional in ModelConfig), and checks the server's statistics. It comes from the
@@ -39,18 +40,30 @@ def perf_analyzer() -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedServer]:
-    launched = start_server(model_repo, tmp_path_factory.mktemp("perf"), "--max-delay-ms", "2")
+    launched = start_server(model_repo, tmp_path_factory.mktemp("perf"), "--max-delay-ms", "2", http=True)
     yield launched
     launched.stop()
     assert "Traceback" not in launched.log()
 
 
-def run(perf_analyzer: tuple[Path, dict[str, str]], address: str, data: Path) -> str:
-    binary, env = perf_analyzer
+# (protocol, input and output tensor format): perf_analyzer's HTTP sends binary tensor data unless told.
+TRANSPORTS = {"grpc": ("grpc", None), "http": ("http", None), "http-json": ("http", "json")}
+
+
+def address_of(server: LaunchedServer, transport: str) -> str:
+    return server.address if transport == "grpc" else server.http_address
+
+
+def run(tool: tuple[Path, dict[str, str]], server: LaunchedServer, transport: str, data: Path) -> str:
+    binary, env = tool
+    protocol, tensor_format = TRANSPORTS[transport]
     command = [
-        str(binary), "-m", "digits", "-u", address, "-i", "grpc", "--input-data", str(data),
+        str(binary), "-m", "digits", "-u", address_of(server, transport), "-i", protocol,
+        "--input-data", str(data),
         "--concurrency-range", "4", "--measurement-interval", "800", "-s", "1000", "-r", "6",
     ]  # fmt: skip
+    if tensor_format:
+        command += ["--input-tensor-format", tensor_format, "--output-tensor-format", tensor_format]
     # -s 1000: on a shared machine latency swings; stability is not what this test checks.
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
@@ -60,14 +73,16 @@ def run(perf_analyzer: tuple[Path, dict[str, str]], address: str, data: Path) ->
     return output
 
 
-def test_tensor_input(perf_analyzer, server: LaunchedServer, digit_samples, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_tensor_input(perf_analyzer, server: LaunchedServer, transport, digit_samples, tmp_path) -> None:
     rows = digit_samples[0][:4].astype(np.float32) / 255
     data = {"data": [{"image": {"content": row.ravel().tolist(), "shape": [1, 8, 8]}} for row in rows]}
     (tmp_path / "tensor.json").write_text(json.dumps(data))
-    run(perf_analyzer, server.address, tmp_path / "tensor.json")
+    run(perf_analyzer, server, transport, tmp_path / "tensor.json")
 
 
-def test_image_bytes_input(perf_analyzer, server: LaunchedServer, digit_samples, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_image_bytes_input(perf_analyzer, server: LaunchedServer, transport, digit_samples, tmp_path) -> None:
     steps = []
     for i, pixels in enumerate(digit_samples[0][:4]):
         path = tmp_path / f"digit{i}.{'png' if i % 2 else 'jpg'}"
@@ -76,4 +91,4 @@ def test_image_bytes_input(perf_analyzer, server: LaunchedServer, digit_samples,
         serialized = struct.pack("<I", path.stat().st_size) + path.read_bytes()
         steps.append({"image_bytes": {"b64": base64.b64encode(serialized).decode(), "shape": [1]}})
     (tmp_path / "images.json").write_text(json.dumps({"data": steps}))
-    run(perf_analyzer, server.address, tmp_path / "images.json")
+    run(perf_analyzer, server, transport, tmp_path / "images.json")

@@ -1,6 +1,6 @@
 """Domain errors: what went wrong, in the data plane's words.
 
-The core never speaks gRPC. Each protocol edge maps these classes to its own status codes in one
+The core never speaks gRPC or HTTP. The edges map these classes to gRPC codes and HTTP statuses in one
 table (`serving.protocols.status`); anything else that escapes is a bug and becomes INTERNAL there.
 """
 
@@ -34,6 +34,18 @@ class Overloaded(ServingError):
 
 class DeadlineExceeded(ServingError):
     """The caller's deadline passed before the work could be done."""
+
+
+class TooLarge(ServingError):
+    """The request is larger than the server takes (--max-message-mb)."""
+
+
+class Unauthenticated(ServingError):
+    """The request carries no bearer token, and the server needs one."""
+
+
+class PermissionDenied(ServingError):
+    """The request's bearer token is not one the server accepts."""
 
 
 ECHO_LIMIT = 80  # characters of a client's value an error message repeats

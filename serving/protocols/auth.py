@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from serving.core.errors import PermissionDenied, Unauthenticated
 from serving.protocols.status import log_limited
 from serving.tokens import parse_tokens
 
@@ -100,6 +101,17 @@ class TokenFile:
         for token in self.tokens():
             accepted |= hmac.compare_digest(presented, token)
         return accepted
+
+
+def check_bearer(tokens: TokenFile, presented: bytes | None, where: str, missing: str = MISSING) -> None:
+    """Any transport: returns when `presented` is an accepted token; raises Unauthenticated (none
+    presented) or PermissionDenied (a wrong one), logged rate-limited. `where` names the call for the log."""
+    if presented is not None and tokens.accepts(presented):
+        return
+    error = Unauthenticated(missing) if presented is None else PermissionDenied(WRONG)
+    kind = type(error).__name__
+    log_limited(f"auth:{kind}", logging.WARNING, "refused %s: %s", where, kind)
+    raise error
 
 
 def denying_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> Any:

@@ -17,74 +17,46 @@ naming the input and the image); `convserve.v1` has per-image errors.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
-import numpy as np
+from google.protobuf import json_format
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from protos.inference import model_config_pb2 as mc
 from serving.core.dataplane import DataPlane
 from serving.core.errors import InvalidInput
 from serving.core.model import ServedModel
-from serving.core.postprocess import top_k
 from serving.core.types import PredictRequest, PredictResult, RawBatch
 from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry, VersionState
 from serving.protocols.admission import Admission
 from serving.protocols.calls import Reading
 from serving.protocols.convserve_v1 import deadline_of
+from serving.protocols.inference_codec import (
+    DTYPES,
+    ENCODED_INPUT,
+    EXTENSIONS,
+    OUTPUT,
+    SERVER_NAME,
+    SERVER_VERSION,
+    InputTensor,
+    RequestLedger,
+    classification_k,
+    classification_strings,
+    decode_input,
+    join_bytes,
+    model_config,
+    model_metadata,
+    model_statistics,
+    parse_version,
+)
 from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DATA_METHODS = (f"/{SERVICE_NAME}/ModelInfer", f"/{SERVICE_NAME}/ModelStreamInfer")
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
-SERVER_NAME = "convserve"
-SERVER_VERSION = "0.1.0"
-PLATFORM = "onnxruntime_onnx"
-ENCODED_INPUT = "image_bytes"
-OUTPUT = "probabilities"
-LENGTH = struct.Struct("<I")
-
 PROTOCOL = "kserve_v2"  # the metrics' protocol label
-
-# KServe datatype ↔ numpy, and which typed `contents` field holds it.
-DTYPES: dict[str, tuple[np.dtype, str]] = {
-    "BOOL": (np.dtype(np.bool_), "bool_contents"),
-    "UINT8": (np.dtype("<u1"), "uint_contents"),
-    "UINT16": (np.dtype("<u2"), "uint_contents"),
-    "UINT32": (np.dtype("<u4"), "uint_contents"),
-    "UINT64": (np.dtype("<u8"), "uint64_contents"),
-    "INT8": (np.dtype("<i1"), "int_contents"),
-    "INT16": (np.dtype("<i2"), "int_contents"),
-    "INT32": (np.dtype("<i4"), "int_contents"),
-    "INT64": (np.dtype("<i8"), "int64_contents"),
-    "FP16": (np.dtype("<f2"), "fp32_contents"),
-    "FP32": (np.dtype("<f4"), "fp32_contents"),
-    "FP64": (np.dtype("<f8"), "fp64_contents"),
-}
-KSERVE_NAME = {dtype.newbyteorder("="): name for name, (dtype, _) in DTYPES.items()}
-
-
-def kserve_dtype(dtype: np.dtype) -> str:
-    return KSERVE_NAME.get(dtype.newbyteorder("="), "BYTES")
-
-
-def config_dtype(name: str) -> int:
-    return mc.DataType.Value("TYPE_STRING" if name == "BYTES" else f"TYPE_{name}")
-
-
-def parse_version(version: str) -> int:
-    """'' is the newest ready version; otherwise a positive integer."""
-    if not version:
-        return 0
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidInput(f"model version must be a positive integer, got {version[:40]!r}")
-    return int(version)
 
 
 def asked(request: pb.ModelInferRequest) -> tuple[str, int]:
@@ -102,49 +74,6 @@ def answered_stream(response: pb.ModelStreamInferResponse) -> tuple[str, str, in
     return None if response.error_message else answered(response.infer_response)
 
 
-def split_bytes(data: bytes, count: int, name: str) -> list[bytes]:
-    """tritonclient's serialized BYTES tensor: each element a 4-byte little-endian length, then its bytes."""
-    elements: list[bytes] = []
-    offset, size = 0, len(data)
-    while offset < size:
-        if offset + 4 > size:
-            raise InvalidInput(f"input {name!r}: element {len(elements)} has a truncated length prefix")
-        (length,) = LENGTH.unpack_from(data, offset)
-        offset += 4
-        if offset + length > size:
-            raise InvalidInput(
-                f"input {name!r}: element {len(elements)} claims {length} bytes; {size - offset} remain"
-            )
-        elements.append(data[offset : offset + length])
-        offset += length
-    if len(elements) != count:
-        raise InvalidInput(f"input {name!r}: shape says {count} elements, the data holds {len(elements)}")
-    return elements
-
-
-def join_bytes(elements: list[bytes]) -> bytes:
-    return b"".join(LENGTH.pack(len(e)) + e for e in elements)
-
-
-@dataclass(slots=True)
-class Counter:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
-
-
-@dataclass(slots=True)
-class RequestStats:
-    """Per model version: the requests this protocol answered (Triton's success and fail)."""
-
-    success: Counter
-    fail: Counter
-    last_inference_ms: int = 0
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
@@ -152,12 +81,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         registry: ModelRegistry,
         admission: Admission,
         lifecycle: ModelLifecycle,
+        ledger: RequestLedger | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.registry = registry
         self.admission = admission
         self.lifecycle = lifecycle
-        self.requests: dict[tuple[str, int], RequestStats] = {}
+        self.ledger = ledger or RequestLedger()  # shared with the REST form: one set of statistics
 
     # Health and metadata -------------------------------------------------------------------------
 
@@ -187,48 +117,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         model = self.registry.resolve(request.name, parse_version(request.version))
-        Tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[str(v) for v, e in sorted(self.registry.versions(model.name).items()) if not e.gone],
-            platform=PLATFORM,
-            inputs=[
-                Tensor(
-                    name=model.runtime.input_name,
-                    datatype=kserve_dtype(model.input_dtype),
-                    shape=[-1, *model.contract.image_shape],
-                ),
-                Tensor(name=ENCODED_INPUT, datatype="BYTES", shape=[-1, 1]),
-            ],
-            outputs=[Tensor(name=OUTPUT, datatype="FP32", shape=[-1, model.num_classes])],
-        )
+        return json_format.ParseDict(model_metadata(model, self.registry), pb.ModelMetadataResponse())
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         model = self.registry.resolve(request.name, parse_version(request.version))
-        batching = model.batcher.config
-        config = mc.ModelConfig(
-            name=model.name,
-            platform=PLATFORM,
-            backend="onnxruntime",
-            max_batch_size=batching.max_batch_size,
-            input=[
-                mc.ModelInput(
-                    name=model.runtime.input_name,
-                    data_type=config_dtype(kserve_dtype(model.input_dtype)),
-                    dims=list(model.contract.image_shape),
-                    optional=True,
-                ),
-                # Either input, not both: optional, so perf_analyzer sends only the one it has data for.
-                mc.ModelInput(name=ENCODED_INPUT, data_type=mc.TYPE_STRING, dims=[1], optional=True),
-            ],
-            output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[model.num_classes])],
-            dynamic_batching=mc.ModelDynamicBatching(
-                max_queue_delay_microseconds=int(batching.max_delay_s * 1e6)
-            ),
-        )
-        return pb.ModelConfigResponse(config=config)
+        return pb.ModelConfigResponse(config=model_config(model))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
@@ -242,35 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     def _statistics(self, model: ServedModel) -> pb.ModelStatistics:
-        stats = model.stats
-        requests = self.requests.get((model.name, model.version)) or RequestStats(Counter(), Counter())
-        Duration = pb.StatisticDuration
-        return pb.ModelStatistics(
-            name=model.name,
-            version=str(model.version),
-            last_inference=requests.last_inference_ms,
-            inference_count=stats.items,
-            execution_count=stats.batches,
-            inference_stats=pb.InferStatistics(
-                success=Duration(count=requests.success.count, ns=requests.success.ns),
-                fail=Duration(count=requests.fail.count, ns=requests.fail.ns),
-                queue=Duration(count=stats.queued, ns=stats.queue_ns),
-                # Stacking and the model call are timed together, as compute_infer; input and output
-                # carry the same count (perf_analyzer requires it) and no time of their own.
-                compute_input=Duration(count=stats.batches),
-                compute_infer=Duration(count=stats.batches, ns=stats.compute_ns),
-                compute_output=Duration(count=stats.batches),
-            ),
-            batch_stats=[
-                pb.InferBatchStatistics(
-                    batch_size=size,
-                    compute_input=Duration(count=count),
-                    compute_infer=Duration(count=count, ns=stats.batch_compute_ns[size]),
-                    compute_output=Duration(count=count),
-                )
-                for size, count in sorted(stats.batch_sizes.items())
-            ],
-        )
+        return model_statistics(model, self.ledger)
 
     # Model repository extension ---------------------------------------------------------------
 
@@ -345,19 +212,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await self.dataplane.predict(predict)
             response = to_response(request, result, classify)
         except Exception:
-            if key is not None:
-                self._stats(key).fail.add(time.perf_counter_ns() - started)
+            self.ledger.failed(key, started)
             raise
-        stats = self._stats(key)
-        stats.success.add(time.perf_counter_ns() - started)
-        stats.last_inference_ms = int(time.time() * 1000)
+        self.ledger.succeeded(key, started)
         return response
-
-    def _stats(self, key: tuple[str, int]) -> RequestStats:
-        stats = self.requests.get(key)
-        if stats is None:
-            stats = self.requests[key] = RequestStats(Counter(), Counter())
-        return stats
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> int | None:
@@ -367,16 +225,12 @@ def requested_outputs(request: pb.ModelInferRequest) -> int | None:
     if len(request.outputs) > 1:
         raise InvalidInput(f"this model has one output, {OUTPUT!r}; {len(request.outputs)} were requested")
     output = request.outputs[0]
-    if output.name != OUTPUT:
-        raise InvalidInput(f"unknown output {output.name[:80]!r}; this model's output is {OUTPUT!r}")
-    if "classification" not in output.parameters:
-        return None
-    parameter = output.parameters["classification"]
-    kind = parameter.WhichOneof("parameter_choice")
-    k = getattr(parameter, kind) if kind in ("int64_param", "uint64_param") else None
-    if k is None or k < 1:
-        raise InvalidInput("output parameter 'classification' must be a positive integer")
-    return int(k)
+    k: object = None
+    if "classification" in output.parameters:
+        parameter = output.parameters["classification"]
+        kind = parameter.WhichOneof("parameter_choice")
+        k = getattr(parameter, kind) if kind in ("int64_param", "uint64_param") else 0
+    return classification_k(output.name, k)
 
 
 def to_inputs(request: pb.ModelInferRequest, model: ServedModel) -> RawBatch | list[bytes]:
@@ -386,36 +240,16 @@ def to_inputs(request: pb.ModelInferRequest, model: ServedModel) -> RawBatch | l
             f"(encoded images); the request has {len(request.inputs)}"
         )
     tensor = request.inputs[0]
-    name, shape = tensor.name, list(tensor.shape)
     if request.raw_input_contents and len(request.raw_input_contents) != 1:
         raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for one input")
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
-    if name == ENCODED_INPUT:
-        if tensor.datatype != "BYTES":
-            raise InvalidInput(f"input {name!r} must be BYTES, got {tensor.datatype[:20]!r}")
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
-            raise InvalidInput(f"input {name!r} must have shape [N] or [N, 1], got {shape}")
-        if raw is not None:
-            return split_bytes(raw, shape[0], name)
-        elements = list(tensor.contents.bytes_contents)
-        if len(elements) != shape[0]:
-            raise InvalidInput(
-                f"input {name!r}: shape says {shape[0]} elements, contents hold {len(elements)}"
-            )
-        return elements
-    if name != model.runtime.input_name:
-        raise InvalidInput(
-            f"unknown input {name[:80]!r}; model {model.name!r} takes {model.runtime.input_name!r} "
-            f"or {ENCODED_INPUT!r}"
-        )
-    expected = kserve_dtype(model.input_dtype)
-    if tensor.datatype != expected:
-        raise InvalidInput(f"input {name!r} must be {expected}, got {tensor.datatype[:20]!r}")
-    dtype, field = DTYPES[expected]
+    elements = None
     if raw is None:
-        values = getattr(tensor.contents, field)
-        raw = np.asarray(values, dtype=dtype).tobytes()
-    return RawBatch(shape, dtype.str, raw)
+        if tensor.datatype == "BYTES":
+            elements = tensor.contents.bytes_contents
+        elif tensor.datatype in DTYPES:
+            elements = getattr(tensor.contents, DTYPES[tensor.datatype][1])
+    return decode_input(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), raw, elements), model)
 
 
 def to_response(request: pb.ModelInferRequest, result: PredictResult, k: int | None) -> pb.ModelInferResponse:
@@ -427,15 +261,8 @@ def to_response(request: pb.ModelInferRequest, result: PredictResult, k: int | N
         response.outputs.add(name=OUTPUT, datatype="FP32", shape=probabilities.shape)
         response.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())
         return response
-    indices, values = top_k(probabilities, k)
-    labels = result.labels
-    # Triton prints the value with C++ std::to_string: six decimals.
-    elements = [
-        f"{value:f}:{index}:{labels[index]}".encode()
-        for index_row, value_row in zip(indices.tolist(), values.tolist(), strict=True)
-        for index, value in zip(index_row, value_row, strict=True)
-    ]
-    response.outputs.add(name=OUTPUT, datatype="BYTES", shape=indices.shape)
+    shape, elements = classification_strings(result, k)
+    response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
     response.raw_output_contents.append(join_bytes(elements))
     return response
 

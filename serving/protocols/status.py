@@ -1,8 +1,10 @@
-"""The one table from domain errors to gRPC status codes, and the log of what must not flood it.
+"""The one table from domain errors to gRPC status codes and HTTP statuses, and the log of what must
+not flood it.
 
-Every protocol edge maps failures through `status_of`: a domain error keeps its message; anything
-else is a bug, reaches the client as INTERNAL with a generic message, and its details are logged
-(with a traceback, rate-limited) on the server only.
+Every protocol edge maps failures through `status_of` (gRPC) or `http_status_of` (HTTP), both
+reading `STATUS_OF`: a domain error keeps its message; anything else is a bug, reaches the client as
+INTERNAL / 500 with a generic message, and its details are logged (with a traceback, rate-limited)
+on the server only.
 """
 
 from __future__ import annotations
@@ -18,20 +20,30 @@ from serving.core.errors import (
     InvalidInput,
     NotFound,
     Overloaded,
+    PermissionDenied,
     ServingError,
+    TooLarge,
+    Unauthenticated,
     Unavailable,
 )
 
 log = logging.getLogger(__name__)
 
-STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+Code = grpc.StatusCode
+# Domain error -> (gRPC code, HTTP status). FailedPrecondition is 400 as Triton answers a repository call
+# outside explicit model control; Overloaded is 429 (retry later), TooLarge 413.
+STATUS_OF: dict[type[ServingError], tuple[grpc.StatusCode, int]] = {
+    InvalidInput: (Code.INVALID_ARGUMENT, 400),
+    NotFound: (Code.NOT_FOUND, 404),
+    Unavailable: (Code.UNAVAILABLE, 503),
+    Overloaded: (Code.RESOURCE_EXHAUSTED, 429),
+    DeadlineExceeded: (Code.DEADLINE_EXCEEDED, 504),
+    FailedPrecondition: (Code.FAILED_PRECONDITION, 400),
+    TooLarge: (Code.RESOURCE_EXHAUSTED, 413),
+    Unauthenticated: (Code.UNAUTHENTICATED, 401),
+    PermissionDenied: (Code.PERMISSION_DENIED, 403),
 }
+INTERNAL = (Code.INTERNAL, 500)
 INTERNAL_MESSAGE = "internal error; the server's log has the details"
 
 
@@ -61,12 +73,12 @@ class RateLimitedLog:
 log_limited = RateLimitedLog(log)
 
 
-def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client gets for `error`."""
+def statuses_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, int, str]:
+    """The gRPC code, HTTP status and message a client gets for `error`."""
     for kind in type(error).__mro__:
-        code = STATUS_OF.get(kind)  # type: ignore[call-overload]
-        if code is not None:
-            return code, str(error)
+        statuses = STATUS_OF.get(kind)  # type: ignore[call-overload]
+        if statuses is not None:
+            return statuses[0], statuses[1], str(error)
     log_limited(
         f"internal:{type(error).__name__}",
         logging.ERROR,
@@ -76,4 +88,16 @@ def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, 
         error,
         exc_info=error,
     )
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    return INTERNAL[0], INTERNAL[1], INTERNAL_MESSAGE
+
+
+def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message a client gets for `error`."""
+    code, _, message = statuses_of(error, method)
+    return code, message
+
+
+def http_status_of(error: BaseException, route: str = "") -> tuple[int, str, str]:
+    """The HTTP status, the gRPC code's name (the metrics' `code` label) and message for `error`."""
+    code, status, message = statuses_of(error, route)
+    return status, code.name, message

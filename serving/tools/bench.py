@@ -9,6 +9,10 @@ For each model, in one run:
   (d) the transport's ceiling: the Echo RPC on the same server and load generator (the benchmark-only
       `convserve.v1.Bench` service: servers started here get `--bench-service`; a server given with
       --server needs it too for the echo scenarios, and takes the connection flags: TLS, token).
+  (e) the same server's HTTP port (--http-server with --server), from the same load generator: the Open
+      Inference Protocol's infer with binary tensor data (PNG as BYTES, and tensors) at concurrency 1 and
+      64, with JSON tensors, and one PNG per request as curl sends it to :classify, against their gRPC
+      counterparts (`kserve …`, `unary c64 png`).
 With `--metrics on,off` every scenario runs against a server with its metrics endpoint on and one with
 it off, in the same rounds (names ending "(metrics off)"), to measure what the metrics cost.
 The limit and the scenarios alternate in short rounds, every model in every round, so drift in the
@@ -50,7 +54,7 @@ def variant(name: str, metrics: str) -> str:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # unary | stream | kserve | echo
+    kind: str  # unary | stream | kserve | echo | http | http-json | http-classify
     payload: str = "png"  # png | tensor
     concurrency: int = 1
     images: int = 1
@@ -63,10 +67,12 @@ class Scenario:
         duration: float,
         connection: Connection = PLAINTEXT,
         image_size: tuple[int, int] | None = None,
+        http_target: str | None = None,
     ) -> dict:
         return {
             "image_size": list(image_size) if image_size else None,
             "target": target,
+            "http_target": http_target,
             "connection": connection.to_json(),
             "kind": self.kind,
             "payload": self.payload,
@@ -90,6 +96,13 @@ def scenarios() -> list[Scenario]:
         # The Open Inference Protocol on the same server: png is its BYTES input, tensor its FP32 one.
         for concurrency in (1, 64):
             found.append(Scenario(f"kserve c{concurrency} {payload}", "kserve", payload, concurrency))
+        # The same over HTTP: binary tensor data, as tritonclient.http sends it.
+        for concurrency in (1, 64):
+            found.append(Scenario(f"http c{concurrency} {payload}", "http", payload, concurrency))
+    found.append(Scenario("http-json c1 tensor", "http-json", "tensor", 1))
+    found.append(Scenario("http-json c64 tensor", "http-json", "tensor", 64))
+    found.append(Scenario("http-classify c1 png", "http-classify", "png", 1))
+    found.append(Scenario("http-classify c64 png", "http-classify", "png", 64))
     found.append(Scenario("echo c1", "echo", concurrency=1))
     found.append(Scenario("echo c64", "echo", concurrency=64))
     return found
@@ -99,6 +112,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=Path, default=Path("benchmarks/models"), help="model repository")
     parser.add_argument("--model", action="append", help="model(s) to measure (default: digits and resnet18)")
     parser.add_argument("--server", default=None, help="measure this running server instead of starting one")
+    parser.add_argument(
+        "--http-server", default=None, help="with --server: its HTTP address (HOST:PORT), for http scenarios"
+    )
     parser.add_argument("--duration", type=float, default=1.5, help="seconds per scenario per round")
     parser.add_argument("--rounds", type=int, default=3)
     names = ", ".join(s.name for s in scenarios())
@@ -142,6 +158,7 @@ class ExternalServer:
     """A server given with --server: measured, but neither started, stopped nor profiled here."""
 
     address: str
+    http_address: str | None = None
 
     def cpu_seconds(self) -> None:
         return None
@@ -249,7 +266,7 @@ def launch_servers(args: argparse.Namespace, workdir: Path) -> Servers:
         for kind in dict.fromkeys(s.server for s in chosen_scenarios(args)):
             for state in args.metrics.split(","):
                 if args.server and kind == "batching":
-                    servers[kind, state] = ExternalServer(args.server)
+                    servers[kind, state] = ExternalServer(args.server, args.http_server)
                 else:
                     servers[kind, state] = launch_server(
                         args.models,
@@ -258,6 +275,7 @@ def launch_servers(args: argparse.Namespace, workdir: Path) -> Servers:
                         batch_flags[kind],
                         *flags,
                         metrics=state == "on",
+                        http=True,
                     )
     except BaseException:
         for server in servers.values():
@@ -294,7 +312,9 @@ class ModelBench:
             link = self.connection if isinstance(server, ExternalServer) else PLAINTEXT
             items0, batches0 = model_stats(server.address, model, link)
             cpu0 = server.cpu_seconds()
-            result = load.run(scenario.command(server.address, model, args.duration, link, args.image_size))
+            http = server.http_address
+            command = scenario.command(server.address, model, args.duration, link, args.image_size, http)
+            result = load.run(command)
             cpu1 = server.cpu_seconds()
             items1, batches1 = model_stats(server.address, model, link)
             measured = self.results[variant(scenario.name, state)]
@@ -406,6 +426,7 @@ def targets(summary: dict) -> list[tuple[str, bool | None, str]]:
                     f"vs {fmt(v1['mean_batch'], '.1f')})",
                 )
             )
+    out += http_targets(summary)
     for name, on in s.items():
         if (off := get(name + METRICS_OFF)) is not None:
             ratio = on["images_per_s"] / off["images_per_s"]
@@ -426,6 +447,51 @@ def targets(summary: dict) -> list[tuple[str, bool | None, str]]:
                     f"+{over:.2f} ms ({r['p50_ms']:.2f} vs {summary['limit']['1']['latency_ms']:.2f} ms)",
                 )
             )
+    return out
+
+
+HTTP_GOAL = 0.9  # HTTP binary tensor data over the gRPC Open Inference Protocol, images/s at c64
+HTTP_P50_MS = 0.5  # HTTP over gRPC, p50 at concurrency 1 (digits)
+
+
+def http_targets(summary: dict) -> list[tuple[str, bool | None, str]]:
+    """HTTP against gRPC on the same server: binary infer against ModelInfer (a target), JSON and curl's
+    :classify against the binary path and gRPC (recorded, no target), p50 at c1 on digits (a target)."""
+    s, model = summary["scenarios"], summary["model"]
+    out: list[tuple[str, bool | None, str]] = []
+
+    def ratio(over: str, under: str) -> tuple[float, str] | None:
+        a, b = s.get(over), s.get(under)
+        if not a or not b or not b["images_per_s"]:
+            return None
+        value = a["images_per_s"] / b["images_per_s"]
+        batches = f"mean batch {fmt(a['mean_batch'], '.1f')} vs {fmt(b['mean_batch'], '.1f')}"
+        return value, f"{value:.2f}× ({a['images_per_s']:.0f} vs {b['images_per_s']:.0f} images/s, {batches})"
+
+    for payload in ("tensor", "png"):
+        if found := ratio(f"http c64 {payload}", f"kserve c64 {payload}"):
+            goal = f"{model}: http c64 {payload} ≥ {HTTP_GOAL}× kserve c64 {payload} (gRPC)"
+            out.append((goal, found[0] >= HTTP_GOAL, found[1]))
+    for over, under in (
+        ("http-json c64 tensor", "http c64 tensor"),
+        ("http-json c64 tensor", "kserve c64 tensor"),
+        ("http-classify c64 png", "unary c64 png"),
+        ("http-classify c64 png", "http c64 png"),
+    ):
+        if found := ratio(over, under):
+            out.append((f"{model}: {over} / {under} (recorded)", None, found[1]))
+    if model.startswith("digits"):
+        for payload in ("tensor", "png"):
+            http, grpc = s.get(f"http c1 {payload}"), s.get(f"kserve c1 {payload}")
+            if http and grpc:
+                over = http["p50_ms"] - grpc["p50_ms"]
+                out.append(
+                    (
+                        f"{model}: http c1 {payload} p50 ≤ kserve c1 {payload} p50 + {HTTP_P50_MS} ms",
+                        over <= HTTP_P50_MS,
+                        f"{over:+.2f} ms ({http['p50_ms']:.2f} vs {grpc['p50_ms']:.2f} ms)",
+                    )
+                )
     return out
 
 
@@ -526,7 +592,7 @@ def write_report(summaries: list[dict], command: str, path: Path) -> str:
             )
         lines += ["", "| target | held | figure |", "|---|---|---|"]
         for target, held, figure in targets(summary):
-            lines.append(f"| {target} | {'yes' if held else 'NO'} | {figure} |")
+            lines.append(f"| {target} | {'–' if held is None else 'yes' if held else 'NO'} | {figure} |")
         lines.append("")
     if compared := resize_targets(summaries):
         lines += ["## resize modes against stretch", "", "| target | held | figure |", "|---|---|---|"]
@@ -558,6 +624,10 @@ def run_bench(args: argparse.Namespace) -> int:
             f"`python -m training reference digits|resnet18 --repository {args.models}` (make bench does)",
             file=sys.stderr,
         )
+        return 2
+    http_chosen = any(s.kind.startswith("http") for s in chosen_scenarios(args))
+    if args.server and not args.http_server and http_chosen:
+        print("error: the http scenarios need --http-server with --server (or --scenario)", file=sys.stderr)
         return 2
     if args.server and "off" in args.metrics.split(","):
         print("error: --metrics off needs servers the bench starts (not --server)", file=sys.stderr)

@@ -2,8 +2,10 @@
 
 The server is told `--port 0 --port-file F`: it binds a free port and writes it to F only once every
 model is loaded and health says SERVING, so the caller never races the start-up. Its metrics endpoint
-is off unless asked for (`metrics=True`: a free port, tried again should another program take it first),
-so that servers started side by side never compete for the default metrics port.
+and its HTTP server are off unless asked for (`metrics=True`, `http=True`: a free port each, picked
+here and passed as --metrics-port / --http-port, the start tried again should another program take one
+first), so that servers started side by side never compete for the default ports. The ports are on
+`LaunchedServer`: `address` (gRPC), `http_port` / `http_url`, `metrics_address`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,26 @@ class LaunchedServer:
     process: subprocess.Popen
     address: str
     log_path: Path | None = None
+    flags: tuple[str, ...] = ()
     metrics_address: str | None = None  # HOST:PORT of /metrics when launched with metrics=True
+    http_port: int | None = None  # the HTTP server's port when launched with http=True
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def http_address(self) -> str | None:
+        """HOST:PORT of the HTTP server, or None when it is off."""
+        return None if self.http_port is None else f"{self.host}:{self.http_port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """http://HOST:PORT (https:// when launched with --tls-cert), or None when HTTP is off."""
+        if self.http_port is None:
+            return None
+        scheme = "https" if "--tls-cert" in self.flags else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path else ""
@@ -64,21 +85,27 @@ def launch_server(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     metrics: bool = False,
+    http: bool = False,
 ) -> LaunchedServer:
-    """Starts `python -m serving serve` on a free port of `host`; returns once it is SERVING."""
-    if not metrics:
-        return _launch(models, workdir, ("--metrics-port", "0", *flags), host, log, env, timeout)
+    """Starts `python -m serving serve` on a free port of `host`; returns once it is SERVING.
+    With `metrics` / `http`, the metrics endpoint / the HTTP server on free ports too."""
     for attempt in range(3):
-        port = free_port(host)
+        metrics_port = free_port(host) if metrics else 0
+        http_port = free_port(host) if http else 0
+        if http and http_port == metrics_port:
+            continue
+        ports = ("--metrics-port", str(metrics_port), "--http-port", str(http_port))
         try:
-            server = _launch(models, workdir, ("--metrics-port", str(port), *flags), host, log, env, timeout)
+            server = _launch(models, workdir, (*ports, *flags), host, log, env, timeout)
         except RuntimeError:
-            if attempt == 2:
+            if attempt == 2 or not (metrics or http):
                 raise
             continue
-        server.metrics_address = f"{host}:{port}"
+        server.metrics_address = f"{host}:{metrics_port}" if metrics else None
+        server.http_port = http_port if http else None
+        server.flags = flags
         return server
-    raise AssertionError("unreachable")
+    raise RuntimeError("no free ports for the server")
 
 
 def _launch(

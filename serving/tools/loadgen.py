@@ -5,8 +5,10 @@ line on stdout. Scenarios: `unary` (Classify from `concurrency` callers, `images
 `stream` (ClassifyStream as the scoring job uses it: `streams` calls, `images` per message, at most
 `inflight` images unanswered), `kserve` (the Open Inference Protocol's ModelInfer from `concurrency`
 callers: `png` as a BYTES tensor of encoded images, `tensor` as the model's own input tensor in
-`raw_input_contents`, as tritonclient sends them) and `echo` (the transport alone). Payloads are PNG
-files or raw tensors of the model's input shape, made here from seeded random pixels.
+`raw_input_contents`, as tritonclient sends them), `echo` (the transport alone), and over HTTP (to
+`http_target`, serving.tools.http_load): `http` (infer with binary tensor data), `http-json` (infer with
+JSON numbers) and `http-classify` (curl's raw image body), from `concurrency` callers like `unary`.
+Payloads are PNG files or raw tensors of the model's input shape, made here from seeded random pixels.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 from PIL import Image
@@ -29,6 +32,7 @@ from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as kserve
 from protos.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving.client import Connection, pixels_to_tensor, to_image
+from serving.tools import http_load
 
 DISTINCT_IMAGES = 64
 WARMUP_S = 0.3
@@ -54,8 +58,7 @@ class Tally:
         self.latencies.append(now - sent)
 
 
-# The Open Inference Protocol's names of the input types our models take (fp32, fp16 exports, uint8).
-KSERVE_DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
+KSERVE_DATATYPES = http_load.KSERVE_DATATYPES
 
 
 def make_images(
@@ -129,6 +132,7 @@ async def unary(
     until: float,
     measure_from: float,
     tally: Tally,
+    failures: tuple[type[BaseException], ...] = (grpc.aio.AioRpcError,),
 ) -> None:
     """`concurrency` callers, each sending its next request as soon as the last is answered."""
 
@@ -140,7 +144,7 @@ async def unary(
             try:
                 await call(request, timeout=30)
                 ok = True
-            except grpc.aio.AioRpcError:
+            except failures:
                 ok = False
             tally.record(start, images_of(request), ok, measure_from, until)
 
@@ -214,6 +218,10 @@ async def run_scenario(scenario: dict) -> dict:
         if kind != "echo":
             info = await stub.GetModel(pb.GetModelRequest(name=scenario["model"]), timeout=10)
             image_size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
+        if kind in http_load.HTTP_KINDS:
+            await run_http(scenario, connection, info, image_size, tally)  # type: ignore[arg-type]
+            return result_of(scenario["duration"], tally)
+        if kind != "echo":
             build = kserve_requests_of if kind == "kserve" else requests_of
             requests = build(info, scenario["payload"], scenario["images"], image_size)  # type: ignore[arg-type]
         measure_from = time.perf_counter() + WARMUP_S
@@ -230,13 +238,45 @@ async def run_scenario(scenario: dict) -> dict:
         else:
             streams, inflight = scenario.get("streams", 2), scenario.get("inflight", 256)
             work = stream(stub, requests, streams, inflight, until, measure_from, tally)
-        task = asyncio.ensure_future(work)
-        await asyncio.wait({task}, timeout=until - time.perf_counter() + 0.01)
-        if not task.done():  # answers after the window do not count: stop waiting for them
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-            await task
-    elapsed = until - measure_from
+        await run_until(work, until, (asyncio.CancelledError, grpc.aio.AioRpcError))
+    return result_of(scenario["duration"], tally)
+
+
+async def run_http(
+    scenario: dict,
+    connection: Connection,
+    info: pb.ModelInfo,
+    image_size: tuple[int, int] | None,
+    tally: Tally,
+) -> None:
+    """An HTTP scenario: the same images as the gRPC ones, to the server's HTTP port."""
+    concurrency, payload = scenario["concurrency"], scenario["payload"]
+    url = http_load.base_url(scenario["http_target"], connection)
+    async with http_load.http_session(connection, concurrency) as session:
+        output = await http_load.output_name(session, url, info.name)
+        images = make_images(info, payload, size=image_size)
+        requests = http_load.http_requests_of(
+            scenario["kind"], info, images, scenario["images"], payload, output
+        )
+        measure_from = time.perf_counter() + WARMUP_S
+        until = measure_from + scenario["duration"]
+        failures = (http_load.HttpFailure, aiohttp.ClientError, asyncio.TimeoutError)
+        call = http_load.http_call(session, url)
+        work = unary(call, requests, lambda r: r.images, concurrency, until, measure_from, tally, failures)
+        await run_until(work, until, (asyncio.CancelledError, *failures))
+
+
+async def run_until(work: Awaitable[None], until: float, expected: tuple[type[BaseException], ...]) -> None:
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({task}, timeout=until - time.perf_counter() + 0.01)
+    if not task.done():  # answers after the window do not count: stop waiting for them
+        task.cancel()
+    with contextlib.suppress(*expected):
+        await task
+
+
+def result_of(duration: float, tally: Tally) -> dict:
+    elapsed = duration
     latencies = np.asarray(tally.latencies) * 1000
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if len(latencies) else (0.0, 0.0, 0.0)
     return {

@@ -1,0 +1,384 @@
+"""`/openapi.json` (OpenAPI 3.0) describing every HTTP route, and `/docs`, Swagger UI served from the
+`swagger-ui-bundle` package's own files (nothing is fetched from the internet).
+
+The Open Inference Protocol's schemas are the spec's (kserve/open-inference-protocol
+`open_inference_rest.yaml`), under the same names; the binary tensor extension and the image route
+are described beside them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from serving.protocols.http_edge import Call, HttpEdge
+from serving.protocols.inference_codec import SERVER_VERSION
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref("error_response")}}}
+
+
+ERRORS = {
+    "400": _error("Bad request: the message says what is wrong"),
+    "401": _error("No bearer token (the server runs with --auth-token-file)"),
+    "403": _error("The bearer token is not accepted"),
+    "404": _error("No such model or version"),
+    "503": _error("Not ready, or shutting down"),
+}
+DATA_ERRORS = {
+    **ERRORS,
+    "413": _error("The body is over --max-message-mb"),
+    "429": _error("Overloaded: the queue or input budget is full; retry later"),
+    "504": _error("The request's deadline (Timeout-Ms, or the `timeout` parameter) passed"),
+}
+TIMEOUT = {
+    "name": "Timeout-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+    "description": "deadline in milliseconds; past it the request gets 504",
+}
+MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+SCHEMAS: dict[str, Any] = {
+    # The Open Inference Protocol's, as its spec writes them.
+    "metadata_server_response": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "extensions": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["name", "version", "extensions"],
+    },
+    "metadata_model_response": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": _ref("metadata_tensor")},
+            "outputs": {"type": "array", "items": _ref("metadata_tensor")},
+        },
+        "required": ["name", "platform"],
+    },
+    "metadata_tensor": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+        },
+        "required": ["name", "datatype", "shape"],
+    },
+    "inference_request": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": _ref("parameters"),
+            "inputs": {"type": "array", "items": _ref("request_input")},
+            "outputs": {"type": "array", "items": _ref("request_output")},
+        },
+        "required": ["inputs"],
+    },
+    "parameters": {"type": "object"},
+    "request_input": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string"},
+            "parameters": _ref("parameters"),
+            "data": _ref("tensor_data"),
+        },
+        "required": ["name", "shape", "datatype", "data"],
+    },
+    "tensor_data": {
+        "type": "array",
+        "items": {
+            "anyOf": [
+                _ref("tensor_data"),
+                {"type": "number"},
+                {"type": "string"},
+                {"type": "boolean"},
+                {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
+            ]
+        },
+    },
+    "request_output": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "parameters": _ref("parameters")},
+        "required": ["name"],
+    },
+    "response_output": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string"},
+            "parameters": _ref("parameters"),
+            "data": _ref("tensor_data"),
+        },
+        "required": ["name", "shape", "datatype", "data"],
+    },
+    "inference_response": {
+        "type": "object",
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "parameters": _ref("parameters"),
+            "outputs": {"type": "array", "items": _ref("response_output")},
+        },
+        "required": ["model_name", "outputs"],
+    },
+    "error_response": {
+        "type": "object",
+        "properties": {"error": {"type": "string"}},
+        "required": ["error"],
+    },
+    # Triton's extensions and convserve's own.
+    "model_config": {"type": "object", "description": "Triton's ModelConfig as JSON (model_config.proto)"},
+    "model_statistics": {
+        "type": "object",
+        "properties": {"model_stats": {"type": "array", "items": {"type": "object"}}},
+        "required": ["model_stats"],
+        "description": "Triton's statistics extension: ModelStatisticsResponse as JSON",
+    },
+    "repository_index": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "state": {"type": "string"},
+                "reason": {"type": "string"},
+            },
+            "required": ["name", "version", "state"],
+        },
+    },
+    "classify_response": {
+        "type": "object",
+        "description": "convserve.v1 ClassifyResponse as JSON: one result per image, in order",
+        "properties": {
+            "model": {"type": "string"},
+            "version": {"type": "integer"},
+            "results": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "class_index": {"type": "array", "items": {"type": "integer"}},
+                        "label": {"type": "array", "items": {"type": "string"}},
+                        "probability": {"type": "array", "items": {"type": "number"}},
+                        "error": {
+                            "type": "object",
+                            "properties": {"code": {"type": "integer"}, "message": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        },
+        "required": ["model", "version", "results"],
+    },
+}
+
+
+def _get(summary: str, schema: str | None, errors: dict[str, Any] = ERRORS, **extra: Any) -> dict:
+    ok: dict[str, Any] = {"description": "OK"}
+    if schema is not None:
+        ok["content"] = {JSON: {"schema": _ref(schema)}}
+    return {"get": {"summary": summary, "responses": {"200": ok, **errors}, **extra}}
+
+
+def _model_paths(base: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    binary = {
+        "schema": {"type": "string", "format": "binary"},
+        "description": "binary tensor extension: the JSON header (its length in the header "
+        "Inference-Header-Content-Length), then the inputs' bytes",
+    }
+    infer = {
+        "post": {
+            "summary": "Inference",
+            "description": "Inputs: the model's tensor, or `image_bytes` (BYTES, encoded images). Output "
+            "`probabilities`; with the output parameter `classification: k`, the top k as "
+            '"value:index:label". Deadline: the `timeout` parameter (microseconds) or Timeout-Ms.',
+            "parameters": [*parameters, TIMEOUT],
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": _ref("inference_request")}, "application/octet-stream": binary},
+            },
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {
+                        JSON: {"schema": _ref("inference_response")},
+                        "application/octet-stream": binary,
+                    },
+                },
+                **DATA_ERRORS,
+            },
+        }
+    }
+    return {
+        base: {**_get("Model Metadata", "metadata_model_response"), "parameters": parameters},
+        f"{base}/ready": {**_get("Model Ready", None), "parameters": parameters},
+        f"{base}/config": {**_get("Model Configuration", "model_config"), "parameters": parameters},
+        f"{base}/stats": {**_get("Model Statistics", "model_statistics"), "parameters": parameters},
+        f"{base}/infer": infer,
+    }
+
+
+def _classify(parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Classify images",
+            "description": "One image's raw bytes as the body, or a multipart/form-data upload of "
+            "several files; one unusable image gets its own error, the others their classes.",
+            "parameters": [
+                *parameters,
+                {
+                    "name": "top_k",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1},
+                },
+                TIMEOUT,
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "image": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                            },
+                        }
+                    },
+                },
+            },
+            "responses": {
+                "200": {"description": "OK", "content": {JSON: {"schema": _ref("classify_response")}}},
+                **DATA_ERRORS,
+            },
+        }
+    }
+
+
+def _repository() -> dict[str, Any]:
+    index = {
+        "summary": "Repository Index",
+        "responses": {
+            "200": {"description": "OK", "content": {JSON: {"schema": _ref("repository_index")}}},
+            **ERRORS,
+        },
+    }
+    action: dict[str, Any] = {
+        "parameters": [MODEL],
+        "post": {
+            "summary": "",
+            "description": "only with --model-control explicit (400 otherwise)",
+            "responses": {"200": {"description": "OK"}, **ERRORS},
+        },
+    }
+    load = {**action, "post": {**action["post"], "summary": "Load a model"}}
+    unload = {**action, "post": {**action["post"], "summary": "Unload a model"}}
+    return {
+        "/v2/repository/index": {
+            "get": index,
+            "post": {
+                **index,
+                "requestBody": {
+                    "content": {
+                        JSON: {"schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}
+                    }
+                },
+            },
+        },
+        "/v2/repository/models/{model}/load": load,
+        "/v2/repository/models/{model}/unload": unload,
+    }
+
+
+def openapi() -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/v2": _get("Server Metadata", "metadata_server_response"),
+        "/v2/": _get("Server Metadata (the spec's spelling)", "metadata_server_response"),
+        "/v2/health/live": _get("Server Live", None, {}, security=[]),
+        "/v2/health/ready": _get("Server Ready", None, {"503": {"description": "Not ready"}}, security=[]),
+        "/v2/models/stats": _get("Statistics of every model", "model_statistics"),
+        **_model_paths("/v2/models/{model}", [MODEL]),
+        **_model_paths("/v2/models/{model}/versions/{version}", [MODEL, VERSION]),
+        **_repository(),
+        "/v1/models/{model}:classify": _classify([MODEL]),
+        "/v1/models/{model}/versions/{version}:classify": _classify([MODEL, VERSION]),
+        "/openapi.json": _get("This document", None),
+        "/docs": _get("This document, as a page", None),
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "convserve",
+            "version": SERVER_VERSION,
+            "description": "Open Inference Protocol REST (with Triton's binary tensor, classification, "
+            "model configuration, statistics and model repository extensions) and image classification.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}, {}],
+    }
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="UTF-8"><title>convserve HTTP API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script>
+window.onload = () => {
+  window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", validatorUrl: null});
+};
+</script>
+</body>
+</html>
+"""
+
+
+def routes(edge: HttpEdge) -> list[Route | Mount]:
+    import swagger_ui_bundle  # the package's Swagger UI files
+
+    document = openapi()
+
+    async def spec(request: Request, call: Call) -> Response:
+        return JSONResponse(document)
+
+    async def page(request: Request, call: Call) -> Response:
+        return HTMLResponse(PAGE)
+
+    return [
+        Route("/openapi.json", edge.route(spec), methods=["GET"]),
+        Route("/docs", edge.route(page), methods=["GET"]),
+        Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger-ui"),
+    ]
