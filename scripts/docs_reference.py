@@ -221,7 +221,8 @@ def errors_page() -> str:
     for error, code in status.STATUS_OF.items():
         row = [f"`{error.__name__}`", f"`{code.name}`"]
         if http is not None:
-            row.append(http_status(http[error]) if error in http else "—")
+            value = http.get(error, http.get(code))  # keyed by domain error, or by gRPC code
+            row.append("—" if value is None else http_status(value))
         row.append(" ".join((error.__doc__ or "").split()))
         rows.append(row)
     internal = ["anything else", "`INTERNAL`"] + (["500 Internal Server Error"] if http is not None else [])

@@ -93,6 +93,20 @@ def test_the_error_page_has_every_domain_error_and_its_code() -> None:
         assert re.search(rf"^\| `{error.__name__}` \| `{code.name}` \|", page, re.MULTILINE), error
 
 
+def test_the_error_page_gains_an_http_column_when_the_table_has_one(monkeypatch) -> None:
+    from scripts import docs_reference
+    from serving.protocols import status
+
+    assert "HTTP status" not in docs_reference.errors_page() or hasattr(status, "HTTP_STATUS_OF")
+    codes = {error: 400 + i for i, error in enumerate(status.STATUS_OF)}
+    monkeypatch.setattr(status, "HTTP_STATUS_OF", codes, raising=False)
+    page = docs_reference.errors_page()
+    assert "| domain error | gRPC status | HTTP status | when |" in page
+    for error, code in codes.items():
+        assert f"| `{error.__name__}` | `{status.STATUS_OF[error].name}` | {code} " in page
+    assert "| anything else | `INTERNAL` | 500 Internal Server Error |" in page
+
+
 def test_the_readme_is_short() -> None:
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail into docs/"
