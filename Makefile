@@ -2,9 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 EXTRAS ?= serve,train,dev,fast
 
-.PHONY: install demo test test-deploy lint format protos bench bench-resize clean
+.PHONY: install demo test test-deploy lint format protos docs bench bench-resize clean
 
 install: $(STAMP)
 
@@ -19,9 +20,13 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --models models --run runs/digits
 	@echo "run report (filters, activation maps, mistakes): $(CURDIR)/runs/digits/report.html"
 
+# The docs build in strict mode: a broken link, a missing page or a nav entry without a file fails.
+# It does not regenerate the reference pages: tests/test_docs.py fails when they are stale. (Not
+# --quiet: it hides the warnings from the count that strict mode fails on.)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(MKDOCS) build --strict
 
 test: lint
 	scripts/system-deps.sh
@@ -42,6 +47,11 @@ format: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m protos.generate
 
+# The reference pages from the code (flags, metrics, model.json, errors, --help), then the site in site/.
+docs: $(STAMP)
+	$(PY) -m scripts.docs_reference
+	$(MKDOCS) build --strict
+
 # Reference models with random weights (built once), then the benchmark: writes benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(PY) -m training reference digits --repository benchmarks/models
@@ -59,4 +69,4 @@ bench-resize: $(STAMP)
 		--out benchmarks/RESIZE.md --json benchmarks/resize.json $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) runs models .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs models site .pytest_cache .ruff_cache

@@ -118,7 +118,7 @@ def histogram_buckets(copy: HistogramCopy) -> list[tuple[str, int]]:
 
 
 def families(snapshot: Snapshot) -> Iterator[Metric]:
-    """The Prometheus metric families of one snapshot (names and meanings: README, Operations)."""
+    """The Prometheus metric families of one snapshot (docs/reference/metrics.md is generated from them)."""
     call_labels = ["protocol", "model", "version"]
     requests = CounterMetricFamily(
         "convserve_requests",

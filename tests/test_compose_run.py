@@ -419,8 +419,9 @@ def test_scale_profile_spreads_calls_and_follows_the_replica_count(stack: Stack,
 
 
 def test_a_version_exported_into_the_volume_is_served_without_a_restart(stack: Stack, tmp_path: Path) -> None:
-    """The README's publishing step, run for real: the server polls the volume and moves to version 2
-    once it is loaded and warmed, while clients keep calling, and none of their calls fails."""
+    """The publishing step of docs/guides/compose.md, run for real: the server polls the volume and
+    moves to version 2 once it is loaded and warmed, while clients keep calling, and none of their
+    calls fails."""
     image = write_digits(tmp_path / "one", 1)[0].read_bytes()
     port = stack.port("server", 8500)
     with ClassifierClient(f"127.0.0.1:{port}", timeout=5) as client:

@@ -70,7 +70,7 @@ def test_servers_get_longer_than_their_own_grace_to_stop() -> None:
 
 
 def test_out_of_the_box_every_port_is_on_loopback_and_reflection_is_off() -> None:
-    # Plaintext without tokens must not face the network unless the operator says so (README, "Security").
+    # Plaintext without tokens must not face the network unless the operator says so (docs: security).
     from tests.test_metrics import published
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}

@@ -239,7 +239,7 @@ def test_a_changed_token_file_is_read_again_without_a_restart(model_repo, server
         assert (
             status(TOKEN) == grpc.StatusCode.OK and status(OTHER_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
         )
-        # Rotate the way the README says: write a new file beside it, then rename it over the old one.
+        # Rotate as docs/guides/security.md says: write a new file beside it, then rename it over the old one.
         staged = tmp_path / "tokens.new"
         staged.write_text(f"{OTHER_TOKEN}\n")
         staged.replace(tokens)

@@ -155,7 +155,7 @@ def run_training(*launcher: str, out: Path, seed: int = 0) -> subprocess.Complet
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo): each trains on its shard, rank 0 alone writes the run.
-    Both use the default digits settings, as the README's figures do. One test image is 0.28 points
+    Both use the default digits settings, as docs/guides/train.md's do. One test image is 0.28 points
     of digits' 359, and a change in the last bit of the input moves a run by one or two images, so
     the accuracies are compared as the mean over two seeds."""
     torchrun = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]

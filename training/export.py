@@ -242,7 +242,7 @@ def export_run(
         extra={"dataset": info.dataset, "precision": precision},
     )
     # Written under a hidden name and renamed into place once verified, so a server polling the
-    # repository never loads a half-written or unverified export (README, "Model lifecycle").
+    # repository never loads a half-written or unverified export (docs/guides/model-lifecycle.md).
     staging = repository / name / f".tmp-{version}-{os.getpid()}"
     staging.mkdir(parents=True)
     path = staging / MODEL_FILE

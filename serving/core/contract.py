@@ -246,6 +246,38 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "output_kind": str,
 }
 REQUIRED = ("color_mode", "height", "width")
+# What each field means, for the generated reference page (docs/reference/model-json.md); one per key.
+FIELD_MEANINGS: dict[str, str] = {
+    "labels": "class names, one per output column (default: class indices)",
+    "color_mode": "greyscale or colour; alpha is dropped, 16-bit scaled to 8",
+    "channel_order": "the channel order the model takes (OpenCV- and Caffe-trained models: `BGR`)",
+    "height": 'the model\'s input height (`input_size: "HxW"` in metadata)',
+    "width": 'the model\'s input width (`input_size: "HxW"` in metadata)',
+    "layout": "axis order of the input",
+    "resize": "`stretch`: to height×width, ignoring the aspect ratio. `letterbox`: scale to fit inside, keep "
+    "the ratio, pad with `fill`, placed by `align`. `fit_height`: scale to the height, the width by the "
+    "same factor (at most `width`: wider images are squeezed), pad the right with `fill` (CRNN / "
+    "PaddleOCR text lines). `crop`: scale the shorter side to `resize_to`, then take the centre "
+    "height×width (offset `(size − crop) // 2`; an image more elongated than 32:1 is refused, "
+    "`INVALID_ARGUMENT`, rather than scaled up to millions of pixels)",
+    "resize_to": "`crop` only: the shorter side before the crop (256 for a 224 crop); at least the crop",
+    "fill": "padding colour in **pixel units (0–255)**, 1 or C numbers, in the model's channel order; "
+    "fractional values are exact (127.5 pads with 0 after `(x/255 − 0.5)/0.5`)",
+    "align": "where `letterbox` places the image",
+    "rounding": "how the scaled side that is not given exactly is rounded (torchvision's Resize: `floor`; "
+    "PaddleOCR: `ceil`; PaddleClas: `round`, Python's round-half-even)",
+    "resample": "the resampling filter",
+    "antialias": "`true`: Pillow's resize (its filter widens as it shrinks; what torchvision does on PIL "
+    "images). `false`: OpenCV's `cv2.resize` (fixed taps, no antialiasing), reproduced bit for bit in "
+    "numpy for `nearest`, `bilinear` (INTER_LINEAR) and `lanczos` (INTER_LANCZOS4); `bicubic` without "
+    "antialias is refused",
+    "scale": "input = (pixel × `scale` − `mean`) / `std`, per channel",
+    "mean": "1 or C numbers, **in the units of pixel × scale**: 0–1 with `scale` 1/255 (torchvision), "
+    "0–255 with `scale` 1 (Caffe); a mean outside that range is refused",
+    "std": "1 or C numbers, in the units of pixel × scale, as `mean`; none may be 0",
+    "output": "which output holds the classes, for graphs with several (default: the first)",
+    "output_kind": "softmax is applied to logits, exp to log-probabilities",
+}
 
 
 def has_contract(metadata: dict[str, str]) -> bool:
