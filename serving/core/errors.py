@@ -36,6 +36,10 @@ class DeadlineExceeded(ServingError):
     """The caller's deadline passed before the work could be done."""
 
 
+class Unimplemented(ServingError):
+    """A part of a protocol this server does not offer (e.g. shared-memory tensors)."""
+
+
 ECHO_LIMIT = 80  # characters of a client's value an error message repeats
 
 

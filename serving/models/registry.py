@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.core.batching import BatchingConfig
-from serving.core.errors import InvalidInput, NotFound, Unavailable
+from serving.core.errors import InvalidInput, NotFound, Unavailable, shown
 from serving.core.model import ServedModel, load_model
 from serving.core.runtime import ModelLoadError, RuntimeOptions
 from serving.models.repository import scan
@@ -69,7 +69,9 @@ class ModelRegistry:
         """Registers every version under `root` (or only model `only`) as LOADING."""
         for name, versions in scan(root, only).items():
             for version, files in versions.items():
-                self.add(name, version, files.path)
+                entry = self.add(name, version, files.path)
+                if files.problem:
+                    self.fail(entry, files.problem)
 
     def add(self, name: str, version: int, path: Path) -> ModelVersion:
         entry = ModelVersion(name, version, path)
@@ -125,7 +127,7 @@ class ModelRegistry:
         versions = self._models.get(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
-            raise NotFound(f"unknown model {name!r} (served: {known})")
+            raise NotFound(f"unknown model {shown(name)} (served: {known})")
         return versions
 
     def entries(self) -> list[ModelVersion]:
@@ -152,7 +154,7 @@ class ModelRegistry:
             present = [v for v, e in versions.items() if not e.gone]
             return versions[max(ready or present or versions)]
         if version not in versions:
-            raise NotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})")
+            raise NotFound(f"model {shown(name)} has no version {version} (versions: {sorted(versions)})")
         return versions[version]
 
     def resolve(self, name: str, version: int) -> ServedModel:

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from serving.core.errors import shown
 from serving.protocols.status import log_limited
 from serving.tokens import parse_tokens
 
@@ -121,10 +122,19 @@ def denying_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode
     return grpc.unary_stream_rpc_method_handler(deny_stream)
 
 
+def kind_of(handler: grpc.RpcMethodHandler | None) -> tuple[bool, bool]:
+    """(request streaming, response streaming); an unknown method's (None) is refused as unary."""
+    if handler is None:
+        return False, False
+    return bool(handler.request_streaming), bool(handler.response_streaming)
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenFile) -> None:
         self.tokens = tokens
-        self._denials: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
+        # By the method's kind and the code, never by its name: clients without a token choose the
+        # names, and a cache keyed by them grew without bound (four kinds, two codes: eight at most).
+        self._denials: dict[tuple[tuple[bool, bool], grpc.StatusCode], Any] = {}
 
     async def intercept_service(
         self,
@@ -138,13 +148,15 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if presented is not None and self.tokens.accepts(presented):
             return await continuation(details)
         code = grpc.StatusCode.UNAUTHENTICATED if presented is None else grpc.StatusCode.PERMISSION_DENIED
-        log_limited(f"auth:{code.name}", logging.WARNING, "refused a call to %s: %s", method, code.name)
-        return self._denial(await continuation(details), method, code)
+        log_limited(
+            f"auth:{code.name}", logging.WARNING, "refused a call to %s: %s", shown(method), code.name
+        )
+        return self._denial(await continuation(details), code)
 
-    def _denial(self, handler: grpc.RpcMethodHandler | None, method: str, code: grpc.StatusCode) -> Any:
-        cached = self._denials.get((method, code))
-        if cached is None or cached[0] is not handler:
+    def _denial(self, handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode) -> Any:
+        key = (kind_of(handler), code)
+        denial = self._denials.get(key)
+        if denial is None:
             message = MISSING if code == grpc.StatusCode.UNAUTHENTICATED else WRONG
-            cached = (handler, denying_handler(handler, code, message))
-            self._denials[(method, code)] = cached
-        return cached[1]
+            denial = self._denials[key] = denying_handler(handler, code, message)
+        return denial

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -29,7 +29,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from serving.core.dataplane import DataPlane
-from serving.core.errors import InvalidInput
+from serving.core.errors import InvalidInput, Unimplemented, shown
 from serving.core.model import ServedModel
 from serving.core.postprocess import top_k
 from serving.core.types import PredictRequest, PredictResult, RawBatch
@@ -49,6 +49,7 @@ PLATFORM = "onnxruntime_onnx"
 ENCODED_INPUT = "image_bytes"
 OUTPUT = "probabilities"
 LENGTH = struct.Struct("<I")
+MAX_VERSION_DIGITS = 18  # an int64 (and `int` refuses strings of over 4,300 digits)
 
 PROTOCOL = "kserve_v2"  # the metrics' protocol label
 
@@ -79,11 +80,15 @@ def config_dtype(name: str) -> int:
 
 
 def parse_version(version: str) -> int:
-    """'' is the newest ready version; otherwise a positive integer."""
+    """'' is the newest ready version; otherwise a positive integer in ASCII digits that fits int64
+    ("²" and "١" are digits to `str.isdigit`: `int` refuses the first and reads the second as 1)."""
     if not version:
         return 0
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidInput(f"model version must be a positive integer, got {version[:40]!r}")
+    if (
+        not (len(version) <= MAX_VERSION_DIGITS and version.isascii() and version.isdigit())
+        or int(version) < 1
+    ):
+        raise InvalidInput(f"model version must be a positive integer, got {shown(version)}")
     return int(version)
 
 
@@ -108,17 +113,19 @@ def split_bytes(data: bytes, count: int, name: str) -> list[bytes]:
     offset, size = 0, len(data)
     while offset < size:
         if offset + 4 > size:
-            raise InvalidInput(f"input {name!r}: element {len(elements)} has a truncated length prefix")
+            raise InvalidInput(f"input {shown(name)}: element {len(elements)} has a truncated length prefix")
         (length,) = LENGTH.unpack_from(data, offset)
         offset += 4
         if offset + length > size:
             raise InvalidInput(
-                f"input {name!r}: element {len(elements)} claims {length} bytes; {size - offset} remain"
+                f"input {shown(name)}: element {len(elements)} claims {length} bytes; {size - offset} remain"
             )
         elements.append(data[offset : offset + length])
         offset += length
     if len(elements) != count:
-        raise InvalidInput(f"input {name!r}: shape says {count} elements, the data holds {len(elements)}")
+        raise InvalidInput(
+            f"input {shown(name)}: shape says {count} elements, the data holds {len(elements)}"
+        )
     return elements
 
 
@@ -143,6 +150,32 @@ class RequestStats:
     success: Counter
     fail: Counter
     last_inference_ms: int = 0
+
+
+def stream_error(
+    request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
+) -> pb.ModelStreamInferResponse:
+    """A stream request that failed: the message, and (as Triton fills it) the request's id, model and
+    version, so that a client matches the error to its request (answers come back as they are ready)."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            id=request.id, model_name=request.model_name, model_version=request.model_version
+        ),
+    )
+
+
+def not_offered(rpc: str, why: str) -> Callable[..., Awaitable[None]]:
+    """A servicer method for an RPC of the protocol this server does not offer: UNIMPLEMENTED, saying so."""
+
+    async def method(self: object, request: object, context: grpc.aio.ServicerContext) -> None:
+        raise Unimplemented(f"{rpc} is not implemented by this server: {why}")
+
+    method.__name__ = rpc
+    return method
+
+
+SHARED_MEMORY = "send tensors in the request (raw_input_contents or contents)"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -306,6 +339,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.lifecycle.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # Extensions not offered (Triton's base class would answer them INTERNAL) ---------------------
+
+    SystemSharedMemoryStatus = not_offered("SystemSharedMemoryStatus", SHARED_MEMORY)
+    SystemSharedMemoryRegister = not_offered("SystemSharedMemoryRegister", SHARED_MEMORY)
+    SystemSharedMemoryUnregister = not_offered("SystemSharedMemoryUnregister", SHARED_MEMORY)
+    CudaSharedMemoryStatus = not_offered("CudaSharedMemoryStatus", SHARED_MEMORY)
+    CudaSharedMemoryRegister = not_offered("CudaSharedMemoryRegister", SHARED_MEMORY)
+    CudaSharedMemoryUnregister = not_offered("CudaSharedMemoryUnregister", SHARED_MEMORY)
+    TraceSetting = not_offered("TraceSetting", "there is no request tracing")
+    LogSettings = not_offered("LogSettings", "logging is set by the server's command line")
+
     # Inference ----------------------------------------------------------------------------------
 
     async def ModelInfer(
@@ -321,7 +365,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for response in answer_stream(
             requests,
             lambda r: self._stream_infer(r, deadline),
-            lambda _request, _code, message: pb.ModelStreamInferResponse(error_message=message),
+            stream_error,
             self.admission,
             f"/{SERVICE_NAME}/ModelStreamInfer",
         ):
@@ -368,7 +412,7 @@ def requested_outputs(request: pb.ModelInferRequest) -> int | None:
         raise InvalidInput(f"this model has one output, {OUTPUT!r}; {len(request.outputs)} were requested")
     output = request.outputs[0]
     if output.name != OUTPUT:
-        raise InvalidInput(f"unknown output {output.name[:80]!r}; this model's output is {OUTPUT!r}")
+        raise InvalidInput(f"unknown output {shown(output.name)}; this model's output is {OUTPUT!r}")
     if "classification" not in output.parameters:
         return None
     parameter = output.parameters["classification"]
@@ -390,27 +434,31 @@ def to_inputs(request: pb.ModelInferRequest, model: ServedModel) -> RawBatch | l
     if request.raw_input_contents and len(request.raw_input_contents) != 1:
         raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for one input")
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    if raw is not None and tensor.contents.ListFields():
+        raise InvalidInput(
+            f"input {shown(name)}: send the data in raw_input_contents or in contents, not in both"
+        )
     if name == ENCODED_INPUT:
         if tensor.datatype != "BYTES":
-            raise InvalidInput(f"input {name!r} must be BYTES, got {tensor.datatype[:20]!r}")
+            raise InvalidInput(f"input {shown(name)} must be BYTES, got {shown(tensor.datatype)}")
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
-            raise InvalidInput(f"input {name!r} must have shape [N] or [N, 1], got {shape}")
+            raise InvalidInput(f"input {shown(name)} must have shape [N] or [N, 1], got {shown(shape)}")
         if raw is not None:
             return split_bytes(raw, shape[0], name)
         elements = list(tensor.contents.bytes_contents)
         if len(elements) != shape[0]:
             raise InvalidInput(
-                f"input {name!r}: shape says {shape[0]} elements, contents hold {len(elements)}"
+                f"input {shown(name)}: shape says {shape[0]} elements, contents hold {len(elements)}"
             )
         return elements
     if name != model.runtime.input_name:
         raise InvalidInput(
-            f"unknown input {name[:80]!r}; model {model.name!r} takes {model.runtime.input_name!r} "
+            f"unknown input {shown(name)}; model {model.name!r} takes {model.runtime.input_name!r} "
             f"or {ENCODED_INPUT!r}"
         )
     expected = kserve_dtype(model.input_dtype)
     if tensor.datatype != expected:
-        raise InvalidInput(f"input {name!r} must be {expected}, got {tensor.datatype[:20]!r}")
+        raise InvalidInput(f"input {shown(name)} must be {expected}, got {shown(tensor.datatype)}")
     dtype, field = DTYPES[expected]
     if raw is None:
         values = getattr(tensor.contents, field)

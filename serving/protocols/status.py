@@ -20,6 +20,7 @@ from serving.core.errors import (
     Overloaded,
     ServingError,
     Unavailable,
+    Unimplemented,
 )
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 INTERNAL_MESSAGE = "internal error; the server's log has the details"
 

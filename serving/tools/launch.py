@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +65,18 @@ def launch_server(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     metrics: bool = False,
+    prefix: Sequence[str] = (),
 ) -> LaunchedServer:
-    """Starts `python -m serving serve` on a free port of `host`; returns once it is SERVING."""
+    """Starts `python -m serving serve` on a free port of `host`; returns once it is SERVING. `prefix`
+    goes before the command (e.g. `setpriv --reuid=nobody ...` to run the server as another user)."""
     if not metrics:
-        return _launch(models, workdir, ("--metrics-port", "0", *flags), host, log, env, timeout)
+        return _launch(models, workdir, ("--metrics-port", "0", *flags), host, log, env, timeout, prefix)
     for attempt in range(3):
         port = free_port(host)
         try:
-            server = _launch(models, workdir, ("--metrics-port", str(port), *flags), host, log, env, timeout)
+            server = _launch(
+                models, workdir, ("--metrics-port", str(port), *flags), host, log, env, timeout, prefix
+            )
         except RuntimeError:
             if attempt == 2:
                 raise
@@ -89,12 +94,14 @@ def _launch(
     log: bool,
     env: dict[str, str] | None,
     timeout: float,
+    prefix: Sequence[str] = (),
 ) -> LaunchedServer:
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     port_file = workdir / f"port-{stamp}"
     log_path = workdir / f"server-{stamp}.log" if log else None
     command = [
+        *prefix,
         sys.executable,
         "-m",
         "serving",
