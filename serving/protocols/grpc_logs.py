@@ -23,9 +23,7 @@ class ClientGone(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not str(record.msg).startswith(CLIENT_GONE):
             return True
-        log_limited(
-            "client-gone", logging.DEBUG, "a call's client had gone before its answer could be sent"
-        )
+        log_limited("client-gone", logging.DEBUG, "a call's client had gone before its answer could be sent")
         return False
 
 
