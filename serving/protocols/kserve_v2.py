@@ -6,6 +6,8 @@ Every model takes one of two inputs, both listed by ModelMetadata:
     `contents`), taken as one raw batch;
   * `ENCODED_INPUT`, a BYTES tensor `[N]` or `[N, 1]` of encoded images, decoded exactly as
     `convserve.v1` decodes them.
+A request carrying both (perf_analyzer's default run sends every input listed) is served from the
+tensor, and its response's parameter `ignored_inputs` names `ENCODED_INPUT`.
 It returns `OUTPUT`, the class probabilities `FP32 [N, classes]`, in `raw_output_contents`; asked with
 `parameters["classification"]` = k (Triton's classification extension) it is `BYTES [N, min(k, classes)]`
 of "value:index:label" instead. The model repository extension maps onto the registry's states:
@@ -48,6 +50,7 @@ SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 ENCODED_INPUT = "image_bytes"
 OUTPUT = "probabilities"
+IGNORED = "ignored_inputs"  # a response parameter: the inputs of the request that were not read
 LENGTH = struct.Struct("<I")
 MAX_VERSION_DIGITS = 18  # an int64 (and `int` refuses strings of over 4,300 digits)
 
@@ -239,7 +242,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        model = self.registry.resolve(request.name, parse_version(request.version))
+        entry = self.registry.entry(request.name, parse_version(request.version))
+        model = self.registry.resolve(entry.name, entry.version)
         batching = model.batcher.config
         config = mc.ModelConfig(
             name=model.name,
@@ -260,6 +264,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             dynamic_batching=mc.ModelDynamicBatching(
                 max_queue_delay_microseconds=int(batching.max_delay_s * 1e6)
             ),
+            # The files this version was loaded from, as GetModel shows them: a model.onnx replaced
+            # under the same version (and reloaded) changes both.
+            parameters={
+                "model_sha256": mc.ModelParameter(string_value=entry.sha256),
+                "loaded_at": mc.ModelParameter(string_value=entry.loaded_at_text),
+            },
         )
         return pb.ModelConfigResponse(config=config)
 
@@ -383,11 +393,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self.registry.resolve(request.model_name, parse_version(request.model_version))
             key = (model.name, model.version)
             classify = requested_outputs(request)
+            index = served_input(request, model)
             predict = PredictRequest(
-                to_inputs(request, model), model.name, model.version, deadline, request.inputs[0].name
+                to_inputs(request, model, index),
+                model.name,
+                model.version,
+                deadline,
+                request.inputs[index].name,
             )
             result = await self.dataplane.predict(predict)
             response = to_response(request, result, classify)
+            if len(request.inputs) > 1:
+                response.parameters[IGNORED].string_param = ENCODED_INPUT
         except Exception:
             if key is not None:
                 self._stats(key).fail.add(time.perf_counter_ns() - started)
@@ -423,17 +440,29 @@ def requested_outputs(request: pb.ModelInferRequest) -> int | None:
     return int(k)
 
 
-def to_inputs(request: pb.ModelInferRequest, model: ServedModel) -> RawBatch | list[bytes]:
-    if len(request.inputs) != 1:
-        raise InvalidInput(
-            f"send exactly one input, {model.runtime.input_name!r} (a tensor) or {ENCODED_INPUT!r} "
-            f"(encoded images); the request has {len(request.inputs)}"
-        )
-    tensor = request.inputs[0]
+def served_input(request: pb.ModelInferRequest, model: ServedModel) -> int:
+    """The index of the input a request is served from: its only one or, when it carries both inputs
+    ModelMetadata lists (perf_analyzer's default, random-data run sends every input listed), the
+    model's tensor; the encoded images are then not read, and the response says so (IGNORED)."""
+    names = [tensor.name for tensor in request.inputs]
+    if len(names) == 1:
+        return 0
+    if sorted(names) == sorted((model.runtime.input_name, ENCODED_INPUT)):
+        return names.index(model.runtime.input_name)
+    raise InvalidInput(
+        f"send one input, {model.runtime.input_name!r} (a tensor) or {ENCODED_INPUT!r} "
+        f"(encoded images), or both (the tensor is used); the request has {len(names)}"
+    )
+
+
+def to_inputs(request: pb.ModelInferRequest, model: ServedModel, index: int = 0) -> RawBatch | list[bytes]:
+    tensor = request.inputs[index]
     name, shape = tensor.name, list(tensor.shape)
-    if request.raw_input_contents and len(request.raw_input_contents) != 1:
-        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for one input")
-    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInput(
+            f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} input(s)"
+        )
+    raw = request.raw_input_contents[index] if request.raw_input_contents else None
     if raw is not None and tensor.contents.ListFields():
         raise InvalidInput(
             f"input {shown(name)}: send the data in raw_input_contents or in contents, not in both"
