@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import tempfile
 import time
@@ -451,3 +452,91 @@ def test_failed_tls_handshakes_write_no_line_each(model_repo, server_factory, tm
     log = server.log()
     assert log.count("Handshake failed") == 0, log[-2000:]
     assert len(log.splitlines()) < 20  # the server's own start-up lines only
+
+
+# -- 5: both inputs at once (perf_analyzer's random-data run) --------------------------------------
+
+
+def test_a_request_with_both_inputs_is_served_from_the_tensor(stub, digit_samples) -> None:
+    rows = rows_of(digit_samples, 2)
+    request = tensor_request(rows)
+    request.inputs.add(name="image_bytes", datatype="BYTES", shape=[2, 1])
+    request.raw_input_contents.append(b"\x03\0\0\0abc\x03\0\0\0xyz")  # not images: never read
+    both = stub.ModelInfer(request, timeout=30)
+    alone = stub.ModelInfer(tensor_request(rows), timeout=30)
+    assert both.raw_output_contents == alone.raw_output_contents
+    assert both.parameters["ignored_inputs"].string_param == "image_bytes"
+    assert "ignored_inputs" not in alone.parameters
+    twice = tensor_request(rows)
+    twice.inputs.add(name=TENSOR, datatype="FP32", shape=list(rows.shape))
+    twice.raw_input_contents.append(rows.astype("<f4").tobytes())
+    assert failure(stub.ModelInfer, twice).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- 12: paths relative to the repository; which files a version was loaded from -------------------
+
+
+def test_reasons_show_paths_relative_to_the_repository(model_repo, tmp_path) -> None:
+    from serving.core.batching import BatchingConfig
+    from serving.core.runtime import RuntimeOptions
+    from serving.models.registry import ModelRegistry
+
+    shutil.copytree(model_repo / MODEL / "1", tmp_path / MODEL / "1")
+    (tmp_path / MODEL / "2").mkdir()
+    (tmp_path / MODEL / "2" / "model.onnx").write_bytes(b"not an onnx file")
+    registry = ModelRegistry()
+    registry.add_repository(tmp_path)
+    registry.load_all(RuntimeOptions(), BatchingConfig())
+    try:
+        entry = registry.entry(MODEL, 2)
+        assert entry.state == "UNAVAILABLE" and entry.reason
+        assert str(tmp_path) not in entry.reason and "digits/2/model.onnx" in entry.reason, entry.reason
+    finally:
+        asyncio.run(registry.close())
+
+
+def test_an_overwritten_model_file_shows_a_new_checksum_and_load_time(
+    model_repo, server_factory, tmp_path
+) -> None:
+    import hashlib
+
+
+    repo = tmp_path / "models"
+    shutil.copytree(model_repo / MODEL / "1", repo / MODEL / "1")
+    server = server_factory(repo, "--model-control", "poll", "--poll-s", "0.2")
+    model_file = repo / MODEL / "1" / "model.onnx"
+
+    def published() -> tuple[str, str, str, str]:
+        with grpc.insecure_channel(server.address) as channel:
+            info = cpb_grpc.ClassifierStub(channel).GetModel(cpb.GetModelRequest(name=MODEL), timeout=10)
+            config = pb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+                pb.ModelConfigRequest(name=MODEL), timeout=10
+            )
+        parameters = config.config.parameters
+        return (
+            info.model_sha256,
+            info.loaded_at,
+            parameters["model_sha256"].string_value,
+            parameters["loaded_at"].string_value,
+        )
+
+    sha, loaded_at, config_sha, config_loaded_at = published()
+    assert sha == config_sha == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert (
+        re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", loaded_at) and config_loaded_at == loaded_at
+    )
+    # The same weights written again in place, with different bytes (a metadata entry added).
+    import onnx
+
+    model = onnx.load(str(model_file))
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, "note": "retrained"}
+    )
+    onnx.save(model, str(model_file))
+    expected = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    deadline = time.monotonic() + 30
+    while published()[0] != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sha2, loaded_at2, config_sha2, _ = published()
+    assert sha2 == config_sha2 == expected != sha
+    assert loaded_at2 > loaded_at
