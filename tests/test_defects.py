@@ -90,6 +90,15 @@ def test_a_version_folder_in_other_digits_is_not_a_version(model_repo: Path, tmp
     assert {name: sorted(versions) for name, versions in scan(tmp_path).items()} == {MODEL: [1]}
 
 
+def test_a_device_index_in_other_digits_is_refused_with_the_usage() -> None:
+    from serving.core.runtime import parse_device
+
+    assert parse_device("cuda:1") == ("cuda", 1)
+    for device in ("cuda:²", "cuda:١"):
+        with pytest.raises(ValueError, match="cuda:N"):
+            parse_device(device)
+
+
 # -- 7: RPCs not offered ---------------------------------------------------------------------------
 
 NOT_OFFERED = {
@@ -247,6 +256,26 @@ def test_calls_without_a_token_to_unique_methods_leave_memory_flat(
     wrong = (("authorization", "Bearer not-it"),)
     assert unique_calls(server.address, 2_000, 60_000, wrong) == {grpc.StatusCode.PERMISSION_DENIED: 2_000}
     assert "Traceback" not in server.log()
+
+
+def test_a_large_request_without_a_token_is_refused_unread(model_repo, server_factory, tmp_path) -> None:
+    """A 60 MB ModelInfer without a token: refused before gRPC takes the message in (the peak RSS
+    grew by 176 MiB when it was received whole, copied and parsed for the metrics' labels)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    server = server_factory(
+        model_repo, "--auth-token-file", str(tokens), "--max-message-mb", "100", metrics=True
+    )
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name=TENSOR, datatype="FP32", shape=[1])
+    request.raw_input_contents.append(bytes(60 * 2**20))
+    peak = rss(server.process.pid, "VmHWM")
+    options = [("grpc.max_send_message_length", 2**30)]
+    with grpc.insecure_channel(server.address, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert failure(stub.ModelInfer, request).code() == grpc.StatusCode.UNAUTHENTICATED
+    grown = rss(server.process.pid, "VmHWM") - peak
+    assert grown < 20 * 2**20, f"the peak RSS grew by {grown / 2**20:.1f} MiB"
 
 
 def test_a_refused_call_is_counted_without_the_model_it_names(
@@ -499,7 +528,6 @@ def test_an_overwritten_model_file_shows_a_new_checksum_and_load_time(
     model_repo, server_factory, tmp_path
 ) -> None:
     import hashlib
-
 
     repo = tmp_path / "models"
     shutil.copytree(model_repo / MODEL / "1", repo / MODEL / "1")

@@ -104,7 +104,9 @@ class TokenFile:
 
 
 def denying_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> Any:
-    """A handler of the same kind as `handler` that aborts at once, reading nothing of a stream."""
+    """A handler that aborts at once, reading nothing of the request: it takes the request as a stream
+    whatever the method's kind (the wire is the same), so gRPC does not receive a unary request whole
+    before the refusal (a 60 MB message from a caller without a token stays unread: flow control)."""
 
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
@@ -113,28 +115,22 @@ def denying_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    if handler is None or not (handler.request_streaming or handler.response_streaming):
-        return grpc.unary_unary_rpc_method_handler(deny)
-    if handler.request_streaming and handler.response_streaming:
+    if handler is not None and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
-    return grpc.unary_stream_rpc_method_handler(deny_stream)
+    return grpc.stream_unary_rpc_method_handler(deny)
 
 
-def kind_of(handler: grpc.RpcMethodHandler | None) -> tuple[bool, bool]:
-    """(request streaming, response streaming); an unknown method's (None) is refused as unary."""
-    if handler is None:
-        return False, False
-    return bool(handler.request_streaming), bool(handler.response_streaming)
+def streams_responses(handler: grpc.RpcMethodHandler | None) -> bool:
+    """Whether the method answers with a stream; an unknown method's (None) is refused as unary."""
+    return handler is not None and bool(handler.response_streaming)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenFile) -> None:
         self.tokens = tokens
-        # By the method's kind and the code, never by its name: clients without a token choose the
-        # names, and a cache keyed by them grew without bound (four kinds, two codes: eight at most).
-        self._denials: dict[tuple[tuple[bool, bool], grpc.StatusCode], Any] = {}
+        # By the kind of answer and the code, never by the method's name: clients without a token
+        # choose the names, and a cache keyed by them grew without bound (four refusals at most).
+        self._denials: dict[tuple[bool, grpc.StatusCode], Any] = {}
 
     async def intercept_service(
         self,
@@ -154,7 +150,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return self._denial(await continuation(details), code)
 
     def _denial(self, handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode) -> Any:
-        key = (kind_of(handler), code)
+        key = (streams_responses(handler), code)
         denial = self._denials.get(key)
         if denial is None:
             message = MISSING if code == grpc.StatusCode.UNAUTHENTICATED else WRONG
