@@ -8,8 +8,9 @@ against every accepted token, and never logged.
 
 `TokenAuth` runs outside parsing and admission (only the metrics' call counter is outside it): a
 call without a token is answered UNAUTHENTICATED, one with a wrong token PERMISSION_DENIED, by an
-aborting handler of the method's own kind (so a stream is refused without waiting for its first
-message), before it is parsed or admitted.
+aborting handler that reads nothing of the request (not even a unary one), before it is parsed or
+admitted. The call counter counts a refusal without a model or version: it never parses it either.
+Refusing costs the same whatever method name a caller makes up: nothing is kept per name.
 """
 
 from __future__ import annotations
