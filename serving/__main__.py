@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+# gRPC core logs through absl at INFO, one line for every failed TLS handshake: anyone who can open a
+# connection could fill the log. It reads GRPC_VERBOSITY once, when grpc is imported, hence here,
+# first. ERROR keeps core's errors; set GRPC_VERBOSITY=INFO (or DEBUG) to see the handshakes again.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 

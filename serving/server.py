@@ -46,6 +46,7 @@ from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
 from serving.protocols.auth import TokenAuth, TokenFile
 from serving.protocols.calls import CallStats
+from serving.protocols.grpc_logs import quiet_client_gone
 from serving.protocols.http_edge import HttpEdge
 from serving.protocols.inference_codec import RequestLedger
 from serving.protocols.interceptors import AdmissionGate, CallCounter, ProtocolGuard
@@ -114,6 +115,7 @@ class Server:
 
     def __init__(self, config: ServerConfig, registry: ModelRegistry | None = None) -> None:
         self.config = config
+        quiet_client_gone()  # a client gone before its answer: no traceback from gRPC's own logger
         self.registry = registry or ModelRegistry()
         self.decode_pool = ThreadPoolExecutor(config.resolved_decode_threads, thread_name_prefix="decode")
         self.dataplane = DataPlane(

@@ -231,10 +231,8 @@ def test_per_model_settings_apply_and_a_bad_file_makes_only_that_model_unavailab
         assert model.runtime.instances == 2 and model.runtime.session_calls == [1, 1]  # warm-up: size 2
         entry = registry.known("other")[1]
         assert entry.state is UNAVAILABLE
-        assert (
-            entry.reason
-            == f"{other / 'config.json'}: max_batch_size: Input should be greater than or equal to 1"
-        )
+        # Shown to clients: the path relative to the repository.
+        assert entry.reason == "other/config.json: max_batch_size: Input should be greater than or equal to 1"
         with pytest.raises(Unavailable, match="max_batch_size"):
             registry.resolve("other", 0)
         await registry.close()
@@ -335,7 +333,8 @@ def test_a_changed_config_json_reloads_the_model_and_a_bad_one_keeps_it_serving(
         await life.sync(stable_only=True)
         entry = registry.known(NAME)[1]
         assert entry.state is READY and entry.model is second
-        assert entry.reason.endswith(f"{config}: max_queue: Extra inputs are not permitted")
+        assert entry.reason.endswith(f"{NAME}/config.json: max_queue: Extra inputs are not permitted")
+        assert str(repo) not in entry.reason
         await settle(life)
         await registry.close()
 

@@ -3,8 +3,9 @@
 real PNG/JPEG files, and completes with no errors.
 
 perf_analyzer asks for ModelMetadata and ModelConfig first, sends only the input it has data for
-(both are optional in ModelConfig), and checks the server's statistics. It comes from the
-tritonclient 2.41 wheel (bin/perf_analyzer), in an environment of its own: it needs libcudart from
+(both are optional in ModelConfig), and checks the server's statistics. Without --input-data it makes
+up data for both inputs and sends them together: the server serves such a request from the tensor.
+It comes from the tritonclient 2.41 wheel (bin/perf_analyzer), in an environment of its own: it needs libcudart from
 nvidia-cuda-runtime-cu12 (no GPU used) and Debian's libb64-0d (scripts/system-deps.sh).
 """
 
@@ -92,3 +93,17 @@ def test_image_bytes_input(perf_analyzer, server: LaunchedServer, transport, dig
         steps.append({"image_bytes": {"b64": base64.b64encode(serialized).decode(), "shape": [1]}})
     (tmp_path / "images.json").write_text(json.dumps({"data": steps}))
     run(perf_analyzer, server, transport, tmp_path / "images.json")
+
+
+def test_default_random_data_run(perf_analyzer, server: LaunchedServer) -> None:
+    """What a first-time user runs: no --input-data, so perf_analyzer makes up data for every input
+    ModelMetadata lists, both at once (it does not skip the optional ones); the tensor serves."""
+    binary, env = perf_analyzer
+    command = [
+        str(binary), "-m", "digits", "-u", server.address, "-i", "grpc",
+        "--concurrency-range", "2", "--measurement-interval", "800", "-s", "1000", "-r", "6",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Throughput:" in output and "error" not in output.lower(), output[-3000:]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from serving.core import defaults
 from serving.core.budget import MIB, InputBudget
-from serving.core.errors import DeadlineExceeded, InvalidInput, Overloaded
+from serving.core.errors import DeadlineExceeded, InvalidInput, Overloaded, shown
 from serving.core.model import ServedModel
 from serving.core.postprocess import top_k
 from serving.core.preprocess import (
@@ -119,7 +119,7 @@ class DataPlane:
                         inputs.shape, inputs.dtype, inputs.data, contract, model.input_dtype
                     ), {}
                 except ImageError as exc:
-                    raise InvalidInput(f"input {name!r}: {exc}") from None
+                    raise InvalidInput(f"input {shown(name)}: {exc}") from None
         else:
             count = len(inputs)
 
@@ -130,7 +130,7 @@ class DataPlane:
             if errors:
                 first = min(errors)
                 more = f" ({len(errors) - 1} more unusable)" if len(errors) > 1 else ""
-                raise InvalidInput(f"input {name!r} image {first}: {errors[first]}{more}")
+                raise InvalidInput(f"input {shown(name)} image {first}: {errors[first]}{more}")
 
         probabilities, _ = await self._run(model, count, prepare, check, request.deadline)
         return PredictResult(model.name, model.version, model.contract.labels, probabilities)

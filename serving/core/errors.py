@@ -48,6 +48,10 @@ class PermissionDenied(ServingError):
     """The request's bearer token is not one the server accepts."""
 
 
+class Unimplemented(ServingError):
+    """A part of a protocol this server does not offer (e.g. shared-memory tensors)."""
+
+
 ECHO_LIMIT = 80  # characters of a client's value an error message repeats
 
 

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from serving.core.contract import ModelContract
 from serving.core.defaults import MAX_PIXELS
-from serving.core.errors import InvalidInput
+from serving.core.errors import InvalidInput, shown
 from serving.core.pixels import Placed, fit_pixels
 
 # Pillow warns about damaged files (corrupt EXIF, truncated chunks, …) in words a client controls:
@@ -129,7 +129,9 @@ def tensor_to_input(
     """A raw tensor (one image, the model's layout and dtype, either byte order) as an input row."""
     expected = contract.image_shape
     if tuple(shape) != expected:
-        raise ImageError(f"tensor shape {list(shape)} does not match the model's input {list(expected)}")
+        raise ImageError(
+            f"tensor shape {shown(list(shape))} does not match the model's input {list(expected)}"
+        )
     row = _native_array(shape, dtype, data, input_dtype, "tensor ")
     if not all_finite(row):
         raise ImageError("tensor holds NaN or infinite values")
@@ -146,7 +148,8 @@ def batch_to_input(
     expected = contract.image_shape
     if len(shape) != 1 + len(expected) or tuple(shape[1:]) != expected or shape[0] < 1:
         raise ImageError(
-            f"shape {list(shape)} does not match the model's input [N, {', '.join(map(str, expected))}]"
+            f"shape {shown(list(shape))} does not match the model's input "
+            f"[N, {', '.join(map(str, expected))}]"
         )
     rows = _native_array(shape, dtype, data, input_dtype, "")
     if not all_finite(rows):
@@ -166,7 +169,7 @@ def _native_array(
     needed = int(np.prod(shape)) * got.itemsize
     if len(data) != needed:
         raise ImageError(
-            f"{what}data holds {len(data)} bytes; shape {list(shape)} of {got.name} needs {needed}"
+            f"{what}data holds {len(data)} bytes; shape {shown(list(shape))} of {got.name} needs {needed}"
         )
     values = np.frombuffer(data, dtype=got).reshape(tuple(shape))
     if not got.isnative:
@@ -186,6 +189,6 @@ def all_finite(values: np.ndarray) -> bool:
 def wire_dtype(dtype: str) -> np.dtype:
     """The wire's dtype name as a numpy dtype: little-endian unless it says '>' (parsed once per name)."""
     if not _DTYPE_NAME.match(dtype):
-        raise ImageError(f"unknown tensor dtype {dtype[:40]!r}")
+        raise ImageError(f"unknown tensor dtype {shown(dtype)}")
     parsed = np.dtype(dtype.lstrip("<>=|"))
     return parsed.newbyteorder(">" if dtype.startswith(">") else "<")

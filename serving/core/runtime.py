@@ -49,7 +49,8 @@ class RuntimeOptions:
 
 def parse_device(device: str) -> tuple[str, int]:
     kind, _, index = device.partition(":")
-    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+    number = index.isascii() and index.isdigit()  # not "²", which isdigit() takes and int() refuses
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not number)):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     return kind, int(index or 0)
 

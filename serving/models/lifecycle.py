@@ -28,7 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from serving.core.errors import FailedPrecondition, NotFound
+from serving.core.errors import FailedPrecondition, NotFound, shown
 from serving.models.registry import ModelRegistry, ModelVersion, VersionState
 from serving.models.repository import VersionFiles, scan
 from serving.models.settings import LoadOptions, ModelSettings, SettingsError, load_options
@@ -123,7 +123,7 @@ class ModelLifecycle:
         of them is READY afterwards."""
         self.require_explicit("load")
         if not name or name.startswith(".") or "/" in name or not (self.root / name).is_dir():
-            raise NotFound(f"no model {name[:100]!r} in the repository {self.root}")
+            raise NotFound(f"no model {shown(name)} in the model repository")
         await self.sync(stable_only=False, only=name)
         versions = self.registry.known(name)
         if not any(e.state is VersionState.READY for e in versions.values()):
@@ -136,7 +136,7 @@ class ModelLifecycle:
         async with self._lock:  # after any load in progress, so what it swapped in drains too
             versions = self.registry.known(name)
             if not versions:
-                raise NotFound(f"unknown model {name[:100]!r}")
+                raise NotFound(f"unknown model {shown(name)}")
             for entry in versions.values():
                 self._drain(entry, "unloaded on request")
         await self._changed()
@@ -179,7 +179,7 @@ class ModelLifecycle:
                 continue  # loaded from these very files, or failed on them: wait for a change
             if stable_only and self._seen.get((name, version)) != files.signature:
                 continue  # new or still changing since the last scan: look again next time
-            await self._load(name, version, files, entry, options or problem)
+            await self._load(name, version, files, entry, files.problem or options or problem)
         versions = self.registry.known(name)
         policy_ready = any(e.state is VersionState.READY for v, e in versions.items() if v in wanted)
         for version, entry in versions.items():

@@ -18,6 +18,7 @@ from serving.core.errors import NotFound
 from serving.core.model import MODEL_FILE
 from serving.core.runtime import RuntimeOptions
 from serving.models.registry import ModelRegistry, VersionState
+from serving.models.repository import is_version_name
 
 
 @dataclass
@@ -40,7 +41,7 @@ def open_local(
     """Loads every version found at `path`; raises NotFound when none loads."""
     registry = ModelRegistry()
     if (path / MODEL_FILE).is_file():
-        version = int(path.name) if path.name.isdigit() else 1
+        version = int(path.name) if is_version_name(path.name) else 1
         registry.add(path.parent.name, version, path / MODEL_FILE)
     elif any((p / MODEL_FILE).is_file() for p in path.glob("*") if p.is_dir()):
         registry.add_repository(path.parent, only=path.name)

@@ -17,9 +17,13 @@ runs in a worker thread and publishes READY last.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
+import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from serving.core.batching import BatchingConfig
@@ -49,11 +53,32 @@ class ModelVersion:
     reason: str = ""
     model: ServedModel | None = None
     signature: tuple = ()  # the files' stamps this entry was (or will be) loaded from (repository.scan)
+    sha256: str = ""  # of the model file it was loaded from (hex), set once READY
+    loaded_at: float = 0.0  # time.time() when it turned READY
+
+    @property
+    def loaded_at_text(self) -> str:
+        """When it turned READY, RFC 3339 in UTC to the millisecond ("" before)."""
+        if not self.loaded_at:
+            return ""
+        return (
+            datetime.fromtimestamp(self.loaded_at, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
 
     @property
     def gone(self) -> bool:
         """Draining or unloaded: no new request may use it."""
         return self.state in (VersionState.DRAINING, VersionState.UNLOADED)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ModelRegistry:
@@ -69,7 +94,9 @@ class ModelRegistry:
         """Registers every version under `root` (or only model `only`) as LOADING."""
         for name, versions in scan(root, only).items():
             for version, files in versions.items():
-                self.add(name, version, files.path)
+                entry = self.add(name, version, files.path)
+                if files.problem:
+                    self.fail(entry, files.problem)
 
     def add(self, name: str, version: int, path: Path) -> ModelVersion:
         entry = ModelVersion(name, version, path)
@@ -86,7 +113,11 @@ class ModelRegistry:
         """Loads and warms one version; a failure leaves it UNAVAILABLE with the reason, logged once."""
         entry.state, entry.reason = VersionState.LOADING, ""
         try:
+            sha256 = file_sha256(entry.path)  # first: what ONNX Runtime then reads is no older
             model = load_model(entry.name, entry.version, entry.path, runtime, batching)
+        except OSError as exc:
+            self.fail(entry, f"cannot serve {entry.name} version {entry.version}: {exc}")
+            return
         except ModelLoadError as exc:
             self.fail(entry, str(exc))
             return
@@ -96,7 +127,7 @@ class ModelRegistry:
         except Exception as exc:  # warm-up can fail in ONNX Runtime for a model that loaded
             self.fail(entry, f"cannot serve {entry.name} version {entry.version}: warm-up failed: {exc}")
             return
-        entry.model = model
+        entry.model, entry.sha256, entry.loaded_at = model, sha256, time.time()
         entry.state = VersionState.READY  # last: from here on requests may resolve to it
         log.info(
             "loaded model %s version %d from %s: %s",
@@ -108,6 +139,9 @@ class ModelRegistry:
 
     @staticmethod
     def fail(entry: ModelVersion, reason: str) -> None:
+        # Clients see the reason: paths in it are shown relative to the repository (<root>/<name>/<v>/).
+        root = f"{entry.path.parents[2]}{os.sep}" if len(entry.path.parents) > 2 else ""
+        reason = reason.replace(root, "") if root and root != os.sep else reason
         entry.state, entry.reason = VersionState.UNAVAILABLE, reason
         log.error("model %s version %d is unavailable: %s", entry.name, entry.version, reason)
 

@@ -5,6 +5,9 @@ a version copied in as `.tmp-3` or `3.partial` is invisible until it is renamed 
 gives each version a signature (size, modification time and inode of its files and of the model's
 config.json): the poll loop loads a version only once its signature holds still across two scans,
 and reloads it when the signature changes.
+
+A version folder the server cannot read (permissions) is still a version: `scan` lists it with the
+reason, the lifecycle makes that version UNAVAILABLE, and the model's other versions keep serving.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ FileStamp = tuple[int, int, int] | None
 class VersionFiles:
     path: Path  # the version's model.onnx
     signature: tuple[FileStamp, ...]  # model.onnx, model.json, ../config.json
+    problem: str = ""  # why the version's folder cannot be used (unreadable), relative to the repository
+
+
+def is_version_name(name: str) -> bool:
+    """A positive int64 in ASCII digits: `str.isdigit` also takes "²" (which `int` refuses) and "١"."""
+    return len(name) <= 18 and name.isascii() and name.isdigit() and int(name) > 0
 
 
 def stamp(path: Path) -> FileStamp:
@@ -44,12 +53,26 @@ def model_dirs(root: Path, only: str | None = None) -> list[Path]:
     )
 
 
-def version_dirs(model_dir: Path) -> dict[int, Path]:
-    return {
-        int(v.name): v
-        for v in model_dir.iterdir()
-        if v.is_dir() and v.name.isdigit() and int(v.name) > 0 and (v / MODEL_FILE).is_file()
-    }
+def version_dirs(model_dir: Path) -> dict[int, tuple[Path, str]]:
+    """{version: (folder, problem)}: folders holding a model file, and those that cannot be looked into
+    (with why, so that one unreadable folder costs that version only, not the whole model)."""
+    found: dict[int, tuple[Path, str]] = {}
+    for folder in model_dir.iterdir():
+        if not is_version_name(folder.name):
+            continue
+        try:
+            if folder.is_dir() and (folder / MODEL_FILE).is_file():
+                found[int(folder.name)] = (folder, "")
+        except OSError as error:  # e.g. PermissionError: a folder without read or search permission
+            shown = folder.relative_to(model_dir.parent)
+            found[int(folder.name)] = (folder, f"cannot read version folder {shown}: {describe(error)}")
+    return found
+
+
+def describe(error: OSError) -> str:
+    """The system's words for `error` ('permission denied'), without the absolute path it names."""
+    text = error.strerror or type(error).__name__
+    return text[:1].lower() + text[1:]
 
 
 def scan(root: Path, only: str | None = None) -> dict[str, dict[int, VersionFiles]]:
@@ -63,8 +86,10 @@ def scan(root: Path, only: str | None = None) -> dict[str, dict[int, VersionFile
         settings = stamp(model_dir / SETTINGS_FILE)
         found[model_dir.name] = {
             version: VersionFiles(
-                folder / MODEL_FILE, (stamp(folder / MODEL_FILE), stamp(folder / SIDECAR_NAME), settings)
+                folder / MODEL_FILE,
+                (stamp(folder / MODEL_FILE), stamp(folder / SIDECAR_NAME), settings),
+                problem,
             )
-            for version, folder in sorted(versions.items())
+            for version, (folder, problem) in sorted(versions.items())
         }
     return {name: versions for name, versions in found.items() if versions}

@@ -8,8 +8,9 @@ against every accepted token, and never logged.
 
 `TokenAuth` runs outside parsing and admission (only the metrics' call counter is outside it): a
 call without a token is answered UNAUTHENTICATED, one with a wrong token PERMISSION_DENIED, by an
-aborting handler of the method's own kind (so a stream is refused without waiting for its first
-message), before it is parsed or admitted.
+aborting handler that reads nothing of the request (not even a unary one), before it is parsed or
+admitted. The call counter counts a refusal without a model or version: it never parses it either.
+Refusing costs the same whatever method name a caller makes up: nothing is kept per name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from serving.core.errors import PermissionDenied, Unauthenticated
+from serving.core.errors import PermissionDenied, Unauthenticated, shown
 from serving.protocols.status import log_limited
 from serving.tokens import parse_tokens
 
@@ -115,7 +116,9 @@ def check_bearer(tokens: TokenFile, presented: bytes | None, where: str, missing
 
 
 def denying_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> Any:
-    """A handler of the same kind as `handler` that aborts at once, reading nothing of a stream."""
+    """A handler that aborts at once, reading nothing of the request: it takes the request as a stream
+    whatever the method's kind (the wire is the same), so gRPC does not receive a unary request whole
+    before the refusal (a 60 MB message from a caller without a token stays unread: flow control)."""
 
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
@@ -124,19 +127,22 @@ def denying_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    if handler is None or not (handler.request_streaming or handler.response_streaming):
-        return grpc.unary_unary_rpc_method_handler(deny)
-    if handler.request_streaming and handler.response_streaming:
+    if handler is not None and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
-    return grpc.unary_stream_rpc_method_handler(deny_stream)
+    return grpc.stream_unary_rpc_method_handler(deny)
+
+
+def streams_responses(handler: grpc.RpcMethodHandler | None) -> bool:
+    """Whether the method answers with a stream; an unknown method's (None) is refused as unary."""
+    return handler is not None and bool(handler.response_streaming)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenFile) -> None:
         self.tokens = tokens
-        self._denials: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
+        # By the kind of answer and the code, never by the method's name: clients without a token
+        # choose the names, and a cache keyed by them grew without bound (four refusals at most).
+        self._denials: dict[tuple[bool, grpc.StatusCode], Any] = {}
 
     async def intercept_service(
         self,
@@ -150,13 +156,15 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if presented is not None and self.tokens.accepts(presented):
             return await continuation(details)
         code = grpc.StatusCode.UNAUTHENTICATED if presented is None else grpc.StatusCode.PERMISSION_DENIED
-        log_limited(f"auth:{code.name}", logging.WARNING, "refused a call to %s: %s", method, code.name)
-        return self._denial(await continuation(details), method, code)
+        log_limited(
+            f"auth:{code.name}", logging.WARNING, "refused a call to %s: %s", shown(method), code.name
+        )
+        return self._denial(await continuation(details), code)
 
-    def _denial(self, handler: grpc.RpcMethodHandler | None, method: str, code: grpc.StatusCode) -> Any:
-        cached = self._denials.get((method, code))
-        if cached is None or cached[0] is not handler:
+    def _denial(self, handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode) -> Any:
+        key = (streams_responses(handler), code)
+        denial = self._denials.get(key)
+        if denial is None:
             message = MISSING if code == grpc.StatusCode.UNAUTHENTICATED else WRONG
-            cached = (handler, denying_handler(handler, code, message))
-            self._denials[(method, code)] = cached
-        return cached[1]
+            denial = self._denials[key] = denying_handler(handler, code, message)
+        return denial

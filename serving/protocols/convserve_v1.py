@@ -166,6 +166,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         model = entry.model
         if model is None:
             return info
+        info.model_sha256, info.loaded_at = entry.sha256, entry.loaded_at_text
         c, stats, batching = model.contract, model.stats, model.batcher.config
         info.input.CopyFrom(
             pb.InputSpec(

@@ -34,6 +34,8 @@ from serving.protocols.calls import STREAM, CallStats, Reading
 from serving.protocols.status import log_limited, status_of
 
 Behavior = Callable[..., Any]
+# The codes of a call the token check refused: counted without a model, its bytes never parsed.
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED.name, grpc.StatusCode.PERMISSION_DENIED.name)
 
 
 class BadMessage(InvalidInput):
@@ -60,7 +62,11 @@ def rebuild(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Beh
 
 
 class CachingInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps each method's handler once; `wrap_handler` returns None to leave a method alone."""
+    """Wraps each method's handler once; `wrap_handler` returns None to leave a method alone.
+
+    Only wrapped handlers are kept, so the cache holds at most the server's own methods: a handler
+    for a name a client made up (the token check's refusal of it, outside ProtocolGuard) is passed
+    through unkept, or every unique name would grow the server."""
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[Any, Any]] = {}
@@ -74,10 +80,13 @@ class CachingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         cached = self._cache.get(details.method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, self.wrap_handler(handler, details.method) or handler)
-            self._cache[details.method] = cached
-        return cached[1]
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap_handler(handler, details.method)
+        if wrapped is None:
+            return handler
+        self._cache[details.method] = (handler, wrapped)
+        return wrapped
 
     def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
         raise NotImplementedError
@@ -86,6 +95,10 @@ class CachingInterceptor(grpc.aio.ServerInterceptor):
 async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
     if isinstance(error, grpc.aio.AbortError) or context.done():
         raise error
+    if context.cancelled():
+        # The client has gone (it cancelled, or its deadline passed): there is nobody to tell, and
+        # sending a status now fails in gRPC core, which logs that with a traceback. End quietly.
+        raise asyncio.CancelledError from None
     if isinstance(error, BadMessage):
         log_limited(
             f"bad-message:{method}",
@@ -95,7 +108,12 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str
             error,
         )
     code, message = status_of(error, method)
-    await context.abort(code, message)
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # the client went away between the check above and the status (ExecuteBatchError)
+        raise asyncio.CancelledError from None
 
 
 class ProtocolGuard(CachingInterceptor):
@@ -215,11 +233,14 @@ class CallCounter(CachingInterceptor):
                 try:
                     response = await inner(request, context)
                 except BaseException as error:
-                    try:
-                        message = reading.parse(request)  # only now: a failure's labels
-                    except Exception:
-                        message = None
-                    stats.failed(reading, message, ended_with(error, context))
+                    status = ended_with(error, context)
+                    message = None  # a refused call's request is never parsed (nor labelled by it)
+                    if status not in REFUSED:
+                        try:
+                            message = reading.parse(request)  # only now: a failure's labels
+                        except Exception:
+                            message = None
+                    stats.failed(reading, message, status)
                     raise
                 model, version, images = reading.answered(response)  # a unary answer is always one
                 stats.answered(reading.protocol, model, version, images, time.perf_counter() - started)

@@ -18,7 +18,7 @@ naming the input and the image); `convserve.v1` has per-image errors.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import json_format
@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.core.dataplane import DataPlane
-from serving.core.errors import InvalidInput
+from serving.core.errors import InvalidInput, Unimplemented, shown
 from serving.core.model import ServedModel
 from serving.core.types import PredictRequest, PredictResult, RawBatch
 from serving.models.lifecycle import ModelLifecycle
@@ -38,6 +38,7 @@ from serving.protocols.inference_codec import (
     DTYPES,
     ENCODED_INPUT,
     EXTENSIONS,
+    IGNORED,
     OUTPUT,
     SERVER_NAME,
     SERVER_VERSION,
@@ -51,6 +52,7 @@ from serving.protocols.inference_codec import (
     model_metadata,
     model_statistics,
     parse_version,
+    served_input,
 )
 from serving.protocols.streams import answer_stream
 
@@ -72,6 +74,32 @@ def answered(response: pb.ModelInferResponse) -> tuple[str, str, int]:
 
 def answered_stream(response: pb.ModelStreamInferResponse) -> tuple[str, str, int] | None:
     return None if response.error_message else answered(response.infer_response)
+
+
+def stream_error(
+    request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
+) -> pb.ModelStreamInferResponse:
+    """A stream request that failed: the message, and (as Triton fills it) the request's id, model and
+    version, so that a client matches the error to its request (answers come back as they are ready)."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            id=request.id, model_name=request.model_name, model_version=request.model_version
+        ),
+    )
+
+
+def not_offered(rpc: str, why: str) -> Callable[..., Awaitable[None]]:
+    """A servicer method for an RPC of the protocol this server does not offer: UNIMPLEMENTED, saying so."""
+
+    async def method(self: object, request: object, context: grpc.aio.ServicerContext) -> None:
+        raise Unimplemented(f"{rpc} is not implemented by this server: {why}")
+
+    method.__name__ = rpc
+    return method
+
+
+SHARED_MEMORY = "send tensors in the request (raw_input_contents or contents)"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -175,6 +203,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # Inference ----------------------------------------------------------------------------------
 
+    # Extensions not offered (Triton's base class would answer them INTERNAL) ---------------------
+
+    SystemSharedMemoryStatus = not_offered("SystemSharedMemoryStatus", SHARED_MEMORY)
+    SystemSharedMemoryRegister = not_offered("SystemSharedMemoryRegister", SHARED_MEMORY)
+    SystemSharedMemoryUnregister = not_offered("SystemSharedMemoryUnregister", SHARED_MEMORY)
+    CudaSharedMemoryStatus = not_offered("CudaSharedMemoryStatus", SHARED_MEMORY)
+    CudaSharedMemoryRegister = not_offered("CudaSharedMemoryRegister", SHARED_MEMORY)
+    CudaSharedMemoryUnregister = not_offered("CudaSharedMemoryUnregister", SHARED_MEMORY)
+    TraceSetting = not_offered("TraceSetting", "there is no request tracing")
+    LogSettings = not_offered("LogSettings", "logging is set by the server's command line")
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
@@ -188,7 +227,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for response in answer_stream(
             requests,
             lambda r: self._stream_infer(r, deadline),
-            lambda _request, _code, message: pb.ModelStreamInferResponse(error_message=message),
+            stream_error,
             self.admission,
             f"/{SERVICE_NAME}/ModelStreamInfer",
         ):
@@ -206,11 +245,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self.registry.resolve(request.model_name, parse_version(request.model_version))
             key = (model.name, model.version)
             classify = requested_outputs(request)
+            index = served_input([tensor.name for tensor in request.inputs], model)
             predict = PredictRequest(
-                to_inputs(request, model), model.name, model.version, deadline, request.inputs[0].name
+                to_inputs(request, model, index),
+                model.name,
+                model.version,
+                deadline,
+                request.inputs[index].name,
             )
             result = await self.dataplane.predict(predict)
             response = to_response(request, result, classify)
+            if len(request.inputs) > 1:
+                response.parameters[IGNORED].string_param = ENCODED_INPUT
         except Exception:
             self.ledger.failed(key, started)
             raise
@@ -233,16 +279,17 @@ def requested_outputs(request: pb.ModelInferRequest) -> int | None:
     return classification_k(output.name, k)
 
 
-def to_inputs(request: pb.ModelInferRequest, model: ServedModel) -> RawBatch | list[bytes]:
-    if len(request.inputs) != 1:
+def to_inputs(request: pb.ModelInferRequest, model: ServedModel, index: int = 0) -> RawBatch | list[bytes]:
+    tensor = request.inputs[index]
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInput(
-            f"send exactly one input, {model.runtime.input_name!r} (a tensor) or {ENCODED_INPUT!r} "
-            f"(encoded images); the request has {len(request.inputs)}"
+            f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} input(s)"
         )
-    tensor = request.inputs[0]
-    if request.raw_input_contents and len(request.raw_input_contents) != 1:
-        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for one input")
-    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    raw = request.raw_input_contents[index] if request.raw_input_contents else None
+    if raw is not None and tensor.contents.ListFields():
+        raise InvalidInput(
+            f"input {shown(tensor.name)}: send the data in raw_input_contents or in contents, not in both"
+        )
     elements = None
     if raw is None:
         if tensor.datatype == "BYTES":

@@ -25,6 +25,7 @@ from serving.core.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ STATUS_OF: dict[type[ServingError], tuple[grpc.StatusCode, int]] = {
     TooLarge: (Code.RESOURCE_EXHAUSTED, 413),
     Unauthenticated: (Code.UNAUTHENTICATED, 401),
     PermissionDenied: (Code.PERMISSION_DENIED, 403),
+    Unimplemented: (Code.UNIMPLEMENTED, 501),
 }
 INTERNAL = (Code.INTERNAL, 500)
 INTERNAL_MESSAGE = "internal error; the server's log has the details"

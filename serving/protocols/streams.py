@@ -2,9 +2,11 @@
 
 Shared by every protocol's streaming RPC. Responses come back in the order they are ready (each
 carries its request's id). A request that fails gets the protocol's error response (`fail`), with the
-status the status table gives it; the stream itself goes on. At shutdown (`Admission.release`) the
-stream stops reading and ends with UNAVAILABLE once its answers are out. When the CallCounter
-interceptor counts the call, each message is counted as a request of its own, with that status.
+status the status table gives it; the stream itself goes on. A message that cannot be parsed ends the
+stream with INVALID_ARGUMENT, after the answers to the requests read before it. At shutdown
+(`Admission.release`) the stream stops reading and ends with UNAVAILABLE once its answers are out.
+When the CallCounter interceptor counts the call, each message is counted as a request of its own,
+with that status.
 """
 
 from __future__ import annotations
@@ -64,13 +66,15 @@ async def answer_stream(
 
     async def read_all() -> None:
         try:
-            async for request in requests:
-                await slots.acquire()
-                task = asyncio.create_task(answer_one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*list(tasks))
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:  # a bad message ends the reading, never the answers owed to what came before it
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
         finally:
             responses.put_nowait(None)
 

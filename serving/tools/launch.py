@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,11 @@ def launch_server(
     timeout: float = 120,
     metrics: bool = False,
     http: bool = False,
+    prefix: Sequence[str] = (),
 ) -> LaunchedServer:
     """Starts `python -m serving serve` on a free port of `host`; returns once it is SERVING.
-    With `metrics` / `http`, the metrics endpoint / the HTTP server on free ports too."""
+    With `metrics` / `http`, the metrics endpoint / the HTTP server on free ports too. `prefix`
+    goes before the command (e.g. `setpriv --reuid=nobody ...` to run the server as another user)."""
     for attempt in range(3):
         metrics_port = free_port(host) if metrics else 0
         http_port = free_port(host) if http else 0
@@ -96,7 +99,7 @@ def launch_server(
             continue
         ports = ("--metrics-port", str(metrics_port), "--http-port", str(http_port))
         try:
-            server = _launch(models, workdir, (*ports, *flags), host, log, env, timeout)
+            server = _launch(models, workdir, (*ports, *flags), host, log, env, timeout, prefix)
         except RuntimeError:
             if attempt == 2 or not (metrics or http):
                 raise
@@ -116,12 +119,14 @@ def _launch(
     log: bool,
     env: dict[str, str] | None,
     timeout: float,
+    prefix: Sequence[str] = (),
 ) -> LaunchedServer:
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     port_file = workdir / f"port-{stamp}"
     log_path = workdir / f"server-{stamp}.log" if log else None
     command = [
+        *prefix,
         sys.executable,
         "-m",
         "serving",

@@ -162,7 +162,7 @@ class VersionState(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "input", "labels", "output_kind", "batching", "stats", "provider", "state", "reason", "version_states")
+    __slots__ = ("name", "version", "versions", "input", "labels", "output_kind", "batching", "stats", "provider", "state", "reason", "version_states", "model_sha256", "loaded_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,8 @@ class ModelInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     VERSION_STATES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -187,7 +189,9 @@ class ModelInfo(_message.Message):
     state: str
     reason: str
     version_states: _containers.RepeatedCompositeFieldContainer[VersionState]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., output_kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., provider: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version_states: _Optional[_Iterable[_Union[VersionState, _Mapping]]] = ...) -> None: ...
+    model_sha256: str
+    loaded_at: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., output_kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., provider: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version_states: _Optional[_Iterable[_Union[VersionState, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., loaded_at: _Optional[str] = ...) -> None: ...
 
 class EchoMessage(_message.Message):
     __slots__ = ("payload",)
