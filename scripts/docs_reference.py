@@ -215,17 +215,13 @@ def http_status(value: Any) -> str:
 def errors_page() -> str:
     from serving.protocols import status
 
-    http = getattr(status, "HTTP_STATUS_OF", None)  # the HTTP edge's column, once the table has one
-    head = ["domain error", "gRPC status"] + (["HTTP status"] if http is not None else []) + ["when"]
+    head = ["domain error", "gRPC status", "HTTP status", "when"]
     rows = []
-    for error, code in status.STATUS_OF.items():
-        row = [f"`{error.__name__}`", f"`{code.name}`"]
-        if http is not None:
-            value = http.get(error, http.get(code))  # keyed by domain error, or by gRPC code
-            row.append("—" if value is None else http_status(value))
+    for error, (code, http) in status.STATUS_OF.items():  # domain error -> (gRPC code, HTTP status)
+        row = [f"`{error.__name__}`", f"`{code.name}`", http_status(http)]
         row.append(" ".join((error.__doc__ or "").split()))
         rows.append(row)
-    internal = ["anything else", "`INTERNAL`"] + (["500 Internal Server Error"] if http is not None else [])
+    internal = ["anything else", "`INTERNAL`", "500 Internal Server Error"]
     bug = f'a bug: the client gets "{status.INTERNAL_MESSAGE}", the server logs the details'
     rows.append([*internal, bug])
     return (

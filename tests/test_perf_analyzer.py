@@ -5,7 +5,8 @@ real PNG/JPEG files, and completes with no errors.
 perf_analyzer asks for ModelMetadata and ModelConfig first, sends only the input it has data for
 (both are optional in ModelConfig), and checks the server's statistics. Without --input-data it makes
 up data for both inputs and sends them together: the server serves such a request from the tensor.
-It comes from the tritonclient 2.41 wheel (bin/perf_analyzer), in an environment of its own: it needs libcudart from
+It comes from the tritonclient 2.41 wheel (bin/perf_analyzer), in an environment of its own: it needs
+libcudart from
 nvidia-cuda-runtime-cu12 (no GPU used) and Debian's libb64-0d (scripts/system-deps.sh).
 """
 
