@@ -213,9 +213,15 @@ def model_metadata(model: ServedModel, registry: ModelRegistry) -> dict[str, Any
     }
 
 
-def model_config(model: ServedModel) -> mc.ModelConfig:
+def model_config(model: ServedModel, sha256: str = "", loaded_at: str = "") -> mc.ModelConfig:
+    """Triton's model configuration; `parameters` carry the model file's SHA-256 and when the version was
+    loaded, as GetModel shows them (a model.onnx replaced under the same version changes both)."""
     batching = model.batcher.config
     return mc.ModelConfig(
+        parameters={
+            "model_sha256": mc.ModelParameter(string_value=sha256),
+            "loaded_at": mc.ModelParameter(string_value=loaded_at),
+        },
         name=model.name,
         platform=PLATFORM,
         backend="onnxruntime",
@@ -354,3 +360,9 @@ def _scalar(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: boo
     if descriptor.type in _INTEGERS:
         return int(value)
     return value
+
+
+def files_of(registry: ModelRegistry, model: ServedModel) -> tuple[str, str]:
+    """(SHA-256 of the model file, when it was loaded) of a served version, for its configuration."""
+    entry = registry.entry(model.name, model.version)
+    return entry.sha256, entry.loaded_at_text

@@ -47,6 +47,7 @@ from serving.protocols.inference_codec import (
     classification_k,
     classification_strings,
     decode_input,
+    files_of,
     join_bytes,
     model_config,
     model_metadata,
@@ -151,7 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         model = self.registry.resolve(request.name, parse_version(request.version))
-        return pb.ModelConfigResponse(config=model_config(model))
+        return pb.ModelConfigResponse(config=model_config(model, *files_of(self.registry, model)))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext

@@ -38,6 +38,7 @@ from serving.protocols.inference_codec import (
     classification_k,
     classification_strings,
     decode_input,
+    files_of,
     join_bytes,
     model_config,
     model_metadata,
@@ -218,7 +219,7 @@ def routes(edge: HttpEdge) -> list[Route]:
 
     async def config(request: Request, call: Call) -> Response:
         model = registry.resolve(request.path_params["model"], version_of(request))
-        return JSONResponse(proto_json(model_config(model)))
+        return JSONResponse(proto_json(model_config(model, *files_of(registry, model))))
 
     async def stats(request: Request, call: Call) -> Response:
         name = request.path_params.get("model")
