@@ -12,6 +12,8 @@ import os
 import pwd
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from protos.convserve.v1 import convserve_pb2_grpc as cpb_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.tools.launch import LaunchedServer
-from tests.conftest import start_server
+from tests.conftest import ROOT, start_server
 from tests.test_metrics import Scrape
 from tests.test_overload import rss
 
@@ -313,6 +315,16 @@ def unprivileged() -> tuple[str, ...]:
     if shutil.which("setpriv") is None:
         missing("setpriv (util-linux) is not installed")
     if os.geteuid() == 0:
+        # The checkout and its venv must be readable to that user (a clone under a 0700 folder is not):
+        # without that the server cannot start as nobody, which says nothing about the server.
+        probe = subprocess.run(
+            [*AS_NOBODY, sys.executable, "-c", "import serving.models.repository"],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
+        if probe.returncode != 0:
+            pytest.skip("the checkout or its venv is not readable by an unprivileged user here")
         return AS_NOBODY
     return ()  # already unprivileged: chmod 000 denies this user too
 

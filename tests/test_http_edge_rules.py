@@ -437,7 +437,7 @@ def test_every_domain_error_has_a_grpc_code_and_an_http_status() -> None:
     ]
     assert set(domain) == set(STATUS_OF)
     statuses = {STATUS_OF[cls][1] for cls in domain}
-    assert statuses == {400, 401, 403, 404, 413, 429, 503, 504}
+    assert statuses == {400, 401, 403, 404, 413, 429, 501, 503, 504}
     for cls in domain:
         code, message = status_of(cls("the reason"))
         status, code_name, http_message = http_status_of(cls("the reason"))
