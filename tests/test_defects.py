@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pwd
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,7 +26,7 @@ from protos.convserve.v1 import convserve_pb2_grpc as cpb_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.tools.launch import LaunchedServer
-from tests.conftest import ROOT, start_server
+from tests.conftest import start_server
 from tests.test_metrics import Scrape
 from tests.test_overload import rss
 
@@ -303,30 +301,25 @@ def test_a_refused_call_is_counted_without_the_model_it_names(
 
 # -- 1: an unreadable version folder costs that version only ---------------------------------------
 
-AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+# Root keeps its uid (so it reads the checkout wherever it was cloned) but loses the two capabilities
+# that let it ignore permission bits; `chmod 000` then denies it as it denies any user.
+WITHOUT_DAC = (
+    "setpriv",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--inh-caps=-dac_override,-dac_read_search",
+)
 
 
 def unprivileged() -> tuple[str, ...]:
-    """A prefix that runs a command as `nobody`, for whom `chmod 000` denies reads (not so for root)."""
-    try:
-        pwd.getpwnam("nobody")
-    except KeyError:
-        missing("no user `nobody` to run the server as")
+    """A prefix under which `chmod 000` denies reads (root ignores permission bits otherwise)."""
+    if os.geteuid() != 0:
+        return ()  # already unprivileged: chmod 000 denies this user too
     if shutil.which("setpriv") is None:
         missing("setpriv (util-linux) is not installed")
-    if os.geteuid() == 0:
-        # The checkout and its venv must be readable to that user (a clone under a 0700 folder is not):
-        # without that the server cannot start as nobody, which says nothing about the server.
-        probe = subprocess.run(
-            [*AS_NOBODY, sys.executable, "-c", "import serving.models.repository"],
-            cwd=ROOT,
-            capture_output=True,
-            timeout=60,
-        )
-        if probe.returncode != 0:
-            pytest.skip("the checkout or its venv is not readable by an unprivileged user here")
-        return AS_NOBODY
-    return ()  # already unprivileged: chmod 000 denies this user too
+    probe = subprocess.run([*WITHOUT_DAC, "true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        missing(f"cannot drop CAP_DAC_OVERRIDE here: {probe.stderr.strip()}")
+    return WITHOUT_DAC
 
 
 def missing(reason: str) -> None:
@@ -354,7 +347,6 @@ def test_an_unreadable_version_folder_is_that_version_unavailable(
     from grpc_health.v1 import health_pb2
 
     prefix = unprivileged()
-    # Somewhere `nobody` can read (pytest's own temporary folders are root's alone).
     place = Path(tempfile.mkdtemp(prefix="convserve-unreadable-"))
     started = []
     try:
@@ -366,8 +358,6 @@ def test_an_unreadable_version_folder_is_that_version_unavailable(
         (repo / MODEL / "3").mkdir()
         (repo / MODEL / "3").chmod(0o000)  # unreadable from the start
         workdir.mkdir()
-        if prefix:
-            shutil.chown(workdir, "nobody", "nogroup")
         for folder in [repo, *repo.rglob("*")]:
             if folder.name != "3":
                 folder.chmod(0o755 if folder.is_dir() else 0o644)
