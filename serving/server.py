@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2_grpc as kserve_grpc
@@ -50,6 +50,7 @@ from serving.protocols.grpc_logs import quiet_client_gone
 from serving.protocols.http_edge import HttpEdge
 from serving.protocols.inference_codec import RequestLedger
 from serving.protocols.interceptors import AdmissionGate, CallCounter, ProtocolGuard
+from serving.protocols.registration import GenericOnly
 from serving.transport import connection_options, describe_security, server_credentials
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,11 @@ class Server:
             interceptors=[*counting, *auth, ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
         )
         self.metrics: MetricsEndpoint | None = None
+        registrar = GenericOnly(self.grpc)  # see `registration`: what each call costs the event loop
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         pb_grpc.add_ClassifierServicer_to_server(
-            convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), self.grpc
+            convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), registrar
         )
         # What --model-control says: load at start, poll the repository, or load/unload on request.
         self.lifecycle = ModelLifecycle(
@@ -155,7 +157,7 @@ class Server:
             kserve_v2.InferenceServicer(
                 self.dataplane, self.registry, self.admission, self.lifecycle, ledger
             ),
-            self.grpc,
+            registrar,
         )
         self.http: HttpServer | None = None
         if config.http_port:
@@ -172,11 +174,14 @@ class Server:
             self.http = HttpServer(config, edge)
         services = list(SERVICES)
         if config.bench_service:
-            pb_grpc.add_BenchServicer_to_server(convserve_v1.BenchServicer(), self.grpc)
+            pb_grpc.add_BenchServicer_to_server(convserve_v1.BenchServicer(), registrar)
             services.append(convserve_v1.BENCH_SERVICE_NAME)
         if config.reflection:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-            reflection.enable_server_reflection((*services, health_name, reflection.SERVICE_NAME), self.grpc)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer((*services, health_name, reflection.SERVICE_NAME)),
+                registrar,
+            )
         self.port = 0
         self.http_port = 0
         self._trimmer: asyncio.Task | None = None
