@@ -12,8 +12,8 @@ the server has stopped accepting; open streams end with UNAVAILABLE; what is lef
 watchers) is cancelled; the batchers close. All of it within `--grace-s`, and the process exits 0.
 
 Security and connection limits come from `transport` (TLS/mTLS credentials, keepalive, streams per
-connection) and `protocols.auth` (bearer tokens: checked before parsing and admission; only the
-metrics' call counter is outside it).
+connection) and `protocols.auth` (bearer tokens: checked by the one interceptor,
+`protocols.interceptors.CallGate`, before parsing and admission).
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ from serving.models.registry import ModelRegistry
 from serving.models.settings import LoadOptions
 from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
-from serving.protocols.auth import TokenAuth, TokenFile
+from serving.protocols.auth import TokenCheck, TokenFile
 from serving.protocols.calls import CallStats
 from serving.protocols.grpc_logs import quiet_client_gone
 from serving.protocols.http_edge import HttpEdge
 from serving.protocols.inference_codec import RequestLedger
-from serving.protocols.interceptors import AdmissionGate, CallCounter, ProtocolGuard
+from serving.protocols.interceptors import CallGate
 from serving.protocols.registration import GenericOnly
 from serving.transport import connection_options, describe_security, server_credentials
 
@@ -123,17 +123,19 @@ class Server:
             self.registry, self.decode_pool, limits_of(config), InputBudget(config.input_budget_mb * MIB)
         )
         self.admission = Admission()
-        # Metrics on: every data-plane request is counted, by the outermost interceptor (refusals for a
-        # missing or wrong token included). Then a call without a valid token is refused before it is
-        # parsed or admitted.
+        # One interceptor does what every call needs (see `interceptors`): with metrics on, every
+        # data-plane request is counted (refusals for a missing or wrong token included); a call
+        # without a valid token is refused before it is parsed or admitted.
         self.calls = CallStats(self.registry) if config.metrics_port else None
-        counting = [CallCounter(self.calls, COUNTED)] if self.calls is not None else []
         tokens = TokenFile(config.auth_token_file) if config.auth_token_file else None
-        auth = [TokenAuth(tokens)] if tokens is not None else []
-        self.grpc = grpc.aio.server(
-            options=grpc_options(config),
-            interceptors=[*counting, *auth, ProtocolGuard(), AdmissionGate(self.admission, DATA_METHODS)],
+        gate = CallGate(
+            self.admission,
+            DATA_METHODS,
+            self.calls,
+            COUNTED,
+            TokenCheck(tokens) if tokens is not None else None,
         )
+        self.grpc = grpc.aio.server(options=grpc_options(config), interceptors=[gate])
         self.metrics: MetricsEndpoint | None = None
         registrar = GenericOnly(self.grpc)  # see `registration`: what each call costs the event loop
         self.health = health.aio.HealthServicer()

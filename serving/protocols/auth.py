@@ -6,10 +6,10 @@ the file is read only when its size, mtime or inode changed). A file that turns 
 keeps the tokens read before, with one warning per change. Tokens are compared in constant time
 against every accepted token, and never logged.
 
-`TokenAuth` runs outside parsing and admission (only the metrics' call counter is outside it): a
-call without a token is answered UNAUTHENTICATED, one with a wrong token PERMISSION_DENIED, by an
-aborting handler that reads nothing of the request (not even a unary one), before it is parsed or
-admitted. The call counter counts a refusal without a model or version: it never parses it either.
+`TokenCheck` is the gRPC side, the first step of `interceptors.CallGate`: a call without a token is
+answered UNAUTHENTICATED, one with a wrong token PERMISSION_DENIED, by an aborting handler that reads
+nothing of the request (not even a unary one), before it is parsed or admitted. The metrics count a
+refusal without a model or version: they never parse it either.
 Refusing costs the same whatever method name a caller makes up: nothing is kept per name.
 """
 
@@ -19,7 +19,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -137,31 +137,28 @@ def streams_responses(handler: grpc.RpcMethodHandler | None) -> bool:
     return handler is not None and bool(handler.response_streaming)
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):
+class TokenCheck:
+    """The gRPC side of the token check, for `interceptors.CallGate`: which calls are refused, and
+    the aborting handler each gets."""
+
     def __init__(self, tokens: TokenFile) -> None:
         self.tokens = tokens
         # By the kind of answer and the code, never by the method's name: clients without a token
         # choose the names, and a cache keyed by them grew without bound (four refusals at most).
         self._denials: dict[tuple[bool, grpc.StatusCode], Any] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = details.method
-        if method.startswith(OPEN_PREFIXES):
-            return await continuation(details)
-        presented = bearer_token(details.invocation_metadata)
+    def refusal(self, metadata: Any, method: str) -> grpc.StatusCode | None:
+        """None for a call with an accepted token; else the code it is refused with (logged, rate-limited)."""
+        presented = bearer_token(metadata)
         if presented is not None and self.tokens.accepts(presented):
-            return await continuation(details)
+            return None
         code = grpc.StatusCode.UNAUTHENTICATED if presented is None else grpc.StatusCode.PERMISSION_DENIED
         log_limited(
             f"auth:{code.name}", logging.WARNING, "refused a call to %s: %s", shown(method), code.name
         )
-        return self._denial(await continuation(details), code)
+        return code
 
-    def _denial(self, handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode) -> Any:
+    def denial(self, handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode) -> Any:
         key = (streams_responses(handler), code)
         denial = self._denials.get(key)
         if denial is None:

@@ -41,7 +41,7 @@ def answered_stream(response: pb.ClassifyResponse) -> tuple[str, str, int] | Non
     return None if response.HasField("error") else answered(response)
 
 
-# How the metrics read this protocol's requests and answers (the CallCounter interceptor).
+# How the metrics read this protocol's requests and answers (the CallGate interceptor).
 COUNTED = {
     DATA_METHODS[0]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered),
     DATA_METHODS[1]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered_stream),

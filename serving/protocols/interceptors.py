@@ -1,19 +1,22 @@
-"""Server interceptors: what every call goes through, whatever its service.
+"""The one server interceptor: what every call goes through, whatever its service, in one layer.
 
-`ProtocolGuard` (every method, health and reflection included):
-  * parses the request inside the handler, so bytes that are not a valid message get
-    INVALID_ARGUMENT with a plain message, and one rate-limited log line, instead of gRPC's UNKNOWN
-    with a Python class name and a traceback per call;
-  * maps what the handler raises through the one status table (`status.status_of`): domain errors
-    keep their message, anything else is INTERNAL with a generic one.
-`AdmissionGate` (the data-plane methods only): parks and refuses new calls while the server drains
-(see `admission`), and counts unary calls as work in flight.
-`CallCounter` (the data-plane methods only, when metrics are on; first, outside the others, so it
-sees every outcome a client sees): counts each request by protocol, model, version and status in
-`calls.CallStats` (a stream's messages one by one, in `streams.answer_stream`).
-
-Wrapped handlers are built once per method and cached. With `--auth-token-file`, `auth.TokenAuth`
-runs before both: a call without a valid token is neither parsed nor admitted.
+For each method `CallGate` builds the wrapped handler once (cached per method: the server's own
+methods only) from the steps that method needs, and nothing for features that are off:
+  * token (with `--auth-token-file`, every method but health): a call without a valid token gets an
+    aborting handler from `auth.TokenCheck` that reads nothing of the request; it is neither parsed
+    nor admitted;
+  * parse (every method, health and reflection included): the request is parsed inside the handler,
+    so bytes that are not a valid message get INVALID_ARGUMENT with a plain message, and one
+    rate-limited log line, instead of gRPC's UNKNOWN with a Python class name and a traceback;
+  * status: what the handler raises is mapped through the one status table (`status.status_of`):
+    domain errors keep their message, anything else is INTERNAL with a generic one;
+  * admission (the data-plane methods): parks and refuses new calls while the server drains
+    (`admission`), and counts unary calls as work in flight;
+  * count (the data-plane methods, when metrics are on): each request by protocol, model, version
+    and status in `calls.CallStats`, with every outcome a client sees, token refusals included (a
+    stream's messages one by one, in `streams.answer_stream`).
+One layer, because each interceptor is a coroutine gRPC awaits on every call, and each wrapper
+another: the steps cost the same in one function, without the layers' hand-offs.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import grpc
 from serving.core.dataplane import CLIENT_DEADLINE_LEAD_S
 from serving.core.errors import InvalidInput
 from serving.protocols.admission import Admission
+from serving.protocols.auth import OPEN_PREFIXES, TokenCheck
 from serving.protocols.calls import STREAM, CallStats, Reading
 from serving.protocols.status import log_limited, status_of
 
 Behavior = Callable[..., Any]
+Parse = Callable[[bytes], Any]
 # The codes of a call the token check refused: counted without a model, its bytes never parsed.
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED.name, grpc.StatusCode.PERMISSION_DENIED.name)
 
@@ -61,37 +66,6 @@ def rebuild(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Beh
     return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), deserializer, serializer)
 
 
-class CachingInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps each method's handler once; `wrap_handler` returns None to leave a method alone.
-
-    Only wrapped handlers are kept, so the cache holds at most the server's own methods: a handler
-    for a name a client made up (the token check's refusal of it, outside ProtocolGuard) is passed
-    through unkept, or every unique name would grow the server."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        cached = self._cache.get(details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self.wrap_handler(handler, details.method)
-        if wrapped is None:
-            return handler
-        self._cache[details.method] = (handler, wrapped)
-        return wrapped
-
-    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
-        raise NotImplementedError
-
-
 async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
     if isinstance(error, grpc.aio.AbortError) or context.done():
         raise error
@@ -116,84 +90,30 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str
         raise asyncio.CancelledError from None
 
 
-class ProtocolGuard(CachingInterceptor):
-    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
-        parse = handler.request_deserializer
+def parser(method: str, parse: Parse | None) -> Parse:
+    """Parses one request message; bytes that are not one are a BadMessage naming the method."""
 
-        def parse_one(raw: bytes) -> Any:
-            if parse is None:
-                return raw
-            try:
-                return parse(raw)
-            except Exception:
-                raise BadMessage(f"the request is not a valid protobuf message for {method}") from None
+    def parse_one(raw: bytes) -> Any:
+        if parse is None:
+            return raw
+        try:
+            return parse(raw)
+        except Exception:
+            raise BadMessage(f"the request is not a valid protobuf message for {method}") from None
 
-        async def parse_stream(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-            async for raw in requests:
-                yield parse_one(raw)
-
-        def wrap(inner: Behavior, streaming_response: bool) -> Behavior:
-            prepare = parse_stream if handler.request_streaming else parse_one
-            if streaming_response and inspect.isasyncgenfunction(inner):
-
-                async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                    try:
-                        async for response in inner(prepare(request), context):
-                            yield response
-                    except Exception as error:
-                        await abort(context, error, method)
-
-                return stream_behavior
-
-            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    result = inner(prepare(request), context)
-                    return await result if inspect.isawaitable(result) else result
-                except Exception as error:
-                    await abort(context, error, method)
-
-            return behavior
-
-        return rebuild(handler, wrap, raw=True)
+    return parse_one
 
 
-class AdmissionGate(CachingInterceptor):
-    """Applies `Admission` to the methods named (full names, '/package.Service/Method')."""
+def stream_parser(parse_one: Parse) -> Callable[[AsyncIterator[bytes]], AsyncIterator[Any]]:
+    async def parse_stream(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for raw in requests:
+            yield parse_one(raw)
 
-    def __init__(self, admission: Admission, methods: Collection[str]) -> None:
-        super().__init__()
-        self.admission = admission
-        self.methods = set(methods)
-
-    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
-        if method not in self.methods:
-            return None
-        admission = self.admission
-
-        def wrap(inner: Behavior, streaming_response: bool) -> Behavior:
-            if streaming_response:
-                # A stream is admitted once; its messages count as work one by one (the servicer).
-                async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                    admission.arrive()
-                    await admission.refuse_if_draining()
-                    async for response in inner(request, context):
-                        yield response
-
-                return stream_behavior
-
-            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                admission.arrive()
-                await admission.refuse_if_draining()
-                with admission.working():
-                    return await inner(request, context)
-
-            return behavior
-
-        return rebuild(handler, wrap, raw=False)
+    return parse_stream
 
 
 def ended_with(error: BaseException, context: grpc.aio.ServicerContext) -> str:
-    """The status a failed unary call ended with: the one it was aborted with (ProtocolGuard maps every
+    """The status a failed unary call ended with: the one it was aborted with (`abort` maps every
     failure through the status table and aborts), or, when the client went away, CANCELLED or (at its
     deadline) DEADLINE_EXCEEDED."""
     if isinstance(error, asyncio.CancelledError) or context.cancelled():
@@ -204,49 +124,181 @@ def ended_with(error: BaseException, context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL.name
 
 
-class CallCounter(CachingInterceptor):
-    """Counts the requests of the methods in `readings` (full names) into `stats`."""
+class CallGate(grpc.aio.ServerInterceptor):
+    """Token, parse, status, admission and count (see the module's docstring), for the methods that
+    need each: `data_methods` are admitted; with `stats`, those in `readings` are counted; with
+    `tokens`, every method but health needs a valid token."""
 
-    def __init__(self, stats: CallStats, readings: Mapping[str, Reading]) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        admission: Admission,
+        data_methods: Collection[str],
+        stats: CallStats | None = None,
+        readings: Mapping[str, Reading] | None = None,
+        tokens: TokenCheck | None = None,
+    ) -> None:
+        self.admission = admission
+        self.data_methods = frozenset(data_methods)
         self.stats = stats
-        self.readings = dict(readings)
+        self.readings = dict(readings or {}) if stats is not None else {}
+        self.tokens = tokens
+        # method -> (the handler gRPC resolved, its wrapped form). Only methods the server has are
+        # kept: a name a client made up resolves to no handler and is never cached, or every unique
+        # name would grow the server.
+        self._cache: dict[str, tuple[Any, Any]] = {}
+        self._refusals: dict[tuple[str, grpc.StatusCode], Any] = {}  # counted refusals, our methods only
 
-    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if self.tokens is not None and not method.startswith(OPEN_PREFIXES):
+            refused = self.tokens.refusal(details.invocation_metadata, method)
+            if refused is not None:
+                return self._refused(handler, method, refused)
+        if handler is None:
+            return handler
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._cache[method] = (handler, wrapped)
+        return wrapped
+
+    def _refused(self, handler: Any, method: str, code: grpc.StatusCode) -> Any:
+        """The token check's aborting handler, counted when the method is one the metrics count."""
+        assert self.tokens is not None
+        denial = self.tokens.denial(handler, code)
+        reading = self.readings.get(method) if handler is not None else None
+        if reading is None or handler.response_streaming:
+            return denial
+        counted = self._refusals.get((method, code))
+        if counted is None:
+            stats = self.stats
+            assert stats is not None
+            deny = denial.stream_unary
+
+            async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await deny(request, context)
+                except BaseException as error:
+                    stats.failed(reading, None, ended_with(error, context))  # never parsed: no model
+                    raise
+
+            counted = self._refusals[(method, code)] = grpc.stream_unary_rpc_method_handler(refuse)
+        return counted
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
+        parse_one = parser(method, handler.request_deserializer)
+        parse_stream = stream_parser(parse_one)
+        admission = self.admission if method in self.data_methods else None
         reading = self.readings.get(method)
-        if reading is None:
-            return None
         stats = self.stats
 
         def wrap(inner: Behavior, streaming_response: bool) -> Behavior:
-            if streaming_response:
-                # Each message is a request: answer_stream counts them, finding the counter here.
-                async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                    STREAM.set((reading, stats))
-                    async for response in inner(request, context):
-                        yield response
+            prepare: Callable[[Any], Any] = parse_stream if handler.request_streaming else parse_one
+            if streaming_response and inspect.isasyncgenfunction(inner):
+                return stream_behavior(inner, prepare, method, admission, reading, stats)
+            if admission is None:
+                return plain_behavior(inner, prepare, method)
+            return data_behavior(inner, prepare, method, admission, reading, stats)
 
-                return stream_behavior
-
-            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                try:
-                    response = await inner(request, context)
-                except BaseException as error:
-                    status = ended_with(error, context)
-                    message = None  # a refused call's request is never parsed (nor labelled by it)
-                    if status not in REFUSED:
-                        try:
-                            message = reading.parse(request)  # only now: a failure's labels
-                        except Exception:
-                            message = None
-                    stats.failed(reading, message, status)
-                    raise
-                model, version, images = reading.answered(response)  # a unary answer is always one
-                stats.answered(reading.protocol, model, version, images, time.perf_counter() - started)
-                return response
-
-            return behavior
-
-        # Outside ProtocolGuard, whose handler takes the request's bytes: they pass through unparsed.
         return rebuild(handler, wrap, raw=True)
+
+
+def plain_behavior(inner: Behavior, prepare: Callable[[Any], Any], method: str) -> Behavior:
+    """Parse and status only (health, reflection, model metadata, …)."""
+    if inspect.iscoroutinefunction(inner):
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(prepare(request), context)
+            except Exception as error:
+                await abort(context, error, method)
+
+        return behavior
+
+    async def sync_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            result = inner(prepare(request), context)
+            return await result if inspect.isawaitable(result) else result
+        except Exception as error:
+            await abort(context, error, method)
+
+    return sync_behavior
+
+
+def data_behavior(
+    inner: Behavior,
+    prepare: Callable[[Any], Any],
+    method: str,
+    admission: Admission,
+    reading: Reading | None,
+    stats: CallStats | None,
+) -> Behavior:
+    """A unary data-plane call: parse, admission, status, and (metrics on) its count."""
+
+    async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            message = prepare(request)
+            admission.arrive()
+            if admission.draining:
+                await admission.refuse_if_draining()
+            admission.active += 1
+            try:
+                return await inner(message, context)
+            finally:
+                admission.active -= 1
+        except Exception as error:
+            await abort(context, error, method)
+
+    if reading is None or stats is None:
+        return admitted
+
+    async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        try:
+            response = await admitted(request, context)
+        except BaseException as error:
+            status = ended_with(error, context)
+            try:
+                message = reading.parse(request)  # only now: a failure's labels
+            except Exception:
+                message = None
+            stats.failed(reading, message, status)
+            raise
+        model, version, images = reading.answered(response)  # a unary answer is always one
+        stats.answered(reading.protocol, model, version, images, time.perf_counter() - started)
+        return response
+
+    return counted
+
+
+def stream_behavior(
+    inner: Behavior,
+    prepare: Callable[[Any], Any],
+    method: str,
+    admission: Admission | None,
+    reading: Reading | None,
+    stats: CallStats | None,
+) -> Behavior:
+    """A streamed answer: parse each message, status; a data stream is admitted once (its messages
+    count as work one by one, in `streams.answer_stream`, which also counts them)."""
+    counter = (reading, stats) if reading is not None and stats is not None else None
+
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        try:
+            if admission is not None:
+                admission.arrive()
+                await admission.refuse_if_draining()
+            if counter is not None:
+                STREAM.set(counter)
+            async for response in inner(prepare(request), context):
+                yield response
+        except Exception as error:
+            await abort(context, error, method)
+
+    return behavior

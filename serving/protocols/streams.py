@@ -5,7 +5,7 @@ carries its request's id). A request that fails gets the protocol's error respon
 status the status table gives it; the stream itself goes on. A message that cannot be parsed ends the
 stream with INVALID_ARGUMENT, after the answers to the requests read before it. At shutdown
 (`Admission.release`) the stream stops reading and ends with UNAVAILABLE once its answers are out.
-When the CallCounter interceptor counts the call, each message is counted as a request of its own,
+When the metrics count the call (`interceptors.CallGate`), each message is counted as a request of its own,
 with that status.
 """
 
@@ -41,7 +41,7 @@ async def answer_stream(
     slots = asyncio.Semaphore(inflight)
     tasks: set[asyncio.Task] = set()
 
-    counted = STREAM.get()  # (reading, stats) when the CallCounter interceptor counts this call
+    counted = STREAM.get()  # (reading, stats) when the metrics count this call
 
     async def respond(request: Request) -> tuple[Response, str | None]:
         """Exactly one response per request, whatever happens to it, and its failure's code name."""
