@@ -235,8 +235,13 @@ class DataPlane:
         None when any tensor needs a closer look (other shape, dtype or byte order, or a value that
         is not finite): the per-image path then names the images at fault.
         """
-        if not all(model.accepts_tensor(t.shape, t.dtype, len(t.data)) for t in tensors):
+        if len(tensors) == 1:  # the commonest request: no generator, no join
+            data = tensors[0].data
+            if not model.accepts_tensor(tensors[0].shape, tensors[0].dtype, len(data)):
+                return None
+        elif all(model.accepts_tensor(t.shape, t.dtype, len(t.data)) for t in tensors):
+            data = b"".join(t.data for t in tensors)
+        else:
             return None
-        data = tensors[0].data if len(tensors) == 1 else b"".join(t.data for t in tensors)
         rows = np.frombuffer(data, dtype=model.input_dtype).reshape(len(tensors), *model.contract.image_shape)
         return rows if all_finite(rows) else None

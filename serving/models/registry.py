@@ -181,6 +181,8 @@ class ModelRegistry:
             raise InvalidInput(f"version must be 0 (newest) or positive, got {version}")
         name = self.default_name(name)
         versions = self.versions(name)
+        if version == 0 and len(versions) == 1:
+            return next(iter(versions.values()))  # the common case, on every request: one version
         if version == 0:
             ready = [v for v, e in versions.items() if e.state is VersionState.READY]
             present = [v for v, e in versions.items() if not e.gone]
