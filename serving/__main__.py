@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+        if config.workers > 1:
+            from serving.workers import run_workers
+
+            return run_workers(config)
         from serving.server import run_server
 
         return run_server(config)

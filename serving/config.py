@@ -159,6 +159,18 @@ class ServerConfig(BaseSettings):
     max_concurrent_streams: int = Field(
         256, ge=1, le=1_000_000, description="calls (HTTP/2 streams) open at once per client connection"
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes sharing --port and --http-port (SO_REUSEPORT), each with its own "
+        "batchers and model sessions; worker i serves metrics on --metrics-port + i - 1",
+    )
+    reuse_port: bool = Field(
+        False,
+        description="listen with SO_REUSEPORT, so that other processes may share the ports (each of "
+        "--workers does)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @field_validator("log_level", mode="before")
@@ -174,6 +186,19 @@ class ServerConfig(BaseSettings):
             raise ValueError(f"metrics_port must differ from port ({self.port})")
         if self.http_port and self.http_port in (self.port, self.metrics_port):
             raise ValueError(f"http_port must differ from port and metrics_port ({self.http_port})")
+        if self.workers > 1 and self.model_control == "explicit":
+            raise ValueError(
+                "--workers > 1 and --model-control explicit do not go together: a load or unload call "
+                "reaches one worker only (use poll, which every worker does)"
+            )
+        if self.workers > 1 and self.metrics_port:
+            taken = {self.port, self.http_port} - {0}
+            last = self.metrics_port + self.workers - 1
+            if last > 65535 or taken & set(range(self.metrics_port, last + 1)):
+                raise ValueError(
+                    f"--workers {self.workers} need metrics ports {self.metrics_port}-{last}, free of "
+                    "--port and --http-port and at most 65535"
+                )
         if not self.models.is_dir():
             raise ValueError(f"models: {self.models} is not a directory")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -165,10 +165,12 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # --workers: the kernel spreads new connections over the processes listening
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -202,12 +204,13 @@ class HttpServer:
         limit_uvicorn_warnings()
         self.host = config.host
         self.requested_port = config.http_port
+        self.reuse_port = config.reuse_port
         self.port = 0
         self._socket: socket.socket | None = None
         self._main: asyncio.Task | None = None
 
     async def start(self) -> int:
-        self._socket = bind(self.host, self.requested_port)
+        self._socket = bind(self.host, self.requested_port, self.reuse_port)
         self.port = self._socket.getsockname()[1]
         self.uvicorn_config.load()
         self.server.lifespan = self.uvicorn_config.lifespan_class(self.uvicorn_config)

@@ -66,7 +66,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),  # --workers share the port
         *connection_options(config),  # keepalive, ping policy, streams per connection
     ]
     if config.max_connection_age_s:  # GOAWAY after this age: clients reconnect and rebalance
