@@ -119,6 +119,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     names = ", ".join(s.name for s in scenarios())
     parser.add_argument("--scenario", action="append", help=f"run only these (repeatable): {names}")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes per server started here (--workers)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
@@ -260,6 +263,7 @@ def launch_servers(args: argparse.Namespace, workdir: Path) -> Servers:
     figures come from its own calls and its own counters, so the models share them."""
     flags = ["--device", args.device, "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING"]
     flags.append("--bench-service")  # the Echo RPC: the transport's ceiling
+    flags += ["--workers", str(args.workers)]
     batch_flags = {"batching": str(args.max_batch_size), "no-batching": "1"}
     servers: Servers = {}
     try:
@@ -323,11 +327,14 @@ class ModelBench:
             measured.p95.append(result["p95_ms"])
             measured.p99.append(result["p99_ms"])
             measured.errors += result["errors"]
-            if scenario.kind != "echo" and batches1 > batches0:
+            # With --workers, GetModel reaches whichever worker takes the connection: its counts are
+            # one worker's, so neither the mean batch nor the images seen are known.
+            one_process = args.workers == 1
+            if scenario.kind != "echo" and batches1 > batches0 and one_process:
                 measured.batch.append((items1 - items0) / (batches1 - batches0))
             if cpu0 is not None and cpu1 is not None and result["images"]:
                 # Warm-up calls count in the CPU time too: scale by all images the server saw.
-                seen = items1 - items0 if scenario.kind != "echo" else result["images"]
+                seen = items1 - items0 if scenario.kind != "echo" and one_process else result["images"]
                 measured.cpu_ms_per_image.append(1000 * (cpu1 - cpu0) / max(seen, 1))
 
     def summary(self) -> dict:

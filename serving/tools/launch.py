@@ -10,6 +10,7 @@ first), so that servers started side by side never compete for the default ports
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -53,12 +54,11 @@ class LaunchedServer:
         return self.log_path.read_text() if self.log_path else ""
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process (all its threads), from /proc."""
+        """User + system CPU time of the server process and its workers (`--workers`), from /proc."""
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return sum(process_cpu_seconds(pid) for pid in process_tree(self.process.pid))
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signals the server and waits for it; kills it if it outlives `timeout`."""
@@ -69,6 +69,23 @@ class LaunchedServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc/PID/task/*/children."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").iterdir():
+            with contextlib.suppress(OSError):
+                pending += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def free_port(host: str) -> int:
