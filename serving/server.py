@@ -12,8 +12,8 @@ the server has stopped accepting; open streams end with UNAVAILABLE; what is lef
 watchers) is cancelled; the batchers close. All of it within `--grace-s`, and the process exits 0.
 
 Security and connection limits come from `transport` (TLS/mTLS credentials, keepalive, streams per
-connection) and `protocols.auth` (bearer tokens: checked by the one interceptor,
-`protocols.interceptors.CallGate`, before parsing and admission).
+connection) and `protocols.auth` (bearer tokens: checked by `protocols.gate.CallGate`, the
+step every call goes through, before parsing and admission).
 """
 
 from __future__ import annotations
@@ -46,11 +46,10 @@ from serving.protocols import convserve_v1, kserve_v2
 from serving.protocols.admission import Admission
 from serving.protocols.auth import TokenCheck, TokenFile
 from serving.protocols.calls import CallStats
+from serving.protocols.gate import CallGate
 from serving.protocols.grpc_logs import quiet_client_gone
 from serving.protocols.http_edge import HttpEdge
 from serving.protocols.inference_codec import RequestLedger
-from serving.protocols.interceptors import CallGate
-from serving.protocols.registration import GenericOnly
 from serving.transport import connection_options, describe_security, server_credentials
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ async def set_health(servicer: health.aio.HealthServicer, status: int) -> None:
 
 
 class Server:
-    """Every room wired together: registry, data plane, servicers, interceptors, health, reflection."""
+    """Every room wired together: registry, data plane, servicers, the call gate, health, reflection."""
 
     def __init__(self, config: ServerConfig, registry: ModelRegistry | None = None) -> None:
         self.config = config
@@ -123,7 +122,7 @@ class Server:
             self.registry, self.decode_pool, limits_of(config), InputBudget(config.input_budget_mb * MIB)
         )
         self.admission = Admission()
-        # One interceptor does what every call needs (see `interceptors`): with metrics on, every
+        # One gate does what every call needs (see `gate`): with metrics on, every
         # data-plane request is counted (refusals for a missing or wrong token included); a call
         # without a valid token is refused before it is parsed or admitted.
         self.calls = CallStats(self.registry) if config.metrics_port else None
@@ -135,13 +134,14 @@ class Server:
             COUNTED,
             TokenCheck(tokens) if tokens is not None else None,
         )
-        self.grpc = grpc.aio.server(options=grpc_options(config), interceptors=[gate])
+        self.grpc = grpc.aio.server(options=grpc_options(config))
+        self.grpc.add_generic_rpc_handlers((gate,))
         self.metrics: MetricsEndpoint | None = None
-        registrar = GenericOnly(self.grpc)  # see `registration`: what each call costs the event loop
+        # The services are added to the gate, which serves them (see `gate`).
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, gate)
         pb_grpc.add_ClassifierServicer_to_server(
-            convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), registrar
+            convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), gate
         )
         # What --model-control says: load at start, poll the repository, or load/unload on request.
         self.lifecycle = ModelLifecycle(
@@ -159,7 +159,7 @@ class Server:
             kserve_v2.InferenceServicer(
                 self.dataplane, self.registry, self.admission, self.lifecycle, ledger
             ),
-            registrar,
+            gate,
         )
         self.http: HttpServer | None = None
         if config.http_port:
@@ -176,13 +176,13 @@ class Server:
             self.http = HttpServer(config, edge)
         services = list(SERVICES)
         if config.bench_service:
-            pb_grpc.add_BenchServicer_to_server(convserve_v1.BenchServicer(), registrar)
+            pb_grpc.add_BenchServicer_to_server(convserve_v1.BenchServicer(), gate)
             services.append(convserve_v1.BENCH_SERVICE_NAME)
         if config.reflection:
             health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
                 reflection.aio.ReflectionServicer((*services, health_name, reflection.SERVICE_NAME)),
-                registrar,
+                gate,
             )
         self.port = 0
         self.http_port = 0

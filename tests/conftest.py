@@ -148,7 +148,7 @@ def digits_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 class ThreadedServer:
-    """The real server (`serving.server.Server`: registry, data plane, servicers, interceptors) on its own
+    """The real server (`serving.server.Server`: registry, data plane, servicers, call gate) on its own
     event loop in a thread of the test process, on 127.0.0.1 and a free port."""
 
     def __init__(self, models: Path, *flags: str, registry=None) -> None:

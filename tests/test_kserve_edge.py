@@ -1,5 +1,5 @@
 """The Open Inference Protocol edge in process: `DataPlane.predict` with the real digits model, and
-generated ModelInfer requests through the real server (registry, data plane, servicer, interceptors)
+generated ModelInfer requests through the real server (registry, data plane, servicer, call gate)
 that must never crash it, reach the client as UNKNOWN/INTERNAL, or log a traceback."""
 
 from __future__ import annotations

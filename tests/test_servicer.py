@@ -1,4 +1,4 @@
-"""The protocol edge in process: the real server (registry, data plane, servicer, interceptors) on a thread
+"""The protocol edge in process: the real server (registry, data plane, servicer, call gate) on a thread
 of this process, real gRPC on 127.0.0.1, the real digits model. The error table, bad bytes on the wire,
 streams that keep answering, models that fail to load, and generated requests that must never crash."""
 

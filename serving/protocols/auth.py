@@ -6,7 +6,7 @@ the file is read only when its size, mtime or inode changed). A file that turns 
 keeps the tokens read before, with one warning per change. Tokens are compared in constant time
 against every accepted token, and never logged.
 
-`TokenCheck` is the gRPC side, the first step of `interceptors.CallGate`: a call without a token is
+`TokenCheck` is the gRPC side, the first step of `gate.CallGate`: a call without a token is
 answered UNAUTHENTICATED, one with a wrong token PERMISSION_DENIED, by an aborting handler that reads
 nothing of the request (not even a unary one), before it is parsed or admitted. The metrics count a
 refusal without a model or version: they never parse it either.
@@ -138,7 +138,7 @@ def streams_responses(handler: grpc.RpcMethodHandler | None) -> bool:
 
 
 class TokenCheck:
-    """The gRPC side of the token check, for `interceptors.CallGate`: which calls are refused, and
+    """The gRPC side of the token check, for `gate.CallGate`: which calls are refused, and
     the aborting handler each gets."""
 
     def __init__(self, tokens: TokenFile) -> None:

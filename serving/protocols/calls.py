@@ -1,6 +1,6 @@
 """Every data-plane request counted by protocol, model, version and status code, as plain numbers.
 
-The `CallGate` interceptor (unary calls) and `streams.answer_stream` (each message of a stream)
+The call gate, `gate.CallGate` (unary calls), and `streams.answer_stream` (each message of a stream)
 record here; the server's metrics endpoint reads the figures when it is scraped. A request's status
 is the one the status table gives it: a unary call's is the code it was aborted with; a stream
 message's is the code `answer_stream` turned into its error response. No handler counts anything
@@ -97,7 +97,7 @@ class CallStats:
             self.failed(reading, request, failure or "UNKNOWN")
 
 
-# Set by the CallGate interceptor around a stream call: how answer_stream counts each message.
+# Set by the call gate around a stream call: how answer_stream counts each message.
 STREAM: contextvars.ContextVar[tuple[Reading, CallStats] | None] = contextvars.ContextVar(
     "convserve_stream", default=None
 )

@@ -1,6 +1,6 @@
 """The `convserve.v1.Classifier` service: protobuf ↔ data plane, nothing else.
 
-Failures are domain errors raised by the data plane; the interceptors map them to status codes
+Failures are domain errors raised by the data plane; the call gate maps them to status codes
 through the one table in `status`. On a stream each request gets exactly one response: a request
 that fails carries its status in `ClassifyResponse.error`, mapped through the same table.
 """
@@ -41,7 +41,7 @@ def answered_stream(response: pb.ClassifyResponse) -> tuple[str, str, int] | Non
     return None if response.HasField("error") else answered(response)
 
 
-# How the metrics read this protocol's requests and answers (the CallGate interceptor).
+# How the metrics read this protocol's requests and answers (the call gate, `gate.CallGate`).
 COUNTED = {
     DATA_METHODS[0]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered),
     DATA_METHODS[1]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered_stream),

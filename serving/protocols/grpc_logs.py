@@ -4,7 +4,7 @@ gRPC's asyncio server logs `ExecuteBatchError raised in core by servicer method 
 with a traceback, when it cannot send a call's response because the client has already gone (its
 deadline passed, or it cancelled, while the answer was on its way). Nothing is wrong on the server
 and nothing a client sends should write a traceback, so that record is replaced by one rate-limited
-DEBUG line. (Our own handlers never send a status to a client that has gone: `interceptors.abort`.)
+DEBUG line. (Our own handlers never send a status to a client that has gone: `gate.abort`.)
 """
 
 from __future__ import annotations

@@ -315,7 +315,7 @@ def to_response(request: pb.ModelInferRequest, result: PredictResult, k: int | N
     return response
 
 
-# How the metrics read this protocol's requests and answers (the CallGate interceptor).
+# How the metrics read this protocol's requests and answers (the call gate, `gate.CallGate`).
 COUNTED = {
     DATA_METHODS[0]: Reading(PROTOCOL, pb.ModelInferRequest.FromString, asked, answered),
     DATA_METHODS[1]: Reading(PROTOCOL, pb.ModelInferRequest.FromString, asked, answered_stream),

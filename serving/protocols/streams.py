@@ -5,7 +5,7 @@ carries its request's id). A request that fails gets the protocol's error respon
 status the status table gives it; the stream itself goes on. A message that cannot be parsed ends the
 stream with INVALID_ARGUMENT, after the answers to the requests read before it. At shutdown
 (`Admission.release`) the stream stops reading and ends with UNAVAILABLE once its answers are out.
-When the metrics count the call (`interceptors.CallGate`), each message is counted as a request of its own,
+When the metrics count the call (`gate.CallGate`), each message is counted as a request of its own,
 with that status.
 """
 

@@ -1,7 +1,9 @@
-"""The one server interceptor: what every call goes through, whatever its service, in one layer.
+"""The gate every gRPC call goes through, whatever its service, in one step and no interceptor.
 
-For each method `CallGate` builds the wrapped handler once (cached per method: the server's own
-methods only) from the steps that method needs, and nothing for features that are off:
+`CallGate` is the server's only generic handler: the services are registered with it (it stands in
+for the server in the generated `add_*Servicer_to_server` functions) and it resolves each call to
+their handler, wrapped once per method (cached: the server's own methods only) in the steps that
+method needs, and nothing for features that are off:
   * token (with `--auth-token-file`, every method but health): a call without a valid token gets an
     aborting handler from `auth.TokenCheck` that reads nothing of the request; it is neither parsed
     nor admitted;
@@ -15,8 +17,12 @@ methods only) from the steps that method needs, and nothing for features that ar
   * count (the data-plane methods, when metrics are on): each request by protocol, model, version
     and status in `calls.CallStats`, with every outcome a client sees, token refusals included (a
     stream's messages one by one, in `streams.answer_stream`).
-One layer, because each interceptor is a coroutine gRPC awaits on every call, and each wrapper
-another: the steps cost the same in one function, without the layers' hand-offs.
+Why this shape (`benchmarks/profile_request_path.py`): grpc.aio awaits each interceptor as a
+coroutine on every call, and each wrapper is another, so four interceptors cost four of each; a
+generic handler's `service` is one plain call. And the generated functions also register every
+method with gRPC core ("registered methods"), for which grpc.aio's server keeps one pending future
+per method and waits on all of them again for every call it accepts (`asyncio.wait` over twenty-odd
+futures, each given and relieved of a done-callback); generic handlers are one future.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -124,10 +130,10 @@ def ended_with(error: BaseException, context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL.name
 
 
-class CallGate(grpc.aio.ServerInterceptor):
+class CallGate(grpc.GenericRpcHandler):
     """Token, parse, status, admission and count (see the module's docstring), for the methods that
     need each: `data_methods` are admitted; with `stats`, those in `readings` are counted; with
-    `tokens`, every method but health needs a valid token."""
+    `tokens`, every method but health needs a valid token. Services are added to it as to a server."""
 
     def __init__(
         self,
@@ -142,31 +148,42 @@ class CallGate(grpc.aio.ServerInterceptor):
         self.stats = stats
         self.readings = dict(readings or {}) if stats is not None else {}
         self.tokens = tokens
-        # method -> (the handler gRPC resolved, its wrapped form). Only methods the server has are
-        # kept: a name a client made up resolves to no handler and is never cached, or every unique
-        # name would grow the server.
-        self._cache: dict[str, tuple[Any, Any]] = {}
+        self._services: list[grpc.GenericRpcHandler] = []
+        # method -> its wrapped handler. Only methods the server has are kept: a name a client made up
+        # resolves to no handler and is never cached, or every unique name would grow the server.
+        self._cache: dict[str, Any] = {}
         self._refusals: dict[tuple[str, grpc.StatusCode], Any] = {}  # counted refusals, our methods only
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
+    # What the generated `add_*Servicer_to_server` functions call on a server.
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._services.extend(handlers)
+        self._cache.clear()
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Any]) -> None:
+        """Left out on purpose (see the module's docstring): the generic handler added beside it
+        serves the same methods."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
         if self.tokens is not None and not method.startswith(OPEN_PREFIXES):
             refused = self.tokens.refusal(details.invocation_metadata, method)
             if refused is not None:
-                return self._refused(handler, method, refused)
+                return self._refused(self._find(details), method, refused)
+        wrapped = self._cache.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = self._find(details)
         if handler is None:
-            return handler
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._cache[method] = (handler, wrapped)
+            return None
+        wrapped = self._cache[method] = self._wrap(handler, method)
         return wrapped
+
+    def _find(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        for services in self._services:
+            handler = services.service(details)
+            if handler is not None:
+                return handler
+        return None
 
     def _refused(self, handler: Any, method: str, code: grpc.StatusCode) -> Any:
         """The token check's aborting handler, counted when the method is one the metrics count."""
