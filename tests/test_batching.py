@@ -272,3 +272,34 @@ def test_close_waits_for_inline_batches_too() -> None:
 
     asyncio.run(scenario())
     assert sum(model.sizes) == 9
+
+
+def test_a_fast_model_runs_lone_callers_at_once_and_shares_a_tick_among_callers_who_arrive_together() -> None:
+    """Lone callers (a gRPC server hands over about one call per tick) skip the queue; callers who
+    become runnable in the same tick (an HTTP server parses many connections' requests at once) still
+    share one batch, as they did before the fast path existed."""
+    model = RecordingModel()  # microseconds per call: inline once measured
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=32, max_delay_s=0.001))
+        await batcher.submit(rows_for(0, 1))  # measures the model (queued: nothing is known yet)
+        for caller in range(1, 4):  # lone callers, one per tick: each runs at once, alone
+            await batcher.submit(rows_for(caller, 1))
+        lone = list(model.sizes)
+        answers = await asyncio.gather(*(batcher.submit(rows_for(10 + i, 1)) for i in range(8)))
+        first_together = list(model.sizes[len(lone) :])
+        answers += await asyncio.gather(*(batcher.submit(rows_for(20 + i, 1)) for i in range(8)))
+        second_together = list(model.sizes[len(lone) + len(first_together) :])
+        await batcher.submit(rows_for(30, 1))  # alone again: queued once, the tick's batch holds one
+        await batcher.submit(rows_for(31, 1))  # … and from then on at once
+        await batcher.close()
+        assert lone == [1, 1, 1, 1]
+        # The first of eight runs at once, before the others are seen; they share the tick's batch,
+        # and from then on all eight of a tick do.
+        assert first_together == [1, 7] and second_together == [8]
+        assert model.sizes[-2:] == [1, 1]
+        for caller, rows in zip([*range(10, 18), *range(20, 28)], answers, strict=True):
+            np.testing.assert_array_equal(rows, rows_for(caller, 1) * 10 + 1)
+        assert batcher.stats.queued == batcher.stats.requests == 22  # a wait (of 0) for each
+
+    asyncio.run(scenario())

@@ -13,7 +13,8 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
   * a model whose batches take less than `inline_below_s` (a tiny CNN: tens of microseconds) runs in
     the event loop itself when nothing is in flight: the hand-off to a worker thread and back would
     cost more than the call, and blocking the loop that briefly costs nothing. With nothing queued
-    either, `submit` runs the caller's rows at once, without a future or a loop turn (`_run_now`).
+    either, and callers arriving one per tick, `submit` runs the caller's rows at once, without a
+    future or a loop turn (`_run_now`); callers that arrive together share the tick's batch.
 Sizes count rows, not requests; a request larger than `max_batch_size` is split into several items.
 The queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed, or
 whose caller went away, are dropped before they reach the model (`DeadlineExceededError`, counted
@@ -138,6 +139,10 @@ class DynamicBatcher:
         self._idle: asyncio.Event | None = None
         self._run_time_s = float("inf")  # moving average of one batch call; unknown until measured
         self._dispatch_pending = False
+        # Whether callers arrive together (several in one loop tick): then even a fast idle model
+        # waits for the tick's end to share the batch; else it runs a caller's rows at once.
+        self._arrive_together = False
+        self._ran_now_this_tick = False
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Queues `rows` (N, ...) and returns the N output rows; `deadline` is on this batcher's clock."""
@@ -154,14 +159,14 @@ class DynamicBatcher:
             )
         now = self._clock()
         step = self.config.max_batch_size
-        if (
-            count <= step
-            and self._run_time_s < self.config.inline_below_s
-            and self._inflight == 0
-            and not self._queue
-        ):
-            return self._run_now(rows, count, deadline, now)
         loop = asyncio.get_running_loop()
+        if count <= step and self._run_time_s < self.config.inline_below_s and self._inflight == 0:
+            if self._ran_now_this_tick:
+                self._arrive_together = True  # a second caller in the tick: share from now on
+            elif not self._queue and not self._arrive_together:
+                self._ran_now_this_tick = True
+                loop.call_soon(self._end_tick)
+                return self._run_now(rows, count, deadline, now)
         self._queued_rows += count
         self.stats.requests += 1
         if not self._dispatch_pending:
@@ -181,11 +186,13 @@ class DynamicBatcher:
         return np.concatenate(await asyncio.gather(*futures))
 
     def _run_now(self, rows: np.ndarray, count: int, deadline: float | None, now: float) -> np.ndarray:
-        """A fast model with nothing queued or running: the rows are a batch of their own, run here.
+        """A fast model, nothing queued or running, callers arriving one by one: the rows are a batch
+        of their own, run here.
 
-        Queueing them would cost a future and a loop turn or two, more than the model call itself;
-        what it could buy is another caller's rows in the same tick, which for a model this fast
-        saves next to nothing.
+        Queueing them would cost a future and a loop turn or two, more than the model call itself,
+        to wait for callers that do not come (a gRPC server hands over about one call per loop tick).
+        Where they do come together (an HTTP server parses many connections' requests in one tick),
+        a second caller in the tick turns this off until a tick's batch holds a lone caller again.
         """
         stats = self.stats
         stats.requests += 1
@@ -209,8 +216,12 @@ class DynamicBatcher:
         """Rows waiting for a batch (not yet handed to the model)."""
         return self._queued_rows
 
+    def _end_tick(self) -> None:
+        self._ran_now_this_tick = False
+
     def _dispatch_soon(self) -> None:
         self._dispatch_pending = False
+        self._arrive_together = len(self._queue) > 1  # lone callers again: the next may run at once
         self._maybe_dispatch()
 
     def _maybe_dispatch(self) -> None:
