@@ -68,8 +68,10 @@ class Scenario:
         connection: Connection = PLAINTEXT,
         image_size: tuple[int, int] | None = None,
         http_target: str | None = None,
+        channels: int = 1,
     ) -> dict:
         return {
+            "channels": channels,
             "image_size": list(image_size) if image_size else None,
             "target": target,
             "http_target": http_target,
@@ -121,6 +123,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", action="append", help=f"run only these (repeatable): {names}")
     parser.add_argument(
         "--workers", type=int, default=1, help="server processes per server started here (--workers)"
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="gRPC connections the load generator spreads its callers and streams over (--workers "
+        "balances connections, not calls)",
     )
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
@@ -317,7 +326,9 @@ class ModelBench:
             items0, batches0 = model_stats(server.address, model, link)
             cpu0 = server.cpu_seconds()
             http = server.http_address
-            command = scenario.command(server.address, model, args.duration, link, args.image_size, http)
+            command = scenario.command(
+                server.address, model, args.duration, link, args.image_size, http, args.channels
+            )
             result = load.run(command)
             cpu1 = server.cpu_seconds()
             items1, batches1 = model_stats(server.address, model, link)

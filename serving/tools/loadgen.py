@@ -125,7 +125,7 @@ def kserve_requests_of(
 
 
 async def unary(
-    call: Callable[..., Awaitable[object]],
+    call: Callable[..., Awaitable[object]] | list[Callable[..., Awaitable[object]]],
     requests: list,
     images_of: Callable[[object], int],
     concurrency: int,
@@ -134,15 +134,18 @@ async def unary(
     tally: Tally,
     failures: tuple[type[BaseException], ...] = (grpc.aio.AioRpcError,),
 ) -> None:
-    """`concurrency` callers, each sending its next request as soon as the last is answered."""
+    """`concurrency` callers, each sending its next request as soon as the last is answered; with a
+    list of calls (one per channel), caller i uses call i modulo their number."""
+    calls = call if isinstance(call, list) else [call]
 
     async def caller(offset: int) -> None:
         i = offset
+        own = calls[offset % len(calls)]
         while (start := time.perf_counter()) < until:
             request = requests[i % len(requests)]
             i += 1
             try:
-                await call(request, timeout=30)
+                await own(request, timeout=30)
                 ok = True
             except failures:
                 ok = False
@@ -152,20 +155,20 @@ async def unary(
 
 
 async def echo(
-    stub: pb_grpc.BenchStub, concurrency: int, until: float, measure_from: float, tally: Tally
+    stubs: list[pb_grpc.BenchStub], concurrency: int, until: float, measure_from: float, tally: Tally
 ) -> None:
     message = pb.EchoMessage(payload=b"\0" * 256)
 
-    async def caller() -> None:
+    async def caller(stub: pb_grpc.BenchStub) -> None:
         while (start := time.perf_counter()) < until:
             await stub.Echo(message, timeout=30)
             tally.record(start, 1, True, measure_from, until)
 
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    await asyncio.gather(*(caller(stubs[i % len(stubs)]) for i in range(concurrency)))
 
 
 async def stream(
-    stub: pb_grpc.ClassifierStub,
+    stubs: list[pb_grpc.ClassifierStub],
     requests: list[pb.ClassifyRequest],
     streams: int,
     inflight: int,
@@ -177,7 +180,7 @@ async def stream(
     window = max(1, inflight // per_request // streams)
 
     async def one_stream(index: int) -> None:
-        call = stub.ClassifyStream()
+        call = stubs[index % len(stubs)].ClassifyStream()
         sent: dict[str, float] = {}
         slots = asyncio.Semaphore(window)
         done_writing = asyncio.Event()
@@ -210,35 +213,51 @@ async def run_scenario(scenario: dict) -> dict:
     size = 64 * 1024 * 1024
     options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
     connection = Connection.from_json(scenario.get("connection"))
-    async with connection.aio_channel(scenario["target"], options) as channel:
-        stub = pb_grpc.ClassifierStub(channel)
-        tally = Tally()
-        kind = scenario["kind"]
-        requests: list[Any] = []  # built before the clock starts: ClassifyRequests, or ModelInfer ones
-        if kind != "echo":
-            info = await stub.GetModel(pb.GetModelRequest(name=scenario["model"]), timeout=10)
-            image_size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
-        if kind in http_load.HTTP_KINDS:
-            await run_http(scenario, connection, info, image_size, tally)  # type: ignore[arg-type]
-            return result_of(scenario["duration"], tally)
-        if kind != "echo":
-            build = kserve_requests_of if kind == "kserve" else requests_of
-            requests = build(info, scenario["payload"], scenario["images"], image_size)  # type: ignore[arg-type]
-        measure_from = time.perf_counter() + WARMUP_S
-        until = measure_from + scenario["duration"]
-        if kind == "echo":
-            work = echo(pb_grpc.BenchStub(channel), scenario["concurrency"], until, measure_from, tally)
-        elif kind == "kserve":
-            inference = kserve_grpc.GRPCInferenceServiceStub(channel)
-            count, images_of = scenario["concurrency"], lambda r: r.inputs[0].shape[0]
-            work = unary(inference.ModelInfer, requests, images_of, count, until, measure_from, tally)
-        elif kind == "unary":
-            count = scenario["concurrency"]
-            work = unary(stub.Classify, requests, lambda r: len(r.images), count, until, measure_from, tally)
-        else:
-            streams, inflight = scenario.get("streams", 2), scenario.get("inflight", 256)
-            work = stream(stub, requests, streams, inflight, until, measure_from, tally)
-        await run_until(work, until, (asyncio.CancelledError, grpc.aio.AioRpcError))
+    count = max(1, int(scenario.get("channels", 1)))
+    if count > 1:  # a connection each: gRPC shares one between channels of equal arguments otherwise
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(connection.aio_channel(scenario["target"], options))
+            for _ in range(count)
+        ]
+        return await run_on_channels(scenario, connection, channels)
+
+
+async def run_on_channels(scenario: dict, connection: Connection, channels: list[grpc.aio.Channel]) -> dict:
+    """One scenario over `channels` (one connection each): callers and streams take them in turn."""
+    channel = channels[0]
+    stub = pb_grpc.ClassifierStub(channel)
+    tally = Tally()
+    kind = scenario["kind"]
+    requests: list[Any] = []  # built before the clock starts: ClassifyRequests, or ModelInfer ones
+    if kind != "echo":
+        info = await stub.GetModel(pb.GetModelRequest(name=scenario["model"]), timeout=10)
+        image_size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
+    if kind in http_load.HTTP_KINDS:
+        await run_http(scenario, connection, info, image_size, tally)  # type: ignore[arg-type]
+        return result_of(scenario["duration"], tally)
+    if kind != "echo":
+        build = kserve_requests_of if kind == "kserve" else requests_of
+        requests = build(info, scenario["payload"], scenario["images"], image_size)  # type: ignore[arg-type]
+    measure_from = time.perf_counter() + WARMUP_S
+    until = measure_from + scenario["duration"]
+    if kind == "echo":
+        benches = [pb_grpc.BenchStub(c) for c in channels]
+        work = echo(benches, scenario["concurrency"], until, measure_from, tally)
+    elif kind == "kserve":
+        infers = [kserve_grpc.GRPCInferenceServiceStub(c).ModelInfer for c in channels]
+        count, images_of = scenario["concurrency"], lambda r: r.inputs[0].shape[0]
+        work = unary(infers, requests, images_of, count, until, measure_from, tally)
+    elif kind == "unary":
+        count = scenario["concurrency"]
+        classifies = [pb_grpc.ClassifierStub(c).Classify for c in channels]
+        work = unary(classifies, requests, lambda r: len(r.images), count, until, measure_from, tally)
+    else:
+        streams, inflight = scenario.get("streams", 2), scenario.get("inflight", 256)
+        stubs = [pb_grpc.ClassifierStub(c) for c in channels]
+        work = stream(stubs, requests, streams, inflight, until, measure_from, tally)
+    await run_until(work, until, (asyncio.CancelledError, grpc.aio.AioRpcError))
     return result_of(scenario["duration"], tally)
 
 
