@@ -33,8 +33,8 @@ from serving.tools.bench import LoadGenerator
 # (room, what in a function's file or name puts it there), first match wins.
 ROOMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
-        "interceptors (token, parse, admission, count)",
-        ("protocols/interceptors", "protocols/auth", "protocols/admission"),
+        "call gate or interceptors (token, parse, admission, count)",
+        ("protocols/gate", "protocols/interceptors", "protocols/auth", "protocols/admission"),
     ),
     ("metrics ledger", ("protocols/calls", "core/timing", "metrics.py")),
     (
