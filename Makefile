@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 EXTRAS ?= serve,train,dev,fast
 
-.PHONY: install demo test test-deploy lint format protos docs bench bench-resize clean
+.PHONY: install demo test test-fast test-deploy lint format protos docs bench bench-resize clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test: lint
 	scripts/system-deps.sh
 	scripts/k8s-tools.sh
 	$(PY) -m pytest -q
+
+# The inner loop: the tests that need no apt step, no package registry and no deployment, under a
+# minute here. `make test` still runs everything CI runs.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow and not deploy and not network"
 
 # The compose deployment run for real: base images (stand-ins when no registry answers), the images,
 # every profile, scaling and stopping under load, `down` (tests/test_compose_run.py). Docker where

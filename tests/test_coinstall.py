@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.venvs import venv
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 IMPORTS = """
 import google.protobuf, sys

@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.network
+
 SCRIPT = ROOT / "scripts" / "container-engine.sh"
 # The Debian packages holding what podman runs for `compose up` (Debian bookworm: podman 4.3, netavark 1.4).
 ENGINE_RUNS = {

