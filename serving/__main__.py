@@ -15,6 +15,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 
 from serving.client import DEFAULT_SERVER, add_connection_arguments, connection_from_args
+from serving.core.version import VERSION
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from serving.config import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"convserve {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve every model of a repository over gRPC and HTTP")

@@ -88,3 +88,14 @@ def test_train_and_export_a_folder_dataset(tmp_path: Path) -> None:
         "training", "train", "--dataset", f"folder:{tmp_path / 'nothing'}", "--out", str(tmp_path / "x")
     )
     assert empty.returncode == 2 and "does not exist" in empty.stderr
+
+
+@pytest.mark.parametrize("package", ["serving", "training"])
+def test_version_is_the_installed_package_s(package: str) -> None:
+    import importlib.metadata
+
+    done = subprocess.run(
+        [sys.executable, "-m", package, "--version"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"convserve {importlib.metadata.version('convserve')}"

@@ -5,6 +5,7 @@ gRPC edges for the same bytes."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -74,6 +75,7 @@ def test_health_metadata_and_config(client: triton.InferenceServerClient) -> Non
     assert not client.is_model_ready(MODEL, "7")
     metadata = client.get_server_metadata()
     assert metadata["name"] == "convserve"
+    assert metadata["version"] == importlib.metadata.version("convserve")
     assert {"classification", "statistics", "model_configuration", "model_repository"} <= set(
         metadata["extensions"]
     )

@@ -5,6 +5,7 @@ Runtime and against what `convserve.v1` returns for the same bytes."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import queue
 from collections.abc import Iterator
@@ -71,9 +72,9 @@ def test_health_and_metadata(server: LaunchedServer, client: triton.InferenceSer
         answer = check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=10)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
-    assert {"classification", "statistics", "model_configuration"} <= set(
-        client.get_server_metadata().extensions
-    )
+    server_metadata = client.get_server_metadata()
+    assert {"classification", "statistics", "model_configuration"} <= set(server_metadata.extensions)
+    assert server_metadata.version == importlib.metadata.version("convserve")  # the package's, once
     metadata = client.get_model_metadata(MODEL)
     assert metadata.platform == "onnxruntime_onnx" and metadata.versions == ["1"]
     inputs = {t.name: (t.datatype, list(t.shape)) for t in metadata.inputs}

@@ -88,6 +88,9 @@ def test_config_is_a_leaf_and_training_sees_only_the_contract() -> None:
     assert config <= {"serving.core", "serving.core.defaults", "serving.tokens"}, config
     # The token file's format is shared by the server, its config and the clients: a leaf.
     assert not {m for m in imports_of(SERVING / "tokens.py") if m.startswith("serving")}
+    # Training shares the contract with the server, and the one version (a leaf) for --version.
     for path in sorted((ROOT / "training").glob("*.py")):
         serving = {m for m in imports_of(path) if m.startswith("serving")}
-        assert serving <= {"serving.core.contract"}, f"{path.relative_to(ROOT)} imports {serving}"
+        allowed = {"serving.core.contract", "serving.core.version"}
+        assert serving <= allowed, f"{path.relative_to(ROOT)} imports {serving}"
+    assert not {m for m in imports_of(SERVING / "core" / "version.py") if m.startswith("serving")}

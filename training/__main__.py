@@ -9,12 +9,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from serving.core.version import VERSION
+
 DIGITS_EPOCHS = 40
 OTHER_EPOCHS = 24
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"convserve {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(

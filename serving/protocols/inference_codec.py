@@ -26,11 +26,12 @@ from serving.core.errors import InvalidInput, shown
 from serving.core.model import ServedModel
 from serving.core.postprocess import top_k
 from serving.core.types import PredictResult, RawBatch
+from serving.core.version import VERSION
 from serving.models.registry import ModelRegistry
 
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 SERVER_NAME = "convserve"
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = VERSION
 PLATFORM = "onnxruntime_onnx"
 ENCODED_INPUT = "image_bytes"
 OUTPUT = "probabilities"
