@@ -151,7 +151,7 @@ def stop_workers(workers: list[Any], grace_s: float) -> int:
     """SIGTERM to every worker still running, then waits; 1 when any had to be killed or failed."""
     for worker in workers:
         if worker.is_alive():
-            os.kill(worker.pid, signal.SIGTERM)
+            worker.terminate()  # SIGTERM: the worker drains
     until = time.monotonic() + grace_s + STOP_MARGIN_S
     for worker in workers:
         worker.join(max(0.0, until - time.monotonic()))

@@ -194,21 +194,19 @@ class DynamicBatcher:
         Where they do come together (an HTTP server parses many connections' requests in one tick),
         a second caller in the tick turns this off until a tick's batch holds a lone caller again.
         """
-        stats = self.stats
-        stats.requests += 1
-        stats.queue_wait.observe(0.0)
+        self.stats.requests += 1
+        self.stats.queue_wait.observe(0.0)
         if deadline is not None and now >= deadline:
-            stats.dropped_rows += count
+            self.stats.dropped_rows += count
             raise DeadlineExceededError("deadline passed while queued")
-        stats.batches += 1
-        stats.items += count
-        stats.batch_sizes[count] += 1
-        output, took_ns = self._run([rows])  # the model's error, if any, is the caller's, as from a batch
-        stats.batch_compute_ns[count] += took_ns
-        stats.compute.observe(took_ns * 1e-9)
-        if output is None or len(output) != count:
-            got = 0 if output is None else len(output)
-            raise RuntimeError(f"batch function returned {got} rows for {count}")
+        self._count_batch(count)
+        try:
+            (output, took_ns), error = self._run([rows]), None
+        except Exception as exc:
+            output, took_ns, error = None, 0, exc
+        error = self._finish_run(count, output, error, took_ns)
+        if error is not None:
+            raise error  # the caller's, as a queued caller gets it from its batch
         return output
 
     @property
@@ -267,11 +265,27 @@ class DynamicBatcher:
             self.stats.queue_wait.observe(now - item.enqueued)
         return batch
 
-    def _dispatch(self, batch: list[_Pending]) -> None:
-        rows = sum(len(item.rows) for item in batch)
+    def _count_batch(self, rows: int) -> None:
         self.stats.batches += 1
         self.stats.items += rows
         self.stats.batch_sizes[rows] += 1
+
+    def _finish_run(
+        self, rows: int, output: np.ndarray | None, error: BaseException | None, took_ns: int
+    ) -> BaseException | None:
+        """Records a model call's time; returns what its callers get as an error, if anything."""
+        self.stats.batch_compute_ns[rows] += took_ns
+        if took_ns:  # 0: the call failed before it could be timed
+            self.stats.compute.observe(took_ns * 1e-9)
+        if error is None and (output is None or len(output) != rows):
+            error = RuntimeError(
+                f"batch function returned {0 if output is None else len(output)} rows for {rows}"
+            )
+        return error
+
+    def _dispatch(self, batch: list[_Pending]) -> None:
+        rows = sum(len(item.rows) for item in batch)
+        self._count_batch(rows)
         parts = [item.rows for item in batch]
         if self._inflight == 0 and self._run_time_s < self.config.inline_below_s:
             # A fast model on an idle batcher: two thread hand-offs would cost more than the call.
@@ -314,13 +328,7 @@ class DynamicBatcher:
         took_ns: int,
     ) -> None:
         """Hands each caller its own slice, in the order the batch was formed."""
-        self.stats.batch_compute_ns[rows] += took_ns
-        if took_ns:  # 0: the call failed before it could be timed
-            self.stats.compute.observe(took_ns * 1e-9)
-        if error is None and (output is None or len(output) != rows):
-            error = RuntimeError(
-                f"batch function returned {0 if output is None else len(output)} rows for {rows}"
-            )
+        error = self._finish_run(rows, output, error, took_ns)
         offset = 0
         for item in batch:
             size = len(item.rows)

@@ -262,13 +262,9 @@ def data_behavior(
         try:
             message = prepare(request)
             admission.arrive()
-            if admission.draining:
-                await admission.refuse_if_draining()
-            admission.active += 1
-            try:
+            await admission.refuse_if_draining()
+            with admission.working():
                 return await inner(message, context)
-            finally:
-                admission.active -= 1
         except Exception as error:
             await abort(context, error, method)
 
