@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving.core.batching import (
+    PRIORITY_LOW,
     BatcherClosedError,
     BatchingConfig,
     DeadlineExceededError,
@@ -301,5 +302,113 @@ def test_a_fast_model_runs_lone_callers_at_once_and_shares_a_tick_among_callers_
         for caller, rows in zip([*range(10, 18), *range(20, 28)], answers, strict=True):
             np.testing.assert_array_equal(rows, rows_for(caller, 1) * 10 + 1)
         assert batcher.stats.queued == batcher.stats.requests == 22  # a wait (of 0) for each
+
+    asyncio.run(scenario())
+
+
+class LevelRecorder:
+    """A model of ~1 ms per batch that records when each batch started and which callers' rows it held
+    (rows are (level, caller, call) triples; level 1 is low priority)."""
+
+    def __init__(self, delay: float = 0.001) -> None:
+        self.delay = delay
+        self.batches: list[tuple[float, frozenset[int], set[tuple[int, int, int]]]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        started = time.monotonic()
+        time.sleep(self.delay)
+        levels = frozenset(int(v) for v in batch[:, 0])
+        self.batches.append((started, levels, {tuple(int(v) for v in row) for row in batch}))
+        return batch
+
+
+async def _loop_caller(
+    batcher: DynamicBatcher, level: int, caller: int, rows: int, until: float, calls: list
+) -> None:
+    call = 0
+    while time.monotonic() < until:
+        batch = np.array([[level, caller, call]] * rows, dtype=np.int64)
+        submitted = time.monotonic()
+        out = await batcher.submit(batch, priority=level)
+        np.testing.assert_array_equal(out, batch)  # its own rows back, whatever the level
+        calls.append((level, caller, call, submitted, time.monotonic()))
+        call += 1
+
+
+def test_low_priority_rows_never_hold_a_high_row_behind_more_than_one_batch() -> None:
+    """16 callers loop on high-priority calls while 2 loop on 49-row low-priority requests (an
+    occlusion's copies): every call completes, and a high row waits behind at most one batch of low
+    rows: the one already running (or starting in its worker thread) when it came."""
+    model = LevelRecorder()
+    calls: list[tuple[int, int, int, float, float]] = []
+
+    async def scenario() -> None:
+        config = BatchingConfig(max_batch_size=16, max_delay_s=0.002, low_max_wait_s=60.0)
+        batcher = DynamicBatcher(model, config)
+        until = time.monotonic() + 1.5
+        await asyncio.gather(
+            *(_loop_caller(batcher, 0, c, 1, until, calls) for c in range(16)),
+            *(_loop_caller(batcher, PRIORITY_LOW, c, 49, until, calls) for c in range(2)),
+        )
+        await batcher.close()
+
+    asyncio.run(scenario())
+    high = [c for c in calls if c[0] == 0]
+    low = [c for c in calls if c[0] == PRIORITY_LOW]
+    assert len(high) > 200 and len(low) >= 2, (len(high), len(low))
+    assert all(levels in ({0}, {PRIORITY_LOW}) for _, levels, _ in model.batches), "levels mixed"
+    started_at = {key: started for started, _, keys in model.batches for key in keys}
+    low_starts = sorted(started for started, levels, _ in model.batches if levels == {PRIORITY_LOW})
+    worst = 0
+    for level, caller, call, submitted, _ in high:
+        ran = started_at[(level, caller, call)]
+        worst = max(worst, sum(1 for s in low_starts if submitted < s < ran))
+    assert worst <= 1, f"a high row waited behind {worst} batches of low rows"
+
+
+def test_low_priority_rows_go_first_once_they_waited_their_bound() -> None:
+    """High callers keep the queue full for the whole run, so low rows would wait forever without the
+    bound; with it they complete under that load, after about the bound."""
+    model = LevelRecorder()
+    calls: list[tuple[int, int, int, float, float]] = []
+    finished: list[float] = []
+
+    async def scenario() -> None:
+        config = BatchingConfig(max_batch_size=4, max_delay_s=0.002, low_max_wait_s=0.1)
+        batcher = DynamicBatcher(model, config)
+        until = time.monotonic() + 1.5
+        high = [asyncio.create_task(_loop_caller(batcher, 0, c, 1, until, calls)) for c in range(32)]
+        await asyncio.sleep(0.2)  # the high load is running
+        started = time.monotonic()
+        out = await batcher.submit(np.array([[PRIORITY_LOW, 99, 0]] * 6), priority=PRIORITY_LOW)
+        finished.append(time.monotonic() - started)
+        assert len(out) == 6
+        assert time.monotonic() < until, "the low rows waited for the high load to end"
+        await asyncio.gather(*high)
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert 0.09 <= finished[0] < 1.0, finished
+
+
+def test_each_priority_level_has_its_own_queue_bound() -> None:
+    """Explanations filling the low queue do not refuse classification, and the reverse."""
+    model = RecordingModel(gated=True)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=4, max_queue_rows=8))
+        first = asyncio.create_task(batcher.submit(rows_for(0, 1)))
+        await model.busy()
+        low = asyncio.create_task(batcher.submit(rows_for(1, 8), priority=PRIORITY_LOW))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="low-priority queue full"):
+            await batcher.submit(rows_for(2, 1), priority=PRIORITY_LOW)
+        high = asyncio.create_task(batcher.submit(rows_for(3, 8)))
+        await asyncio.sleep(0)
+        model.gate.set()
+        answers = await asyncio.gather(first, low, high)
+        await batcher.close()
+        for caller, count, rows in zip((0, 1, 3), (1, 8, 8), answers, strict=True):
+            np.testing.assert_array_equal(rows, rows_for(caller, count) * 10 + 1)
 
     asyncio.run(scenario())

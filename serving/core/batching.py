@@ -15,8 +15,13 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
     cost more than the call, and blocking the loop that briefly costs nothing. With nothing queued
     either, and callers arriving one per tick, `submit` runs the caller's rows at once, without a
     future or a loop turn (`_run_now`); callers that arrive together share the tick's batch.
+  * two priority levels (Triton's `priority_levels`): classification at PRIORITY_HIGH, explanations'
+    masked copies at PRIORITY_LOW. Low rows never share a batch with high ones, and a batch of only low
+    rows is started only when nothing is in flight, so a high row waits behind at most the one low
+    batch already running. Low rows that have waited `low_max_wait_s` go first into the next batch
+    (starvation bound), whatever is queued above them.
 Sizes count rows, not requests; a request larger than `max_batch_size` is split into several items.
-The queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed, or
+Each level's queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed, or
 whose caller went away, are dropped before they reach the model (`DeadlineExceededError`, counted
 in `dropped_rows`).
 """
@@ -37,6 +42,8 @@ from serving.core.errors import DeadlineExceeded, Overloaded, Unavailable
 from serving.core.timing import Histogram
 
 BatchFunction = Callable[[np.ndarray], np.ndarray]
+PRIORITY_HIGH = 0  # classification: every request a client waits on
+PRIORITY_LOW = 1  # work that must never hold classification up (occlusion's masked copies)
 
 
 class QueueFullError(Overloaded):
@@ -59,12 +66,14 @@ class BatchingConfig:
     max_inflight: int = 2
     # Batches of a model faster than this run in the event loop when nothing else is in flight.
     inline_below_s: float = defaults.INLINE_BELOW_MS / 1000
+    # The longest low-priority rows wait before they go ahead of high-priority ones.
+    low_max_wait_s: float = defaults.LOW_PRIORITY_MAX_WAIT_MS / 1000
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_rows < self.max_batch_size or self.max_inflight < 1:
             raise ValueError(f"invalid batching settings: {self}")
-        if self.max_delay_s < 0:
-            raise ValueError("max_delay must not be negative")
+        if self.max_delay_s < 0 or self.low_max_wait_s < 0:
+            raise ValueError("max_delay and low_max_wait must not be negative")
 
 
 @dataclass
@@ -130,8 +139,10 @@ class DynamicBatcher:
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._clock = clock
-        self._queue: collections.deque[_Pending] = collections.deque()
-        self._queued_rows = 0
+        self._queue: collections.deque[_Pending] = collections.deque()  # PRIORITY_HIGH
+        self._low: collections.deque[_Pending] = collections.deque()  # PRIORITY_LOW
+        self._queued_rows = 0  # both levels
+        self._low_rows = 0
         self._inflight = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -144,26 +155,32 @@ class DynamicBatcher:
         self._arrive_together = False
         self._ran_now_this_tick = False
 
-    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def submit(
+        self, rows: np.ndarray, deadline: float | None = None, priority: int = PRIORITY_HIGH
+    ) -> np.ndarray:
         """Queues `rows` (N, ...) and returns the N output rows; `deadline` is on this batcher's clock."""
         if self._closed:
             raise BatcherClosedError("the model is shutting down")
         count = len(rows)
         if count == 0:
             raise ValueError("submit needs at least one row")
-        if self._queued_rows + count > self.config.max_queue_rows:
+        low = priority != PRIORITY_HIGH
+        waiting = self._low_rows if low else self._queued_rows - self._low_rows
+        if waiting + count > self.config.max_queue_rows:
             self.stats.rejected += 1
+            level = "low-priority " if low else ""
             raise QueueFullError(
-                f"overloaded: queue full, {self._queued_rows} rows waiting, "
-                f"limit {self.config.max_queue_rows}"
+                f"overloaded: {level}queue full, {waiting} rows waiting, limit {self.config.max_queue_rows}"
             )
         now = self._clock()
         step = self.config.max_batch_size
         loop = asyncio.get_running_loop()
+        if low:
+            return await self._submit_low(rows, count, deadline, now, loop)
         if count <= step and self._run_time_s < self.config.inline_below_s and self._inflight == 0:
             if self._ran_now_this_tick:
                 self._arrive_together = True  # a second caller in the tick: share from now on
-            elif not self._queue and not self._arrive_together:
+            elif not self._queue and not self._low and not self._arrive_together:
                 self._ran_now_this_tick = True
                 loop.call_soon(self._end_tick)
                 return self._run_now(rows, count, deadline, now)
@@ -184,6 +201,30 @@ class DynamicBatcher:
             self._queue.append(_Pending(rows[start : start + step], future, deadline, now))
             futures.append(future)
         return np.concatenate(await asyncio.gather(*futures))
+
+    async def _submit_low(
+        self,
+        rows: np.ndarray,
+        count: int,
+        deadline: float | None,
+        now: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> np.ndarray:
+        """Low-priority rows always queue (they never run ahead of a tick's high callers)."""
+        self._queued_rows += count
+        self._low_rows += count
+        self.stats.requests += 1
+        futures = []
+        for start in range(0, count, self.config.max_batch_size):
+            future = loop.create_future()
+            chunk = rows[start : start + self.config.max_batch_size]
+            self._low.append(_Pending(chunk, future, deadline, now))
+            futures.append(future)
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            loop.call_soon(self._dispatch_soon)
+        outputs = await asyncio.gather(*futures)
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _run_now(self, rows: np.ndarray, count: int, deadline: float | None, now: float) -> np.ndarray:
         """A fast model, nothing queued or running, callers arriving one by one: the rows are a batch
@@ -224,41 +265,54 @@ class DynamicBatcher:
 
     def _maybe_dispatch(self) -> None:
         config = self.config
-        while self._queue and self._inflight < config.max_inflight:
-            due = self._queue[0].enqueued + config.max_delay_s
-            ready = self._inflight == 0 or self._queued_rows >= config.max_batch_size or self._clock() >= due
-            if not ready:
-                self._arm_timer(due)
+        while (self._queue or self._low) and self._inflight < config.max_inflight:
+            now = self._clock()
+            overdue = bool(self._low) and now >= self._low[0].enqueued + config.low_max_wait_s
+            if self._queue and not overdue:
+                due = self._queue[0].enqueued + config.max_delay_s
+                high_rows = self._queued_rows - self._low_rows
+                ready = self._inflight == 0 or high_rows >= config.max_batch_size or now >= due
+                if not ready:
+                    self._arm_timer(due)
+                    return
+                batch = self._take_batch(self._queue, now)
+            elif self._inflight == 0 or overdue:
+                # Low rows alone start only on an idle model (or once overdue): a high row that comes
+                # meanwhile waits behind this one batch at most.
+                batch = self._take_batch(self._low, now)
+                if overdue:  # what room is left goes to the high rows, oldest first
+                    batch += self._take_batch(self._queue, now, sum(len(item.rows) for item in batch))
+            else:
+                self._arm_timer(self._low[0].enqueued + config.low_max_wait_s)
                 return
-            batch = self._take_batch()
             if batch:
                 self._dispatch(batch)
-        if self._idle is not None and self._inflight == 0 and not self._queue:
+        if self._idle is not None and self._inflight == 0 and not self._queue and not self._low:
             self._idle.set()  # close() is waiting for the last batch
 
-    def _take_batch(self) -> list[_Pending]:
-        """Pops whole items, oldest first, up to max_batch_size rows; drops cancelled and expired ones."""
+    def _take_batch(self, queue: collections.deque[_Pending], now: float, rows: int = 0) -> list[_Pending]:
+        """Pops whole items of one level, oldest first, until the batch holds max_batch_size rows
+        (`rows` already taken); drops cancelled and expired ones."""
         batch: list[_Pending] = []
-        rows = 0
-        now = self._clock()
-        while self._queue:
-            item = self._queue[0]
+        low = queue is self._low
+        while queue:
+            item = queue[0]
             size = len(item.rows)
-            if item.future.done():  # the caller went away (cancelled, or its deadline passed in gRPC)
-                self._queue.popleft()
+            expired = item.deadline is not None and now >= item.deadline
+            # The caller went away (cancelled, or its deadline passed in gRPC), or its deadline passed.
+            if item.future.done() or expired:
+                queue.popleft()
                 self._queued_rows -= size
+                self._low_rows -= size if low else 0
                 self.stats.dropped_rows += size
-                continue
-            if item.deadline is not None and now >= item.deadline:
-                self._queue.popleft()
-                self._queued_rows -= size
-                self.stats.dropped_rows += size
-                item.future.set_exception(DeadlineExceededError("deadline passed while queued"))
+                if not item.future.done():
+                    item.future.set_exception(DeadlineExceededError("deadline passed while queued"))
                 continue
             if rows + size > self.config.max_batch_size:
                 break
-            self._queue.popleft()
+            queue.popleft()
             self._queued_rows -= size
+            self._low_rows -= size if low else 0
             batch.append(item)
             rows += size
         for item in batch:
@@ -355,7 +409,7 @@ class DynamicBatcher:
     async def close(self) -> None:
         """Refuses new work, lets queued and running batches finish, then releases the worker threads."""
         self._closed = True
-        if self._queue or self._inflight:
+        if self._queue or self._low or self._inflight:
             self._idle = asyncio.Event()
             await self._idle.wait()
         if self._timer is not None:
