@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+import serving.core.pictures as pictures
 from tests.conftest import ROOT
-from training import pictures
 from training.report import Report, write_report
 from training.train import load_run, to_tensor
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import pictures
+import serving.core.pictures as pictures
 from training.datasets import image_file_pixels
 from training.inspect_model import (
     LayerRow,

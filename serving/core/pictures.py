@@ -1,4 +1,8 @@
-"""Grids of small pictures (filters, activation maps, misclassified images) drawn pixel-exactly.
+"""Grids of small pictures (filters, activation maps, misclassified images) drawn pixel-exactly, and
+heat maps laid over an image.
+
+Shared by the run report (training) and the server's explanations, so a served image's activation
+maps are drawn exactly as the report draws a test image's. Pillow and numpy only.
 
 Every tile is a 2-D array of values in [0, 1] (or H x W x 3 for colour), enlarged by an integer
 factor with nearest-neighbour repetition and written as round(value * 255): what the PNG holds is
@@ -56,15 +60,26 @@ def columns_for(count: int) -> int:
     return max(1, min(count, max(8, math.ceil(math.sqrt(2 * count)))))
 
 
+DEJAVU_PATHS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",)
+
+
 @functools.cache
 def font(size: int = 13) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """DejaVu Sans, which matplotlib ships (Pillow's own default font has no × or →)."""
-    from matplotlib import font_manager
-
+    """DejaVu Sans (Pillow's own default font has no × or →): matplotlib's copy where training has it
+    installed, the system's in a serving image, else Pillow's default."""
+    paths = list(DEJAVU_PATHS)
     try:
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-    except OSError:
-        return ImageFont.load_default()
+        from matplotlib import font_manager
+
+        paths.insert(0, font_manager.findfont("DejaVu Sans"))
+    except ImportError:  # serving installs no matplotlib
+        pass
+    for path in paths:
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size)
 
 
 def to_pixels(tile: np.ndarray, zoom: int) -> np.ndarray:
@@ -143,3 +158,28 @@ def save(image: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+# A heat colour scale from transparent-ish dark blue through red to yellow: readable over grey images.
+HEAT_STOPS = np.array(
+    [[0.0, 0, 0, 128], [0.35, 0, 90, 255], [0.6, 255, 40, 0], [0.85, 255, 200, 0], [1.0, 255, 255, 160]]
+)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """[0, 1] values (H, W) to uint8 RGB (H, W, 3) along HEAT_STOPS."""
+    v = np.clip(values, 0.0, 1.0)
+    channels = [np.interp(v, HEAT_STOPS[:, 0], HEAT_STOPS[:, c]) for c in (1, 2, 3)]
+    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def overlay(pixels: np.ndarray, heat: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    """uint8 RGB (H, W, 3): `heat` (H, W, any range; scaled by its own maximum, negatives as 0) laid
+    over `pixels` (H, W, C uint8, the model's input as the server built it) with the given opacity."""
+    base = pixels if pixels.ndim == 3 else pixels[:, :, None]
+    if base.shape[2] == 1:
+        base = np.repeat(base, 3, axis=2)
+    top = float(heat.max())
+    scaled = np.clip(heat, 0.0, None) / top if top > 0 else np.zeros_like(heat)
+    mixed = (1 - opacity) * base.astype(np.float64) + opacity * heat_colours(scaled)
+    return np.rint(mixed).astype(np.uint8)
