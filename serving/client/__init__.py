@@ -11,7 +11,7 @@ from serving.client.grpc_client import (
     read_results,
     to_image,
 )
-from serving.client.tensors import pixels_to_tensor
+from serving.client.tensors import pixels_to_tensor, tensor_to_array
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -25,5 +25,6 @@ __all__ = [
     "make_request",
     "pixels_to_tensor",
     "read_results",
+    "tensor_to_array",
     "to_image",
 ]

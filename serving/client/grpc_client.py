@@ -187,6 +187,41 @@ class ClassifierClient:
     ) -> pb.ClassifyResponse:
         return self.stub.Classify(request, timeout=timeout or self.timeout, wait_for_ready=True)
 
+    def explain(
+        self,
+        images: Iterable[ImageInput],
+        model: str = "",
+        version: int = 0,
+        *,
+        methods: Sequence[str] = (),
+        class_index: int | None = None,
+        top_k: int | None = None,
+        activations: bool = False,
+        activation_grids: bool = False,
+        occlusion_patch: int | None = None,
+        occlusion_stride: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.ExplainResponse:
+        """Heat maps of why each image gets its class, its top-k and the image as the model saw it
+        (read the `Tensor` messages with `tensor_to_array`)."""
+        request = pb.ExplainRequest(
+            model=model,
+            version=version,
+            images=[to_image(i) for i in images],
+            methods=list(methods),
+            activations=activations,
+            activation_grids=activation_grids,
+        )
+        for name, value in (
+            ("class_index", class_index),
+            ("top_k", top_k),
+            ("occlusion_patch", occlusion_patch),
+            ("occlusion_stride", occlusion_stride),
+        ):
+            if value is not None:
+                setattr(request, name, value)
+        return self.stub.Explain(request, timeout=timeout or self.timeout, wait_for_ready=True)
+
     def stream(
         self, requests: Iterator[pb.ClassifyRequest], timeout: float | None = None
     ) -> Iterator[pb.ClassifyResponse]:

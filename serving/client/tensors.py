@@ -21,3 +21,10 @@ def pixels_to_tensor(pixels: np.ndarray, spec: pb.InputSpec) -> np.ndarray:
     if spec.layout == "NCHW":
         values = values.transpose(2, 0, 1)
     return np.ascontiguousarray(values, dtype=np.dtype(spec.dtype or "float32"))
+
+
+def tensor_to_array(tensor: pb.Tensor) -> np.ndarray:
+    """A `Tensor` message (heat maps, the model's input, block maps in an ExplainResponse) as an array."""
+    return np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype).newbyteorder("<")).reshape(
+        tuple(tensor.shape)
+    )

@@ -3,7 +3,8 @@
 resolve model and version → validate → reserve input memory → decode images / take raw tensors →
 dynamic batcher → ONNX Runtime → top-k. Requests and results are dataclasses (`serving.core.types`);
 failures are domain errors (`serving.core.errors`). Every protocol edge and the in-process tools
-call `DataPlane.classify` (top-k) or `DataPlane.predict` (full probability rows; the same path).
+call `DataPlane.classify` (top-k) or `DataPlane.predict` (full probability rows; the same path);
+`DataPlane.explain` adds heat maps (`serving.core.explain`) on the same path.
 
 One bad image in a request of many gets its own entry in `ClassifyResult.errors` and the others
 their results; only when every image fails does the whole request fail (InvalidInput).
@@ -16,15 +17,18 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from serving.core import defaults
+from serving.core.batching import PRIORITY_LOW
 from serving.core.budget import MIB, InputBudget
 from serving.core.errors import DeadlineExceeded, InvalidInput, Overloaded, shown
+from serving.core.explain import CAM, EXPLAIN_FILE, METHODS, OCCLUSION, grid_png, input_pixels
 from serving.core.model import ServedModel
+from serving.core.occlusion import OcclusionGrid, occluded_copies, occlusion_grid, occlusion_map
 from serving.core.postprocess import top_k
 from serving.core.preprocess import (
     ImageError,
@@ -35,9 +39,15 @@ from serving.core.preprocess import (
     tensor_to_input,
 )
 from serving.core.types import (
+    BlockMaps,
     ClassifyRequest,
     ClassifyResult,
+    ExplainRequest,
+    ExplainResult,
+    ImageExplanation,
     ImageInput,
+    OcclusionSettings,
+    Prediction,
     PredictRequest,
     PredictResult,
     RawBatch,
@@ -55,6 +65,11 @@ class Limits:
     max_pixels: int = defaults.MAX_PIXELS
     max_request_pixels: int = defaults.MAX_REQUEST_PIXELS
     default_top_k: int = defaults.TOP_K
+    max_explain_copies: int = defaults.MAX_EXPLAIN_COPIES
+
+
+async def _none() -> None:
+    return None
 
 
 class ModelResolver(Protocol):
@@ -97,6 +112,133 @@ class DataPlane:
         return ClassifyResult(
             model.name, model.version, model.contract.labels, indices, values, count, errors
         )
+
+    async def explain(self, request: ExplainRequest) -> ExplainResult:
+        """Heat maps of why each image gets its class (`serving.core.explain`), beside its top-k."""
+        model = self.models.resolve(request.model, request.version)
+        with model.hold():
+            return await self._explain(model, request)
+
+    async def _explain(self, model: ServedModel, request: ExplainRequest) -> ExplainResult:
+        k = self._top_k(request.top_k)
+        methods = self._explain_methods(model, request.methods)
+        contract = model.contract
+        if request.target is not None and not 0 <= request.target < model.num_classes:
+            raise InvalidInput(
+                f"class {request.target} is not one of the model's {model.num_classes} classes"
+            )
+        if request.activations and model.explain_graph is None:
+            raise InvalidInput(
+                f"activation maps come from an explain graph ({EXPLAIN_FILE}); model {shown(model.name)} "
+                f"version {model.version} has none"
+            )
+        grid = None
+        count = len(request.images)
+        if OCCLUSION in methods:
+            grid = occlusion_grid(contract.height, contract.width, request.patch, request.stride)
+            if count * grid.copies > self.limits.max_explain_copies:
+                raise InvalidInput(
+                    f"occlusion needs {grid.copies} masked copies per image, {count * grid.copies} for "
+                    f"{count} image(s); the limit per request is {self.limits.max_explain_copies}: send "
+                    "fewer images or a larger patch or stride"
+                )
+
+        def check(errors: dict[int, str]) -> None:
+            if len(errors) == count:
+                summary = "; ".join(f"image {i}: {msg}" for i, msg in sorted(errors.items())[:5])
+                raise InvalidInput(summary)
+
+        async def run(rows: np.ndarray) -> list[ImageExplanation]:
+            return await self._explain_rows(model, rows, methods, request, k, grid)
+
+        explanations, errors = await self._run(
+            model,
+            count,
+            lambda: self._prepare(model, request.images),
+            check,
+            request.deadline,
+            run,
+            1 + (grid.copies if grid else 0),
+        )
+        settings = OcclusionSettings(grid.patch, grid.stride, grid.copies) if grid else None
+        return ExplainResult(
+            model.name, model.version, contract.labels, methods, count, explanations, errors, settings
+        )
+
+    @staticmethod
+    def _explain_methods(model: ServedModel, asked: Sequence[str]) -> tuple[str, ...]:
+        offered = model.explain_methods
+        if not asked:
+            return offered[:1]  # cam where the version has an explain graph, else occlusion
+        unknown = [m for m in asked if m not in METHODS]
+        if unknown:
+            raise InvalidInput(
+                f"unknown explanation method {shown(unknown[0])}; methods: {', '.join(METHODS)}"
+            )
+        if CAM in asked and CAM not in offered:
+            raise InvalidInput(
+                f"model {shown(model.name)} version {model.version} has no explain graph "
+                f"({EXPLAIN_FILE}), so no cam; it offers occlusion"
+            )
+        return tuple(m for m in METHODS if m in asked)
+
+    async def _explain_rows(
+        self,
+        model: ServedModel,
+        rows: np.ndarray,
+        methods: tuple[str, ...],
+        request: ExplainRequest,
+        k: int,
+        grid: OcclusionGrid | None,
+    ) -> list[ImageExplanation]:
+        """The usable rows' explanations. The explain graph (or the model) and the occlusion copies run
+        at once; the copies at low priority, so classification traffic goes first."""
+        contract, deadline = model.contract, request.deadline
+        graph = model.explain_graph
+        # A float32 explain graph's probabilities are the model's own (verified at export); a reduced
+        # precision model gets its top-k from the model itself, as Classify would.
+        use_graph = graph is not None and (CAM in methods or request.activations)
+        own_probabilities = not use_graph or contract.extra.get("precision", "fp32") != "fp32"
+        work: list[Awaitable[Any]] = [model.explain_rows(rows, deadline) if use_graph else _none()]
+        work.append(model.infer(rows, deadline) if own_probabilities else _none())
+        if grid is not None:
+            copies = np.concatenate([occluded_copies(row, contract, grid) for row in rows])
+            work.append(model.infer(copies, deadline, PRIORITY_LOW))
+        results = await asyncio.gather(*work)
+        outputs, probabilities = results[0], results[1]
+        if probabilities is None:
+            probabilities = outputs.probabilities
+        targets = (
+            np.full(len(rows), request.target) if request.target is not None else probabilities.argmax(axis=1)
+        )
+        indices, values = top_k(probabilities, k)
+        labels = contract.labels
+        explanations = []
+        for i, row in enumerate(rows):
+            target = int(targets[i])
+            maps: dict[str, np.ndarray] = {}
+            if CAM in methods:
+                maps[CAM] = np.ascontiguousarray(outputs.cam[i, target])
+            if grid is not None:
+                masked = results[2][i * grid.copies : (i + 1) * grid.copies, target]
+                maps[OCCLUSION] = occlusion_map(
+                    float(probabilities[i, target]), masked, grid, contract.height, contract.width
+                )
+            blocks = []
+            if request.activations and outputs is not None and graph is not None:
+                for b, block in enumerate(outputs.blocks, start=1):
+                    caption = graph.caption(b, block[i])
+                    png = grid_png(block[i], caption) if request.activation_grids else b""
+                    blocks.append(BlockMaps(b, np.ascontiguousarray(block[i]), caption, png))
+            predictions = [
+                Prediction(int(c), labels[c], float(p)) for c, p in zip(indices[i], values[i], strict=True)
+            ]
+            explanations.append(
+                ImageExplanation(
+                    predictions, target, labels[target], maps, input_pixels(row, contract), blocks
+                )
+            )
+        return explanations
 
     async def predict(self, request: PredictRequest) -> PredictResult:
         """Full probability rows (N, classes) for every image; any unusable image fails the whole
@@ -142,17 +284,21 @@ class DataPlane:
         prepare: Callable[[], Awaitable[tuple[np.ndarray, dict[int, str]]]],
         check: Callable[[dict[int, str]], None],
         deadline: float | None,
-    ) -> tuple[np.ndarray, dict[int, str]]:
+        infer: Callable[[np.ndarray], Awaitable[Any]] | None = None,
+        rows_per_image: int = 1,
+    ) -> tuple[Any, dict[int, str]]:
         """The shared path: count → reserve input memory → prepare rows → check → batcher.
 
-        Returns the probabilities of the usable rows and {index: error} for the others.
+        Returns the probabilities of the usable rows (or what `infer` makes of them) and {index: error}
+        for the others. `rows_per_image`: input rows each image will hold in memory (an explanation's
+        occlusion copies count against the budget too).
         """
         if count <= 0:
             raise InvalidInput("request holds no images")
         if count > self.limits.max_images:
             raise InvalidInput(f"request holds {count} images; the limit is {self.limits.max_images}")
         try:
-            reservation = self.budget.reserve(count * model.row_nbytes)
+            reservation = self.budget.reserve(count * rows_per_image * model.row_nbytes)
         except Overloaded:
             model.stats.rejected += 1
             raise
@@ -165,7 +311,7 @@ class DataPlane:
                 raise DeadlineExceeded("deadline passed while the images were decoded")
             if errors:
                 rows = rows[[i for i in range(count) if i not in errors]]
-            probabilities = await model.infer(rows, deadline)
+            probabilities = await (model.infer(rows, deadline) if infer is None else infer(rows))
         except DeadlineExceeded:
             model.stats.expired += 1
             raise

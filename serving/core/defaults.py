@@ -9,6 +9,7 @@ MAX_QUEUE_ROWS = 2048  # rows queued per model version
 INLINE_BELOW_MS = 0.5  # a model whose batch call takes less runs on the event loop when idle
 LOW_PRIORITY_MAX_WAIT_MS = 200.0  # low-priority rows (explanations) go first once they waited this long
 TOP_K = 5
+MAX_EXPLAIN_COPIES = 4096  # occlusion's masked copies per request, all its images together
 MAX_IMAGES = 256  # per request
 MAX_PIXELS = 50_000_000  # per image, read from the header before decoding
 MAX_REQUEST_PIXELS = 128 * 1024 * 1024  # per request, all images together

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.core.batching import BatchingConfig, BatchStats, DynamicBatcher
+from serving.core.batching import PRIORITY_HIGH, BatchingConfig, BatchStats, DynamicBatcher
 from serving.core.contract import (
     SIDECAR_NAME,
     ContractError,
@@ -26,6 +26,7 @@ from serving.core.contract import (
     from_sidecar,
     has_contract,
 )
+from serving.core.explain import CAM, EXPLAIN_FILE, OCCLUSION, ExplainGraph, ExplainOutputs
 from serving.core.postprocess import softmax
 from serving.core.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
 
@@ -92,6 +93,13 @@ class ServedModel:
         )
         config = dataclasses.replace(batching, max_inflight=max(batching.max_inflight, runtime.instances + 1))
         self.batcher = DynamicBatcher(self.predict, config, workers)
+        # The explain graph, where the version has one: its own batcher on the same worker threads.
+        explain_path = path.parent / EXPLAIN_FILE
+        self.explain_graph: ExplainGraph | None = None
+        self.explain_batcher: DynamicBatcher | None = None
+        if explain_path.exists():
+            self.explain_graph = ExplainGraph(explain_path, runtime.options, self.contract, self.input_dtype)
+            self.explain_batcher = DynamicBatcher(self.explain_graph.run_packed, config, workers)
         self._workers = workers
         self._shape = list(self.contract.image_shape)
         self._dtype_name = self.input_dtype.name
@@ -131,9 +139,22 @@ class ServedModel:
             return np.exp(output.astype(np.float32, copy=False))
         return output
 
-    async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def infer(
+        self, rows: np.ndarray, deadline: float | None = None, priority: int = PRIORITY_HIGH
+    ) -> np.ndarray:
         """Probabilities of `rows`, batched with every other caller's rows."""
-        return await self.batcher.submit(rows, deadline)
+        return await self.batcher.submit(rows, deadline, priority)
+
+    @property
+    def explain_methods(self) -> tuple[str, ...]:
+        """What this version can explain with: occlusion always, cam with an explain graph."""
+        return (CAM, OCCLUSION) if self.explain_graph is not None else (OCCLUSION,)
+
+    async def explain_rows(self, rows: np.ndarray, deadline: float | None = None) -> ExplainOutputs:
+        """The explain graph's outputs for `rows`, batched with other explanations' rows."""
+        if self.explain_graph is None or self.explain_batcher is None:
+            raise RuntimeError(f"{self.name} version {self.version} has no explain graph")
+        return self.explain_graph.unpack(await self.explain_batcher.submit(rows, deadline))
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -160,9 +181,13 @@ class ServedModel:
             batch = np.zeros((size, *self.contract.image_shape), dtype=self.input_dtype)
             for session in range(self.runtime.instances):
                 self.runtime.run(batch, session)
+            if self.explain_graph is not None and size == 1:  # explanations come one image at a time
+                self.explain_graph.run_packed(batch)
 
     async def close(self) -> None:
         await self.batcher.close()
+        if self.explain_batcher is not None:
+            await self.explain_batcher.close()
         self._workers.shutdown(wait=True)
 
 

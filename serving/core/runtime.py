@@ -180,8 +180,19 @@ class ModelRuntime:
                 self._free.pop()
         self._local.index = index
 
+    @property
+    def outputs(self) -> list[tuple[str, list]]:
+        """Every output of the graph: (name, shape), in the graph's order."""
+        return [(o.name, list(o.shape)) for o in self._sessions[0].get_outputs()]
+
     def run(self, batch: np.ndarray, session: int | None = None) -> np.ndarray:
         """Runs one batch on the calling thread's session (or the one named, as warm-up does)."""
+        return self.run_outputs(batch, [self.output_name], session)[0]
+
+    def run_outputs(
+        self, batch: np.ndarray, names: list[str] | None = None, session: int | None = None
+    ) -> list[np.ndarray]:
+        """The outputs named (all with None) for one batch, each cut to the batch's rows."""
         rows = len(batch)
         if self.on_cuda:
             batch = pad_rows(batch, bucket_size(rows, self.options.cuda_buckets))
@@ -190,12 +201,12 @@ class ModelRuntime:
             self._running += 1
             self.peak_concurrent = max(self.peak_concurrent, self._running)
         try:
-            output = self._sessions[index].run([self.output_name], {self.input_name: batch})[0]
+            outputs = self._sessions[index].run(names, {self.input_name: batch})
         finally:
             with self._lock:
                 self._running -= 1
                 self.session_calls[index] += 1
-        return output[:rows]
+        return [output[:rows] for output in outputs]
 
     def warm_up_sizes(self, max_batch_size: int) -> list[int]:
         """Every batch size a run can take: each CUDA bucket up to the largest batch, else 1 and the max."""

@@ -106,3 +106,75 @@ class ClassifyResult:
                 None,
             )
             row += 1
+
+
+@dataclass(slots=True)
+class ExplainRequest:
+    """Why the model answers what it does for each image: heat maps at the model's input resolution.
+
+    `methods`: "cam" (Grad-CAM from the version's explain graph) and/or "occlusion" (any model); empty
+    asks for the version's default (cam where it has an explain graph, else occlusion). `target`: the
+    class to explain for every image; None explains each image's own top-1.
+    """
+
+    images: Sequence[ImageInput]
+    model: str = ""
+    version: int = 0
+    methods: Sequence[str] = ()
+    target: int | None = None
+    top_k: int | None = None
+    deadline: float | None = None
+    activations: bool = False  # each conv block's maps (explain graph only)
+    activation_grids: bool = False  # … and each block as one PNG grid, drawn as the run report draws it
+    patch: int | None = None  # occlusion patch side in input pixels; None: chosen from the input size
+    stride: int | None = None
+
+
+@dataclass(slots=True)
+class BlockMaps:
+    """One conv block's activation maps for one image: (channels, height, width) after its last ReLU."""
+
+    block: int  # 1-based
+    maps: np.ndarray
+    caption: str
+    grid_png: bytes = b""
+
+
+@dataclass(slots=True)
+class ImageExplanation:
+    predictions: list[Prediction]  # the top-k, as Classify gives it
+    target: int  # the class explained
+    target_label: str
+    maps: dict[str, np.ndarray]  # method -> (height, width) float32 at the model's input resolution
+    model_input: np.ndarray  # (height, width, channels) uint8: the image as the model saw it
+    blocks: list[BlockMaps] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class OcclusionSettings:
+    patch: int
+    stride: int
+    copies: int  # masked copies per image
+
+
+@dataclass(slots=True)
+class ExplainResult:
+    """One explanation per usable image, in request order; `errors` maps the others to why."""
+
+    model: str
+    version: int
+    labels: Sequence[str]
+    methods: tuple[str, ...]
+    count: int  # images in the request
+    explanations: list[ImageExplanation]
+    errors: dict[int, str] = field(default_factory=dict)
+    occlusion: OcclusionSettings | None = None
+
+    def per_image(self) -> Iterator[tuple[ImageExplanation | None, str | None]]:
+        """(explanation, None) or (None, error) for each image of the request, in order."""
+        usable = iter(self.explanations)
+        for image in range(self.count):
+            if image in self.errors:
+                yield None, self.errors[image]
+            else:
+                yield next(usable), None

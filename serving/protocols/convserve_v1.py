@@ -11,11 +11,19 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from serving.core.dataplane import DataPlane
-from serving.core.types import ClassifyRequest, ClassifyResult, ImageInput, RawTensor
+from serving.core.types import (
+    ClassifyRequest,
+    ClassifyResult,
+    ExplainRequest,
+    ExplainResult,
+    ImageInput,
+    RawTensor,
+)
 from serving.models.registry import ModelRegistry, ModelVersion
 from serving.protocols.admission import Admission
 from serving.protocols.calls import Reading
@@ -23,18 +31,22 @@ from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 BENCH_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Bench"].full_name
-DATA_METHODS = (f"/{SERVICE_NAME}/Classify", f"/{SERVICE_NAME}/ClassifyStream")
+DATA_METHODS = (f"/{SERVICE_NAME}/Classify", f"/{SERVICE_NAME}/ClassifyStream", f"/{SERVICE_NAME}/Explain")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 PROTOCOL = "convserve_v1"  # the metrics' protocol label
 
 
-def asked(request: pb.ClassifyRequest) -> tuple[str, int]:
+def asked(request: pb.ClassifyRequest | pb.ExplainRequest) -> tuple[str, int]:
     return request.model, request.version
 
 
 def answered(response: pb.ClassifyResponse) -> tuple[str, str, int]:
     """(model, version, images) of an answer."""
     return response.model, str(response.version), len(response.results)
+
+
+def answered_explain(response: pb.ExplainResponse) -> tuple[str, str, int]:
+    return response.model, str(response.version), len(response.images)
 
 
 def answered_stream(response: pb.ClassifyResponse) -> tuple[str, str, int] | None:
@@ -45,6 +57,7 @@ def answered_stream(response: pb.ClassifyResponse) -> tuple[str, str, int] | Non
 COUNTED = {
     DATA_METHODS[0]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered),
     DATA_METHODS[1]: Reading(PROTOCOL, pb.ClassifyRequest.FromString, asked, answered_stream),
+    DATA_METHODS[2]: Reading(PROTOCOL, pb.ExplainRequest.FromString, asked, answered_explain),
 }
 
 
@@ -110,6 +123,63 @@ def to_response(message: pb.ClassifyRequest, result: ClassifyResult) -> pb.Class
     return response
 
 
+def to_explain_request(
+    message: pb.ExplainRequest, deadline: float | None, images: list[ImageInput] | None = None
+) -> ExplainRequest:
+    """`images`: already taken from elsewhere (a REST body) instead of the message's."""
+    return ExplainRequest(
+        images=[image_input(image) for image in message.images] if images is None else images,
+        model=message.model,
+        version=message.version,
+        methods=tuple(message.methods),
+        target=message.class_index if message.HasField("class_index") else None,
+        top_k=message.top_k if message.HasField("top_k") else None,
+        deadline=deadline,
+        activations=message.activations or message.activation_grids,
+        activation_grids=message.activation_grids,
+        patch=message.occlusion_patch if message.HasField("occlusion_patch") else None,
+        stride=message.occlusion_stride if message.HasField("occlusion_stride") else None,
+    )
+
+
+def tensor(array: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(shape=array.shape, dtype=array.dtype.name, data=array.tobytes())
+
+
+def to_explain_response(message: pb.ExplainRequest, result: ExplainResult) -> pb.ExplainResponse:
+    response = pb.ExplainResponse(
+        id=message.id, model=result.model, version=result.version, methods=result.methods
+    )
+    if result.occlusion is not None:
+        o = result.occlusion
+        response.occlusion.CopyFrom(pb.OcclusionSettings(patch=o.patch, stride=o.stride, copies=o.copies))
+    for image, (explanation, error) in enumerate(result.per_image()):
+        if explanation is None:
+            response.images.add(
+                result=pb.ImageResult(error=pb.Error(code=INVALID, message=f"image {image}: {error}"))
+            )
+            continue
+        predictions = explanation.predictions
+        response.images.add(
+            result=pb.ImageResult(
+                class_index=[p.index for p in predictions],
+                label=[p.label for p in predictions],
+                probability=[p.probability for p in predictions],
+            ),
+            class_index=explanation.target,
+            label=explanation.target_label,
+            maps=[pb.HeatMap(method=method, map=tensor(heat)) for method, heat in explanation.maps.items()],
+            model_input=tensor(explanation.model_input),
+            blocks=[
+                pb.BlockActivations(
+                    block=b.block, maps=tensor(b.maps), caption=b.caption, grid_png=b.grid_png
+                )
+                for b in explanation.blocks
+            ],
+        )
+    return response
+
+
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, dataplane: DataPlane, registry: ModelRegistry, admission: Admission) -> None:
         self.dataplane = dataplane
@@ -121,6 +191,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> pb.ClassifyResponse:
         result = await self.dataplane.classify(to_request(request, deadline_of(context)))
         return to_response(request, result)
+
+    async def Explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExplainResponse:
+        result = await self.dataplane.explain(to_explain_request(request, deadline_of(context)))
+        return to_explain_response(request, result)
 
     async def ClassifyStream(
         self, requests: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
@@ -204,6 +280,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             )
         )
         info.provider = model.runtime.provider
+        info.explain_methods.extend(model.explain_methods)
         return info
 
 

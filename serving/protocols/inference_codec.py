@@ -10,6 +10,7 @@ statistics, and the per-version request counts those statistics report (one tabl
 
 from __future__ import annotations
 
+import base64
 import struct
 import time
 from collections.abc import Sequence
@@ -326,38 +327,41 @@ _INTEGERS = {
 }
 
 
-def proto_json(message: Message, defaults: bool = True) -> dict[str, Any]:
+def proto_json(message: Message, defaults: bool = True, base64_bytes: bool = False) -> dict[str, Any]:
     """A message as Triton's REST form writes it: field names as in the .proto, 64-bit integers as JSON
     numbers (protobuf's own JSON mapping writes them as strings), enums by name; with `defaults`, every
     scalar and list written even at its default (readers such as perf_analyzer expect a count of 0, not
-    no count); a sub-message and a oneof member only when set. Without `defaults`, only what is set."""
+    no count); a sub-message and a oneof member only when set. Without `defaults`, only what is set.
+    Bytes fields as latin-1 text (Triton's BYTES parameters), or base64 as protobuf's JSON writes them."""
     if not defaults:
-        return {d.name: _json_value(d, value, defaults) for d, value in message.ListFields()}
+        return {d.name: _json_value(d, value, defaults, base64_bytes) for d, value in message.ListFields()}
     out: dict[str, Any] = {}
     for descriptor in message.DESCRIPTOR.fields:
         optional = descriptor.message_type is not None or descriptor.containing_oneof is not None
         if not descriptor.is_repeated and optional and not message.HasField(descriptor.name):
             continue
-        out[descriptor.name] = _json_value(descriptor, getattr(message, descriptor.name), defaults)
+        out[descriptor.name] = _json_value(
+            descriptor, getattr(message, descriptor.name), defaults, base64_bytes
+        )
     return out
 
 
-def _json_value(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: bool) -> Any:
+def _json_value(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: bool, b64: bool) -> Any:
     if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
         value_field = descriptor.message_type.fields_by_name["value"]
-        return {key: _scalar(value_field, item, defaults) for key, item in value.items()}
+        return {key: _scalar(value_field, item, defaults, b64) for key, item in value.items()}
     if descriptor.is_repeated:
-        return [_scalar(descriptor, item, defaults) for item in value]
-    return _scalar(descriptor, value, defaults)
+        return [_scalar(descriptor, item, defaults, b64) for item in value]
+    return _scalar(descriptor, value, defaults, b64)
 
 
-def _scalar(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: bool) -> Any:
+def _scalar(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: bool, b64: bool) -> Any:
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_MESSAGE:
-        return proto_json(value, defaults)
+        return proto_json(value, defaults, b64)
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_ENUM:
         return descriptor.enum_type.values_by_number[value].name
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_BYTES:
-        return value.decode("latin-1")
+        return base64.b64encode(value).decode("ascii") if b64 else value.decode("latin-1")
     if descriptor.type in _INTEGERS:
         return int(value)
     return value

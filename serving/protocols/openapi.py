@@ -194,6 +194,59 @@ SCHEMAS: dict[str, Any] = {
         },
         "required": ["model", "version", "results"],
     },
+    "tensor": {
+        "type": "object",
+        "properties": {
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "dtype": {"type": "string"},
+            "data": {"type": "string", "format": "byte", "description": "base64, C order, little-endian"},
+        },
+    },
+    "explain_response": {
+        "type": "object",
+        "description": "convserve.v1 ExplainResponse as JSON: one explanation per image, in order",
+        "properties": {
+            "model": {"type": "string"},
+            "version": {"type": "integer"},
+            "methods": {"type": "array", "items": {"type": "string"}},
+            "occlusion": {
+                "type": "object",
+                "properties": {k: {"type": "integer"} for k in ("patch", "stride", "copies")},
+            },
+            "images": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "result": {"type": "object", "description": "as a result of :classify"},
+                        "class_index": {"type": "integer"},
+                        "label": {"type": "string"},
+                        "maps": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {"method": {"type": "string"}, "map": _ref("tensor")},
+                            },
+                        },
+                        "model_input": _ref("tensor"),
+                        "blocks": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "block": {"type": "integer"},
+                                    "maps": _ref("tensor"),
+                                    "caption": {"type": "string"},
+                                    "grid_png": {"type": "string", "format": "byte"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "required": ["model", "version", "images"],
+    },
 }
 
 
@@ -280,6 +333,39 @@ def _classify(parameters: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _explain(parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+    operation = _classify(parameters)["post"]
+    return {
+        "post": {
+            **operation,
+            "summary": "Explain images",
+            "description": "The same body as :classify. Per image: the top-k, heat maps of the evidence "
+            "for a class at the model's input resolution (float32 tensors, data in base64), the image as "
+            "the model saw it, and optionally each conv block's activation maps.",
+            "parameters": [
+                *operation["parameters"],
+                query(
+                    "method",
+                    {"type": "array", "items": {"type": "string", "enum": ["cam", "occlusion"]}},
+                    "repeatable; default: cam where the version has an explain graph, else occlusion",
+                ),
+                query("class_index", {"type": "integer", "minimum": 0}, "default: each image's top-1"),
+                query("activations", {"type": "boolean"}, "each conv block's maps (explain graph only)"),
+                query("activation_grids", {"type": "boolean"}, "… and each block as a PNG grid"),
+                query("occlusion_patch", {"type": "integer", "minimum": 1}, "patch side in input pixels"),
+                query("occlusion_stride", {"type": "integer", "minimum": 1}, "default: half the patch"),
+            ],
+            "responses": {
+                "200": {"description": "OK", "content": {JSON: {"schema": _ref("explain_response")}}},
+                **DATA_ERRORS,
+            },
+        }
+    }
+
+
 def _repository() -> dict[str, Any]:
     index = {
         "summary": "Repository Index",
@@ -327,6 +413,8 @@ def openapi() -> dict[str, Any]:
         **_repository(),
         "/v1/models/{model}:classify": _classify([MODEL]),
         "/v1/models/{model}/versions/{version}:classify": _classify([MODEL, VERSION]),
+        "/v1/models/{model}:explain": _explain([MODEL]),
+        "/v1/models/{model}/versions/{version}:explain": _explain([MODEL, VERSION]),
         "/openapi.json": _get("This document", None),
         "/docs": _get("This document, as a page", None),
     }

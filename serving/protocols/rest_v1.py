@@ -1,4 +1,5 @@
-"""Images by curl: `POST /v1/models/{model}[/versions/{version}]:classify`, answered as `convserve.v1`.
+"""Images by curl: `POST /v1/models/{model}[/versions/{version}]:classify` and `:explain`, answered as
+`convserve.v1`.
 
 The body is either one image's raw bytes (any format the gRPC edge decodes; `curl --data-binary
 @cat.jpg`) or a `multipart/form-data` upload of several files (`curl -F image=@a.png -F image=@b.jpg`),
@@ -6,6 +7,11 @@ taken in the order sent. `?top_k=k` asks for k classes (the server's default oth
 `convserve.v1`'s ClassifyResponse as JSON (field names as in the .proto): per image its classes,
 labels and probabilities, or its own `error`; only when every image is unusable does the request
 fail as a whole (400).
+
+`:explain` takes the same body and answers `ExplainResponse` as JSON; its options are query parameters
+named as the message's fields: `method` (repeatable: cam, occlusion), `class_index`, `top_k`,
+`activations`, `activation_grids` (true/false), `occlusion_patch`, `occlusion_stride`. Tensors'
+`data` (heat maps, the model's input, block maps) and `grid_png` are base64, as protobuf's JSON has it.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from starlette.routing import Route
 from protos.convserve.v1 import convserve_pb2 as pb
 from serving.core.errors import InvalidInput, shown
 from serving.core.types import ClassifyRequest
-from serving.protocols.convserve_v1 import to_response
+from serving.protocols.convserve_v1 import to_explain_request, to_explain_response, to_response
 from serving.protocols.http_edge import Call, HttpEdge
 from serving.protocols.inference_codec import parse_version, proto_json
 
 CLASSIFY = "/v1/models/{model}:classify"
 CLASSIFY_VERSION = "/v1/models/{model}/versions/{version}:classify"
+EXPLAIN = "/v1/models/{model}:explain"
+EXPLAIN_VERSION = "/v1/models/{model}/versions/{version}:explain"
+EXPLAIN_FLAGS = ("activations", "activation_grids")
+EXPLAIN_NUMBERS = ("class_index", "occlusion_patch", "occlusion_stride")
 
 
 async def _once(body: bytes) -> AsyncGenerator[bytes, None]:
@@ -56,12 +66,38 @@ async def images_of(request: Request, body: bytes, max_images: int) -> list[byte
 
 
 def top_k_of(request: Request) -> int | None:
-    text = request.query_params.get("top_k")
+    return whole_number(request, "top_k", 1)
+
+
+def whole_number(request: Request, name: str, least: int) -> int | None:
+    text = request.query_params.get(name)
     if text is None:
         return None
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise InvalidInput(f"top_k must be a positive integer, got {shown(text)}")
+    if not text.isascii() or not text.isdigit() or len(text) > 9 or int(text) < least:
+        raise InvalidInput(f"{name} must be an integer of at least {least}, got {shown(text)}")
     return int(text)
+
+
+def flag(request: Request, name: str) -> bool:
+    text = request.query_params.get(name, "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise InvalidInput(f"{name} must be true or false, got {shown(text)}")
+    return text in ("true", "1")
+
+
+def explain_message(request: Request, name: str, version: int) -> pb.ExplainRequest:
+    """The query's options as the gRPC method's request message (without its images)."""
+    message = pb.ExplainRequest(model=name, version=version, methods=request.query_params.getlist("method"))
+    top_k = top_k_of(request)
+    if top_k is not None:
+        message.top_k = top_k
+    for field in EXPLAIN_NUMBERS:
+        value = whole_number(request, field, 0 if field == "class_index" else 1)
+        if value is not None:
+            setattr(message, field, value)
+    for field in EXPLAIN_FLAGS:
+        setattr(message, field, flag(request, field))
+    return message
 
 
 def routes(edge: HttpEdge) -> list[Route]:
@@ -78,8 +114,23 @@ def routes(edge: HttpEdge) -> list[Route]:
         # Only the fields set, as protobuf's JSON mapping writes them: an image's error has no empty lists.
         return JSONResponse(proto_json(to_response(message, result), defaults=False))
 
+    async def explain(request: Request, call: Call) -> Response:
+        name = request.path_params["model"]
+        version = parse_version(request.path_params.get("version", ""))
+        call.asked = (name, version)
+        message = explain_message(request, name, version)
+        body = await edge.body(request)
+        images = await images_of(request, body, edge.dataplane.limits.max_images)
+        result = await edge.dataplane.explain(to_explain_request(message, call.deadline, list(images)))
+        call.answered = (result.model, str(result.version), result.count)
+        response = to_explain_response(message, result)
+        return JSONResponse(proto_json(response, defaults=False, base64_bytes=True))
+
     endpoint = edge.route(classify, data=True)
+    explain_endpoint = edge.route(explain, data=True)
     return [
         Route(CLASSIFY, endpoint, methods=["POST"]),
         Route(CLASSIFY_VERSION, endpoint, methods=["POST"]),
+        Route(EXPLAIN, explain_endpoint, methods=["POST"]),
+        Route(EXPLAIN_VERSION, explain_endpoint, methods=["POST"]),
     ]

@@ -162,7 +162,7 @@ class VersionState(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "input", "labels", "output_kind", "batching", "stats", "provider", "state", "reason", "version_states", "model_sha256", "loaded_at")
+    __slots__ = ("name", "version", "versions", "input", "labels", "output_kind", "batching", "stats", "provider", "state", "reason", "version_states", "model_sha256", "loaded_at", "explain_methods")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class ModelInfo(_message.Message):
     VERSION_STATES_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_METHODS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -191,7 +192,96 @@ class ModelInfo(_message.Message):
     version_states: _containers.RepeatedCompositeFieldContainer[VersionState]
     model_sha256: str
     loaded_at: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., output_kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., provider: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version_states: _Optional[_Iterable[_Union[VersionState, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., loaded_at: _Optional[str] = ...) -> None: ...
+    explain_methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., output_kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., provider: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version_states: _Optional[_Iterable[_Union[VersionState, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., loaded_at: _Optional[str] = ..., explain_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("model", "version", "top_k", "images", "id", "methods", "class_index", "activations", "activation_grids", "occlusion_patch", "occlusion_stride")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_GRIDS_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_PATCH_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    top_k: int
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    id: str
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    class_index: int
+    activations: bool
+    activation_grids: bool
+    occlusion_patch: int
+    occlusion_stride: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., top_k: _Optional[int] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., id: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., class_index: _Optional[int] = ..., activations: _Optional[bool] = ..., activation_grids: _Optional[bool] = ..., occlusion_patch: _Optional[int] = ..., occlusion_stride: _Optional[int] = ...) -> None: ...
+
+class HeatMap(_message.Message):
+    __slots__ = ("method", "map")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    map: Tensor
+    def __init__(self, method: _Optional[str] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BlockActivations(_message.Message):
+    __slots__ = ("block", "maps", "caption", "grid_png")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    GRID_PNG_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    maps: Tensor
+    caption: str
+    grid_png: bytes
+    def __init__(self, block: _Optional[int] = ..., maps: _Optional[_Union[Tensor, _Mapping]] = ..., caption: _Optional[str] = ..., grid_png: _Optional[bytes] = ...) -> None: ...
+
+class ImageExplanation(_message.Message):
+    __slots__ = ("result", "class_index", "label", "maps", "model_input", "blocks")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    result: ImageResult
+    class_index: int
+    label: str
+    maps: _containers.RepeatedCompositeFieldContainer[HeatMap]
+    model_input: Tensor
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockActivations]
+    def __init__(self, result: _Optional[_Union[ImageResult, _Mapping]] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., maps: _Optional[_Iterable[_Union[HeatMap, _Mapping]]] = ..., model_input: _Optional[_Union[Tensor, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockActivations, _Mapping]]] = ...) -> None: ...
+
+class OcclusionSettings(_message.Message):
+    __slots__ = ("patch", "stride", "copies")
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    patch: int
+    stride: int
+    copies: int
+    def __init__(self, patch: _Optional[int] = ..., stride: _Optional[int] = ..., copies: _Optional[int] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("id", "model", "version", "methods", "images", "occlusion")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    version: int
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    images: _containers.RepeatedCompositeFieldContainer[ImageExplanation]
+    occlusion: OcclusionSettings
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[_Union[ImageExplanation, _Mapping]]] = ..., occlusion: _Optional[_Union[OcclusionSettings, _Mapping]] = ...) -> None: ...
 
 class EchoMessage(_message.Message):
     __slots__ = ("payload",)

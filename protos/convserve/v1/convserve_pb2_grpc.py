@@ -54,6 +54,11 @@ class ClassifierStub:
                 request_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/convserve.v1.Classifier/Explain',
+                request_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -85,6 +90,14 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Why: per image its top-k (as Classify gives it), heat maps of the evidence for a class at the
+        model's input resolution, and the image as the model saw it; per-image errors as in Classify.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +120,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.GetModelRequest.FromString,
                     response_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.ExplainRequest.FromString,
+                    response_serializer=protos_dot_convserve_dot_v1_dot_convserve__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +235,33 @@ class Classifier:
             '/convserve.v1.Classifier/GetModel',
             protos_dot_convserve_dot_v1_dot_convserve__pb2.GetModelRequest.SerializeToString,
             protos_dot_convserve_dot_v1_dot_convserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convserve.v1.Classifier/Explain',
+            protos_dot_convserve_dot_v1_dot_convserve__pb2.ExplainRequest.SerializeToString,
+            protos_dot_convserve_dot_v1_dot_convserve__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
