@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8: static quantization calibrated on training images; fp16: for GPUs",
     )
     export.add_argument(
+        "--explain",
+        choices=["on", "off"],
+        default="on",
+        help="also write explain.onnx (probabilities, Grad-CAM of every class, block maps), verified "
+        "against PyTorch autograd; always float32",
+    )
+    export.add_argument(
         "--speed", action="store_true", help="also time the exported model in ONNX Runtime at batch 1 and 32"
     )
     reference = commands.add_parser("reference", help="export a random-weight reference model for benchmarks")
@@ -193,7 +200,14 @@ def print_report(run_dir: Path, out: Path | None = None, images: tuple[Path, ...
 def run_export(args: argparse.Namespace) -> int:
     from training.export import export_run
 
-    report = export_run(args.run_dir, args.repository, args.name, args.version, precision=args.precision)
+    report = export_run(
+        args.run_dir,
+        args.repository,
+        args.name,
+        args.version,
+        precision=args.precision,
+        explain=args.explain == "on",
+    )
     print(f"exported {report.path} ({report.precision}, {report.path.stat().st_size:,} bytes)")
     if report.reduced is not None:
         print("  the float32 graph, verified before conversion:")
@@ -211,6 +225,8 @@ def run_export(args: argparse.Namespace) -> int:
             f"({r.accuracy_drop_pp:.2f} points lost, at most {r.max_drop_pp}), "
             f"max |diff| {r.max_abs_diff:.2e}"
         )
+    if report.explain is not None:
+        print(f"  {report.explain.summary()}")
     if args.speed:
         from training.speed import measure
 

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -26,9 +27,13 @@ from training.model import ProbabilitiesModel
 from training.quantize import PRECISIONS, Precision, convert
 from training.train import CALIBRATION, TEST_SPLIT, load_run, to_tensor
 
+if TYPE_CHECKING:  # training.explain_graph imports this module
+    from training.explain_graph import ExplainCheck
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+EXPLAIN_FILE = "explain.onnx"  # probabilities, Grad-CAM of every class, block maps: training/explain_graph.py
 PARITY_BATCH_SIZES = (1, 7, 64)
 MAX_ABS_DIFF = 1e-5
 OPSET = 18
@@ -82,6 +87,7 @@ class ExportReport:
     onnx_test_accuracy: float
     precision: str = "fp32"
     reduced: ReducedPrecisionCheck | None = None
+    explain: ExplainCheck | None = None  # None: exported with explain=False
 
 
 def next_version(model_dir: Path) -> int:
@@ -219,8 +225,10 @@ def export_run(
     name: str,
     version: int | None = None,
     precision: Precision = "fp32",
+    explain: bool = True,
 ) -> ExportReport:
-    """Exports a finished run into `repository/name/version/model.onnx` and verifies it."""
+    """Exports a finished run into `repository/name/version/model.onnx` and verifies it; with `explain`,
+    also `explain.onnx` beside it (training/explain_graph.py), verified too before the version appears."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     info, net = load_run(run_dir)
@@ -259,6 +267,15 @@ def export_run(
                 reduced = verify_reduced(float_probabilities, path, precision, images, labels)
                 check_reduced(reduced)
                 report = replace(report, precision=precision, reduced=reduced)
+        if explain:
+            from training.explain_graph import export_explain, verify_explain
+
+            # Always float32, from the float network, whatever `precision` made of model.onnx: explanations
+            # are for looking at, not the hot path, and only float32 is verified exact against autograd.
+            # Its contract is model.onnx's, but for `convserve.precision`, which says what this file is.
+            explain_contract = replace(contract, extra={**contract.extra, "precision": "fp32"})
+            export_explain(net, to_tensor(images[:2]), staging / EXPLAIN_FILE, explain_contract.to_metadata())
+            report = replace(report, explain=verify_explain(staging / EXPLAIN_FILE, net, images))
         os.rename(staging, target_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
