@@ -302,9 +302,9 @@ def test_grpc_explain_errors_have_their_status(server, png_files) -> None:
 
 def test_the_cli_writes_the_pictures(server, png_files, tmp_path) -> None:
     out = tmp_path / "why"
+    server_flags = ["--server", server.address, "--model", "digits"]
     done = subprocess.run(
-        [sys.executable, "-m", "serving", "explain", str(png_files[0]), "--out", str(out)]
-        + ["--server", server.address, "--model", "digits"],
+        [sys.executable, "-m", "serving", "explain", str(png_files[0]), "--out", str(out), *server_flags],
         capture_output=True,
         text=True,
         timeout=60,

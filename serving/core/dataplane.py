@@ -203,7 +203,7 @@ class DataPlane:
         work.append(model.infer(rows, deadline) if own_probabilities else _none())
         if grid is not None:
             copies = np.concatenate([occluded_copies(row, contract, grid) for row in rows])
-            work.append(model.infer(copies, deadline, PRIORITY_LOW))
+            work.append(self._infer_copies(model, copies, deadline))
         results = await asyncio.gather(*work)
         outputs, probabilities = results[0], results[1]
         if probabilities is None:
@@ -239,6 +239,17 @@ class DataPlane:
                 )
             )
         return explanations
+
+    @staticmethod
+    async def _infer_copies(model: ServedModel, copies: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Occlusion copies at low priority, a quarter of the queue's bound at a time: a request's copies
+        may outnumber what the queue holds, and others' explanations need room beside them."""
+        chunk = max(model.batcher.config.max_batch_size, model.batcher.config.max_queue_rows // 4)
+        outputs = [
+            await model.infer(copies[start : start + chunk], deadline, PRIORITY_LOW)
+            for start in range(0, len(copies), chunk)
+        ]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     async def predict(self, request: PredictRequest) -> PredictResult:
         """Full probability rows (N, classes) for every image; any unusable image fails the whole

@@ -43,9 +43,11 @@ class ExplainGraph:
 
     def __init__(self, path: Path, options: RuntimeOptions, contract: ModelContract, input_dtype: np.dtype):
         self.runtime = runtime = ModelRuntime(path, options)
-        if runtime.input_dtype != input_dtype or runtime.input_shape[1:] != list(contract.image_shape):
+        # The explain graph is float32 even beside a float16 model (export writes it from the float
+        # network): the model's rows are converted for it, exactly, since float16 values are float32's.
+        if runtime.input_dtype.kind != "f" or runtime.input_shape[1:] != list(contract.image_shape):
             raise ModelLoadError(
-                f"{path.name}: input {runtime.input_shape} {runtime.input_dtype} does not match the "
+                f"{path.name}: input {runtime.input_shape} {runtime.input_dtype} does not fit the "
                 f"model's {list(contract.image_shape)} {input_dtype}"
             )
         shapes = dict(self.runtime.outputs)
@@ -79,7 +81,7 @@ class ExplainGraph:
 
     def run_packed(self, batch: np.ndarray) -> np.ndarray:
         """The batch function: every output of the rows, one float32 row per image."""
-        outputs = self.runtime.run_outputs(batch, self.names)
+        outputs = self.runtime.run_outputs(batch.astype(self.runtime.input_dtype, copy=False), self.names)
         flat = [o.reshape(len(batch), -1).astype(np.float32, copy=False) for o in outputs]
         return np.concatenate(flat, axis=1)
 

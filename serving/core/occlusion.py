@@ -11,6 +11,8 @@ it. Patch positions always include the last row and column, so every pixel is co
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -61,20 +63,24 @@ def occlusion_grid(
     return OcclusionGrid(patch, stride, _starts(height, patch, stride), _starts(width, patch, stride))
 
 
+@functools.lru_cache(maxsize=16)
+def patch_masks(grid: OcclusionGrid, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(copies, height, width) bool, True where each copy's patch lies, and how many patches cover
+    each pixel (height, width): built once per grid and input size, so each request is two numpy calls."""
+    masks = np.zeros((grid.copies, height, width), dtype=bool)
+    p = grid.patch
+    for index, (top, left) in enumerate(itertools.product(grid.tops, grid.lefts)):
+        masks[index, top : top + p, left : left + p] = True
+    masks.setflags(write=False)
+    return masks, masks.sum(axis=0, dtype=np.float64)
+
+
 def occluded_copies(row: np.ndarray, contract: ModelContract, grid: OcclusionGrid) -> np.ndarray:
     """(copies, *row.shape): one copy of the input row per patch, the patch set to the contract's fill."""
-    copies = np.repeat(row[None], grid.copies, axis=0)
+    masks, _ = patch_masks(grid, contract.height, contract.width)
     fill = contract.fill_input.astype(row.dtype)  # shaped to broadcast over one row
-    p = grid.patch
-    index = 0
-    for top in grid.tops:
-        for left in grid.lefts:
-            if contract.layout == "NCHW":
-                copies[index, :, top : top + p, left : left + p] = fill
-            else:
-                copies[index, top : top + p, left : left + p, :] = fill
-            index += 1
-    return copies
+    spatial = masks[:, None] if contract.layout == "NCHW" else masks[:, :, :, None]
+    return np.where(spatial, fill, row[None])
 
 
 def occlusion_map(
@@ -85,12 +91,7 @@ def occlusion_map(
     `base` is the class's probability for the whole image, `masked` its probability for each copy
     (in `occluded_copies` order). Positive: covering that place lowers the class's probability.
     """
-    drops = np.zeros((height, width), dtype=np.float64)
-    cover = np.zeros((height, width), dtype=np.float64)
-    p = grid.patch
-    values = (base - np.asarray(masked, dtype=np.float64)).reshape(len(grid.tops), len(grid.lefts))
-    for i, top in enumerate(grid.tops):
-        for j, left in enumerate(grid.lefts):
-            drops[top : top + p, left : left + p] += values[i, j]
-            cover[top : top + p, left : left + p] += 1
-    return (drops / cover).astype(np.float32)
+    masks, cover = patch_masks(grid, height, width)
+    drops = base - np.asarray(masked, dtype=np.float64)
+    total = np.tensordot(drops, masks, axes=1)  # the drops of the patches over each pixel, summed
+    return (total / cover).astype(np.float32)
