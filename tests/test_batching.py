@@ -366,6 +366,35 @@ def test_low_priority_rows_never_hold_a_high_row_behind_more_than_one_batch() ->
     assert worst <= 1, f"a high row waited behind {worst} batches of low rows"
 
 
+def test_low_priority_batches_are_short_under_high_load_and_full_when_quiet() -> None:
+    sizes: list[tuple[int, int]] = []  # (level, rows)
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.001)
+        sizes.append((int(batch[0, 0]), len(batch)))
+        return batch
+
+    async def scenario() -> None:
+        config = BatchingConfig(max_batch_size=16, max_delay_s=0.002, low_max_wait_s=60.0)
+        batcher = DynamicBatcher(model, config)
+        until = time.monotonic() + 0.6
+        calls: list = []
+        await asyncio.gather(
+            *(_loop_caller(batcher, 0, c, 1, until, calls) for c in range(16)),
+            _loop_caller(batcher, PRIORITY_LOW, 0, 40, until, calls),
+        )
+        loaded = len(sizes)
+        await asyncio.sleep(config.quiet_after_s)
+        await batcher.submit(np.array([[PRIORITY_LOW, 1, 0]] * 40), priority=PRIORITY_LOW)
+        await batcher.close()
+        under_load = [rows for level, rows in sizes[:loaded] if level == PRIORITY_LOW]
+        quiet = [rows for level, rows in sizes[loaded:]]
+        assert under_load and max(under_load) <= config.low_rows_per_batch == 4, under_load
+        assert quiet == [16, 16, 8], quiet  # no high row of late: full batches
+
+    asyncio.run(scenario())
+
+
 def test_low_priority_rows_go_first_once_they_waited_their_bound() -> None:
     """High callers keep the queue full for the whole run, so low rows would wait forever without the
     bound; with it they complete under that load, after about the bound."""

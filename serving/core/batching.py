@@ -18,8 +18,9 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
   * two priority levels (Triton's `priority_levels`): classification at PRIORITY_HIGH, explanations'
     masked copies at PRIORITY_LOW. Low rows never share a batch with high ones, and a batch of only low
     rows is started only when nothing is in flight, so a high row waits behind at most the one low
-    batch already running. Low rows that have waited `low_max_wait_s` go first into the next batch
-    (starvation bound), whatever is queued above them.
+    batch already running -- a short one (`low_batch_size`) while high rows keep coming, a full one
+    after `quiet_after_s` without any. Low rows that have waited `low_max_wait_s` go first into the
+    next batch (starvation bound), whatever is queued above them.
 Sizes count rows, not requests; a request larger than `max_batch_size` is split into several items.
 Each level's queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed, or
 whose caller went away, are dropped before they reach the model (`DeadlineExceededError`, counted
@@ -68,6 +69,15 @@ class BatchingConfig:
     inline_below_s: float = defaults.INLINE_BELOW_MS / 1000
     # The longest low-priority rows wait before they go ahead of high-priority ones.
     low_max_wait_s: float = defaults.LOW_PRIORITY_MAX_WAIT_MS / 1000
+    # Rows per batch of low-priority rows (0: a quarter of max_batch_size) while high rows come: a high
+    # row that arrives while one runs waits for a short batch, not a full one.
+    low_batch_size: int = 0
+    # No high row for this long: low rows run in full batches.
+    quiet_after_s: float = 0.05
+
+    @property
+    def low_rows_per_batch(self) -> int:
+        return self.low_batch_size or max(1, self.max_batch_size // 4)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_rows < self.max_batch_size or self.max_inflight < 1:
@@ -143,6 +153,7 @@ class DynamicBatcher:
         self._low: collections.deque[_Pending] = collections.deque()  # PRIORITY_LOW
         self._queued_rows = 0  # both levels
         self._low_rows = 0
+        self._last_high = -float("inf")  # when the last high-priority row came (this batcher's clock)
         self._inflight = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -177,6 +188,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         if low:
             return await self._submit_low(rows, count, deadline, now, loop)
+        self._last_high = now
         if count <= step and self._run_time_s < self.config.inline_below_s and self._inflight == 0:
             if self._ran_now_this_tick:
                 self._arrive_together = True  # a second caller in the tick: share from now on
@@ -215,9 +227,10 @@ class DynamicBatcher:
         self._low_rows += count
         self.stats.requests += 1
         futures = []
-        for start in range(0, count, self.config.max_batch_size):
+        step = self.config.low_rows_per_batch
+        for start in range(0, count, step):
             future = loop.create_future()
-            chunk = rows[start : start + self.config.max_batch_size]
+            chunk = rows[start : start + step]
             self._low.append(_Pending(chunk, future, deadline, now))
             futures.append(future)
         if not self._dispatch_pending:
@@ -278,8 +291,10 @@ class DynamicBatcher:
                 batch = self._take_batch(self._queue, now)
             elif self._inflight == 0 or overdue:
                 # Low rows alone start only on an idle model (or once overdue): a high row that comes
-                # meanwhile waits behind this one batch at most.
-                batch = self._take_batch(self._low, now)
+                # meanwhile waits behind this one batch at most, a short one while high rows come.
+                quiet = now - self._last_high >= config.quiet_after_s
+                limit = config.max_batch_size if quiet else config.low_rows_per_batch
+                batch = self._take_batch(self._low, now, limit=limit)
                 if overdue:  # what room is left goes to the high rows, oldest first
                     batch += self._take_batch(self._queue, now, sum(len(item.rows) for item in batch))
             else:
@@ -290,9 +305,12 @@ class DynamicBatcher:
         if self._idle is not None and self._inflight == 0 and not self._queue and not self._low:
             self._idle.set()  # close() is waiting for the last batch
 
-    def _take_batch(self, queue: collections.deque[_Pending], now: float, rows: int = 0) -> list[_Pending]:
-        """Pops whole items of one level, oldest first, until the batch holds max_batch_size rows
-        (`rows` already taken); drops cancelled and expired ones."""
+    def _take_batch(
+        self, queue: collections.deque[_Pending], now: float, rows: int = 0, limit: int = 0
+    ) -> list[_Pending]:
+        """Pops whole items of one level, oldest first, until the batch holds `limit` rows (default
+        max_batch_size; `rows` already taken); drops cancelled and expired ones."""
+        limit = limit or self.config.max_batch_size
         batch: list[_Pending] = []
         low = queue is self._low
         while queue:
@@ -308,7 +326,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(DeadlineExceededError("deadline passed while queued"))
                 continue
-            if rows + size > self.config.max_batch_size:
+            if rows + size > limit:
                 break
             queue.popleft()
             self._queued_rows -= size

@@ -68,10 +68,6 @@ class Limits:
     max_explain_copies: int = defaults.MAX_EXPLAIN_COPIES
 
 
-async def _none() -> None:
-    return None
-
-
 class ModelResolver(Protocol):
     """Finds the served version for a request (the model registry implements it)."""
 
@@ -199,13 +195,19 @@ class DataPlane:
         # precision model gets its top-k from the model itself, as Classify would.
         use_graph = graph is not None and (CAM in methods or request.activations)
         own_probabilities = not use_graph or contract.extra.get("precision", "fp32") != "fp32"
-        work: list[Awaitable[Any]] = [model.explain_rows(rows, deadline) if use_graph else _none()]
-        work.append(model.infer(rows, deadline) if own_probabilities else _none())
+        work: dict[str, Awaitable[Any]] = {}
+        if use_graph:
+            work["graph"] = model.explain_rows(rows, deadline, request.activations)
+        if own_probabilities:
+            work["probabilities"] = model.infer(rows, deadline)
         if grid is not None:
             copies = np.concatenate([occluded_copies(row, contract, grid) for row in rows])
-            work.append(self._infer_copies(model, copies, deadline))
-        results = await asyncio.gather(*work)
-        outputs, probabilities = results[0], results[1]
+            work["copies"] = self._infer_copies(model, copies, deadline)
+        if len(work) == 1:  # the usual case (cam alone): no tasks to gather
+            results = {name: await awaitable for name, awaitable in work.items()}
+        else:
+            results = dict(zip(work, await asyncio.gather(*work.values()), strict=True))
+        outputs, probabilities = results.get("graph"), results.get("probabilities")
         if probabilities is None:
             probabilities = outputs.probabilities
         targets = (
@@ -220,7 +222,7 @@ class DataPlane:
             if CAM in methods:
                 maps[CAM] = np.ascontiguousarray(outputs.cam[i, target])
             if grid is not None:
-                masked = results[2][i * grid.copies : (i + 1) * grid.copies, target]
+                masked = results["copies"][i * grid.copies : (i + 1) * grid.copies, target]
                 maps[OCCLUSION] = occlusion_map(
                     float(probabilities[i, target]), masked, grid, contract.height, contract.width
                 )

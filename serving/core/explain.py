@@ -4,8 +4,10 @@ batcher, and the model's input as the server built it.
 `explain.onnx` (written by `training export` beside `model.onnx`, same weights) answers one call with
 the probabilities, every class's Grad-CAM at the input resolution and each conv block's activation
 maps. Its outputs are packed into one row per image so the generic dynamic batcher can batch it like
-any model; `ExplainGraph.unpack` splits them again. Occlusion needs no extra graph: its masked copies
-are ordinary input rows, run by the model's own batcher at low priority (`serving.core.occlusion`).
+any model; `ExplainGraph.unpack` splits them again. Requests that want no block maps go through a
+second batcher whose call copies out only the probabilities and the maps. Occlusion needs no extra
+graph: its masked copies are ordinary input rows, run by the model's own batcher at low priority
+(`serving.core.occlusion`).
 """
 
 from __future__ import annotations
@@ -79,16 +81,26 @@ class ExplainGraph:
     def block_count(self) -> int:
         return len(self.names) - 2
 
-    def run_packed(self, batch: np.ndarray) -> np.ndarray:
-        """The batch function: every output of the rows, one float32 row per image."""
-        outputs = self.runtime.run_outputs(batch.astype(self.runtime.input_dtype, copy=False), self.names)
-        flat = [o.reshape(len(batch), -1).astype(np.float32, copy=False) for o in outputs]
+    def run_packed(self, batch: np.ndarray, blocks: bool = True) -> np.ndarray:
+        """A batch function: the outputs for the rows, one float32 row per image; without `blocks`
+        only probabilities and cam (the block maps are not copied out)."""
+        names = self.names if blocks else self.names[:2]
+        rows = batch.astype(self.runtime.input_dtype, copy=False)
+        flat = [
+            o.reshape(len(batch), -1).astype(np.float32, copy=False)
+            for o in self.runtime.run_outputs(rows, names)
+        ]
         return np.concatenate(flat, axis=1)
 
+    def run_cam(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_packed(batch, blocks=False)
+
     def unpack(self, packed: np.ndarray) -> ExplainOutputs:
+        """The outputs of `run_packed` (or `run_cam`: then no block maps) for the rows."""
+        ends = self.offsets[1:] if packed.shape[1] == self.offsets[-1] else self.offsets[1:3]
         parts = [
             packed[:, start:end].reshape(len(packed), *shape)
-            for start, end, shape in zip(self.offsets[:-1], self.offsets[1:], self.shapes, strict=True)
+            for start, end, shape in zip(self.offsets, ends, self.shapes, strict=False)
         ]
         return ExplainOutputs(parts[0], parts[1], parts[2:])
 

@@ -96,10 +96,14 @@ class ServedModel:
         # The explain graph, where the version has one: its own batcher on the same worker threads.
         explain_path = path.parent / EXPLAIN_FILE
         self.explain_graph: ExplainGraph | None = None
-        self.explain_batcher: DynamicBatcher | None = None
+        self.explain_batchers: dict[bool, DynamicBatcher] = {}  # with block maps or without
         if explain_path.exists():
-            self.explain_graph = ExplainGraph(explain_path, runtime.options, self.contract, self.input_dtype)
-            self.explain_batcher = DynamicBatcher(self.explain_graph.run_packed, config, workers)
+            graph = ExplainGraph(explain_path, runtime.options, self.contract, self.input_dtype)
+            self.explain_graph = graph
+            self.explain_batchers = {
+                True: DynamicBatcher(graph.run_packed, config, workers),
+                False: DynamicBatcher(graph.run_cam, config, workers),
+            }
         self._workers = workers
         self._shape = list(self.contract.image_shape)
         self._dtype_name = self.input_dtype.name
@@ -150,11 +154,14 @@ class ServedModel:
         """What this version can explain with: occlusion always, cam with an explain graph."""
         return (CAM, OCCLUSION) if self.explain_graph is not None else (OCCLUSION,)
 
-    async def explain_rows(self, rows: np.ndarray, deadline: float | None = None) -> ExplainOutputs:
-        """The explain graph's outputs for `rows`, batched with other explanations' rows."""
-        if self.explain_graph is None or self.explain_batcher is None:
+    async def explain_rows(
+        self, rows: np.ndarray, deadline: float | None = None, blocks: bool = False
+    ) -> ExplainOutputs:
+        """The explain graph's outputs for `rows` (block maps only if asked), batched with other
+        explanations' rows."""
+        if self.explain_graph is None:
             raise RuntimeError(f"{self.name} version {self.version} has no explain graph")
-        return self.explain_graph.unpack(await self.explain_batcher.submit(rows, deadline))
+        return self.explain_graph.unpack(await self.explain_batchers[blocks].submit(rows, deadline))
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -186,8 +193,8 @@ class ServedModel:
 
     async def close(self) -> None:
         await self.batcher.close()
-        if self.explain_batcher is not None:
-            await self.explain_batcher.close()
+        for batcher in self.explain_batchers.values():
+            await batcher.close()
         self._workers.shutdown(wait=True)
 
 
