@@ -77,3 +77,21 @@ def test_bench_runs_the_http_scenarios_beside_grpc(model_repo: Path, tmp_path: P
     assert "| digits: http c64 tensor ≥ 0.9× kserve c64 tensor (gRPC) |" in text
     assert "| digits: http-json c64 tensor / http c64 tensor (recorded) | – |" in text
     assert "http c1 tensor p50 ≤ kserve c1 tensor p50 + 0.5 ms" in text
+
+
+def test_bench_explain_writes_the_cost_and_priority_figures(model_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "EXPLAIN.md"
+    command = [sys.executable, "-m", "serving", "bench", "--explain", "--models", str(model_repo)]
+    command += ["--model", "digits", "--duration", "0.2", "--rounds", "1", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "Command: `python -m serving bench --explain" in text
+    for row in (
+        "| digits | classify c1 |",
+        "| digits | explain cam c1 |",
+        "| digits | classify c16 + 2 occlusion |",
+    ):
+        assert row in text, text
+    assert "| digits | occlusion per image | " in text and "for 49 copies" in text
+    assert "| digits | explain cam / classify, c1 p50 |" in text

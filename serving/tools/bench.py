@@ -131,9 +131,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="gRPC connections the load generator spreads its callers and streams over (--workers "
         "balances connections, not calls)",
     )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="measure explanations instead (serving.tools.bench_explain): cam and occlusion against "
+        "classify, and classify's p99 beside occlusion clients; --model defaults to digits",
+    )
+    parser.add_argument(
+        "--inline-below-ms",
+        type=float,
+        default=None,
+        help="with --explain: the server's --inline-below-ms (default: the server's own)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (EXPLAIN.md with --explain)"
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -667,6 +681,10 @@ def write_report(summaries: list[dict], command: str, path: Path) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.explain:
+        from serving.tools.bench_explain import run_explain_bench
+
+        return run_explain_bench(args)
     command = "python -m serving bench " + shlex.join(
         sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
     )
@@ -710,5 +728,5 @@ def run_bench(args: argparse.Namespace) -> int:
     args.json.write_text(
         json.dumps({"command": command, "machine": machine(), "results": summaries}, indent=2)
     )
-    print(write_report(summaries, command, args.out))
+    print(write_report(summaries, command, args.out or Path("benchmarks/RESULTS.md")))
     return 0

@@ -46,7 +46,8 @@ def write_explanation(folder: Path, image: pb.ImageExplanation, response: pb.Exp
     enlarge(pixels).save(written[-1])
     for heat in image.maps:
         values = tensor_to_array(heat.map)
-        np.save(folder / f"{heat.method}.npy", values)
+        written.append(folder / f"{heat.method}.npy")
+        np.save(written[-1], values)
         written.append(folder / f"{heat.method}.png")
         enlarge(overlay(pixels, values)).save(written[-1])
     for block in image.blocks:
