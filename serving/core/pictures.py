@@ -79,7 +79,10 @@ def font(size: int = 13) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
             return ImageFont.truetype(path, size)
         except OSError:
             continue
-    return ImageFont.load_default(size)
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:  # Pillow before 10.1 has one size
+        return ImageFont.load_default()
 
 
 def to_pixels(tile: np.ndarray, zoom: int) -> np.ndarray:
