@@ -257,6 +257,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 std=c.std,
                 shape=c.image_shape,
                 channel_order=c.channel_order,
+                resize=c.resize,
             )
         )
         info.labels.extend(c.labels)
@@ -281,6 +282,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         )
         info.provider = model.runtime.provider
         info.explain_methods.extend(model.explain_methods)
+        info.metadata.update(c.extra)
         return info
 
 

@@ -91,7 +91,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("name", "layout", "color_mode", "height", "width", "dtype", "scale", "mean", "std", "shape", "channel_order")
+    __slots__ = ("name", "layout", "color_mode", "height", "width", "dtype", "scale", "mean", "std", "shape", "channel_order", "resize")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     COLOR_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class InputSpec(_message.Message):
     STD_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_ORDER_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     layout: str
     color_mode: str
@@ -114,7 +115,8 @@ class InputSpec(_message.Message):
     std: _containers.RepeatedScalarFieldContainer[float]
     shape: _containers.RepeatedScalarFieldContainer[int]
     channel_order: str
-    def __init__(self, name: _Optional[str] = ..., layout: _Optional[str] = ..., color_mode: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[str] = ..., scale: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., channel_order: _Optional[str] = ...) -> None: ...
+    resize: str
+    def __init__(self, name: _Optional[str] = ..., layout: _Optional[str] = ..., color_mode: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[str] = ..., scale: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., channel_order: _Optional[str] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class BatchingSettings(_message.Message):
     __slots__ = ("max_batch_size", "max_delay_ms", "max_queue_size")
@@ -162,7 +164,14 @@ class VersionState(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "input", "labels", "output_kind", "batching", "stats", "provider", "state", "reason", "version_states", "model_sha256", "loaded_at", "explain_methods")
+    __slots__ = ("name", "version", "versions", "input", "labels", "output_kind", "batching", "stats", "provider", "state", "reason", "version_states", "model_sha256", "loaded_at", "explain_methods", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +187,7 @@ class ModelInfo(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_METHODS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -193,7 +203,8 @@ class ModelInfo(_message.Message):
     model_sha256: str
     loaded_at: str
     explain_methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., output_kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., provider: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version_states: _Optional[_Iterable[_Union[VersionState, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., loaded_at: _Optional[str] = ..., explain_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., output_kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., provider: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version_states: _Optional[_Iterable[_Union[VersionState, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., loaded_at: _Optional[str] = ..., explain_methods: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "version", "top_k", "images", "id", "methods", "class_index", "activations", "activation_grids", "occlusion_patch", "occlusion_stride")
