@@ -101,6 +101,11 @@ class ServerConfig(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, le=1024, description="ONNX Runtime threads per session; 0: automatic"
     )
+    allow_preprocessing_drift: bool = Field(
+        False,
+        description="serve a version whose fixtures/ this server decodes or runs otherwise than training did "
+        "(default: UNAVAILABLE with the reason); GetModel and a metric say so",
+    )
     decode_threads: int = Field(0, ge=0, le=1024, description="image decoding threads; 0: one per core")
     max_message_mb: int = Field(64, ge=1, le=2047, description="largest request or response message, MiB")
     max_images: int = Field(defaults.MAX_IMAGES, ge=1, le=100_000, description="images per request at most")

@@ -50,6 +50,7 @@ class VersionCopy:
     queue_wait: HistogramCopy | None = None
     decode: HistogramCopy | None = None
     compute: HistogramCopy | None = None
+    preprocessing_drift: bool = False  # served although its fixtures did not match (certificate.py)
 
 
 @dataclass
@@ -91,6 +92,7 @@ def take_snapshot(registry: ModelRegistry, budget: InputBudget, calls: CallStats
             copy.queue_wait = HistogramCopy.of(stats.queue_wait)
             copy.decode = HistogramCopy.of(stats.decode)
             copy.compute = HistogramCopy.of(stats.compute)
+            copy.preprocessing_drift = bool(model.preprocessing_drift)
         versions.append(copy)
     series = [] if calls is None else list(calls.series.items())
     return Snapshot(
@@ -192,12 +194,19 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
         "Queued rows taken off the queue without running: their deadline passed or their caller left.",
         labels=version_labels,
     )
+    drift = GaugeMetricFamily(
+        "convserve_preprocessing_drift",
+        "1 for a loaded version served although its preprocessing certificate failed "
+        "(--allow-preprocessing-drift): its inputs differ from training's; 0 otherwise.",
+        labels=version_labels,
+    )
     for v in snapshot.versions:
         labels = [v.model, v.version]
         for s in VersionState:
             state.add_metric([*labels, s.value], 1.0 if s is v.state else 0.0)
         if v.stats is None:
             continue
+        drift.add_metric(labels, 1.0 if v.preprocessing_drift else 0.0)
         for name, family in timed.items():
             copy: HistogramCopy = getattr(v, name)
             family.add_metric(labels, histogram_buckets(copy), copy.total)
@@ -212,7 +221,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
         rejected.add_metric(labels, v.stats.rejected)
         expired.add_metric(labels, v.stats.expired)
         dropped.add_metric(labels, v.stats.dropped_rows)
-    yield from (state, *timed.values(), batch_size, pending_rows, rejected, expired, dropped)
+    yield from (state, *timed.values(), batch_size, pending_rows, rejected, expired, dropped, drift)
 
     yield GaugeMetricFamily(
         "convserve_pending_bytes",

@@ -88,7 +88,10 @@ def batching_of(config: ServerConfig) -> BatchingConfig:
 
 def runtime_of(config: ServerConfig) -> RuntimeOptions:
     return RuntimeOptions(
-        device=config.device, intra_op_threads=config.intra_op_threads, instances=config.instances
+        device=config.device,
+        intra_op_threads=config.intra_op_threads,
+        instances=config.instances,
+        allow_preprocessing_drift=config.allow_preprocessing_drift,
     )
 
 

@@ -112,7 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
         "against PyTorch autograd; always float32",
     )
     export.add_argument(
+        "--calibrate",
+        choices=["on", "off"],
+        default="on",
+        help="divide the graph's logits by a temperature fitted on the validation split (off: T = 1); "
+        "ECE before and after and the abstain threshold are measured either way",
+    )
+    export.add_argument(
+        "--dataset",
+        default=None,
+        help="the run's dataset spec, for runs that did not keep their validation split (val_split.npz)",
+    )
+    export.add_argument(
         "--speed", action="store_true", help="also time the exported model in ONNX Runtime at batch 1 and 32"
+    )
+    ood = commands.add_parser(
+        "ood",
+        help="AUROC and share flagged of the abstain score: runs' test images against noise, inverted "
+        "images and other datasets",
+    )
+    ood.add_argument(
+        "runs",
+        nargs="+",
+        help="RUN_DIR=OTHER[,OTHER...], OTHER a dataset spec whose test images are foreign to the run "
+        "(e.g. runs/fashion=digits); RUN_DIR@SPEC=... also gives the run's own dataset, for runs that "
+        "kept no validation split",
+    )
+    ood.add_argument(
+        "--out", type=Path, default=Path("benchmarks/OOD.md"), help="also writes .json beside it"
     )
     reference = commands.add_parser("reference", help="export a random-weight reference model for benchmarks")
     reference.add_argument("arch", choices=["digits", "resnet18", "resnet50"])
@@ -207,6 +234,8 @@ def run_export(args: argparse.Namespace) -> int:
         args.version,
         precision=args.precision,
         explain=args.explain == "on",
+        calibrate_temperature=args.calibrate == "on",
+        dataset=args.dataset,
     )
     print(f"exported {report.path} ({report.precision}, {report.path.stat().st_size:,} bytes)")
     if report.reduced is not None:
@@ -227,6 +256,9 @@ def run_export(args: argparse.Namespace) -> int:
         )
     if report.explain is not None:
         print(f"  {report.explain.summary()}")
+    if report.calibration is not None:
+        print(f"  {report.calibration.summary()}")
+    print(f"  preprocessing certificate: fixtures/ {', '.join(report.fixtures)}")
     if args.speed:
         from training.speed import measure
 
@@ -235,6 +267,30 @@ def run_export(args: argparse.Namespace) -> int:
                 f"  onnxruntime (CPU, in process) batch {timing.batch_size:2d}: {timing.ms_per_batch:.3f} ms "
                 f"per batch, {timing.images_per_s:,.0f} images/s"
             )
+    return 0
+
+
+def run_ood(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import json
+    import shlex
+
+    from training.ood import as_json, markdown, measure
+
+    figures = []
+    for spec in args.runs:
+        run, _, others = spec.partition("=")
+        run_dir, _, own = run.partition("@")
+        named = {
+            other.split(":")[-1].rstrip("/").split("/")[-1]: other for other in others.split(",") if other
+        }
+        figures += measure(Path(run_dir), named, own or None)
+    command = "python -m training " + shlex.join(argv if argv is not None else sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(figures, command))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"command": command, "figures": as_json(figures)}, indent=2)
+    )
+    print(markdown(figures, command))
     return 0
 
 
@@ -254,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             path = build_reference(args.arch, args.repository, args.name, resize=args.resize)
             print(f"reference model: {path}")
             return 0
+        if args.command == "ood":
+            return run_ood(args, argv)
         if args.command == "report":
             print_report(args.run_dir, args.out, tuple(args.images))
             return 0

@@ -30,7 +30,7 @@ from torch import nn
 
 from training.export import MAX_ABS_DIFF, OPSET, PARITY_BATCH_SIZES, VerificationError, write_metadata
 from training.inspect_model import block_activations, block_descriptions, conv_blocks
-from training.model import ConvNet, ProbabilitiesModel
+from training.model import ConvNet, ProbabilitiesModel, calibrated_softmax
 from training.report import shape_text
 from training.train import to_tensor
 
@@ -52,15 +52,18 @@ def output_names(net: ConvNet) -> list[str]:
 
 class ExplainModel(nn.Module):
     """Pixels in [0, 1] (N, C, H, W) in; probabilities (N, K), cam (N, K, H, W), block1..blockB out.
-    Eval only: the gradient below assumes the dropouts are identities and batch norm uses running stats."""
+    Eval only: the gradient below assumes the dropouts are identities and batch norm uses running stats.
+    The probabilities take model.onnx's temperature; the cam stays over the raw logits (dividing them
+    by T > 0 would only rescale every map, and the maps are normalised when drawn)."""
 
-    def __init__(self, net: ConvNet) -> None:
+    def __init__(self, net: ConvNet, temperature: float = 1.0) -> None:
         super().__init__()
         kinds = [type(m) for m in net.classifier]
         if kinds != [nn.Flatten, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]:
             raise ValueError(f"the explain graph's gradient is written for ConvNet's head, not {kinds}")
         self.net = net
         self.fc1, self.fc2 = net.classifier[2], net.classifier[5]
+        self.temperature = temperature
         self.eval()  # also puts `net` in eval mode: it is shared, not copied
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -81,7 +84,7 @@ class ExplainModel(nn.Module):
         alpha = torch.matmul(masked, w1) / (a_h * a_w)  # N x K x C: the mean over A's a_h x a_w positions
         cam = F.relu(torch.matmul(alpha, a.flatten(2))).view(n, -1, a_h, a_w)
         cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-        return (torch.softmax(logits, dim=1), cam, *blocks)
+        return (calibrated_softmax(logits, self.temperature), cam, *blocks)
 
 
 def autograd_grad_cam(net: ConvNet, x: torch.Tensor, classes: Sequence[int] | None = None) -> np.ndarray:
@@ -152,11 +155,15 @@ def explain_metadata(net: ConvNet, height: int, width: int) -> dict[str, str]:
 
 
 def export_explain(
-    net: ConvNet, example: torch.Tensor, path: Path, metadata: dict[str, str] | None = None
+    net: ConvNet,
+    example: torch.Tensor,
+    path: Path,
+    metadata: dict[str, str] | None = None,
+    temperature: float = 1.0,
 ) -> None:
     """Writes explain.onnx (input `image`, dynamic batch axis `batch`) with `metadata` (the model's
-    contract) and the explain keys in its `metadata_props`."""
-    model = ExplainModel(net)
+    contract) and the explain keys in its `metadata_props`; `temperature`: model.onnx's."""
+    model = ExplainModel(net, temperature)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(
         model,
@@ -199,7 +206,7 @@ class ExplainCheck:
         )
 
 
-def verify_explain(path: Path, net: ConvNet, images: np.ndarray) -> ExplainCheck:
+def verify_explain(path: Path, net: ConvNet, images: np.ndarray, temperature: float = 1.0) -> ExplainCheck:
     """Refuses the graph (VerificationError) unless the checker passes and, in ONNX Runtime, all outputs
     match the PyTorch ExplainModel at PARITY_BATCH_SIZES; on the first CHECK_IMAGES test images, the cam
     of every class matches `autograd_grad_cam` and the probabilities the softmax model; on the first
@@ -216,8 +223,8 @@ def verify_explain(path: Path, net: ConvNet, images: np.ndarray) -> ExplainCheck
     names = [o.name for o in session.get_outputs()]
     if names != output_names(net):
         raise VerificationError(f"explain.onnx outputs {names}, expected {output_names(net)}")
-    explain = ExplainModel(net).eval()
-    softmax = ProbabilitiesModel(net).eval()
+    explain = ExplainModel(net, temperature).eval()
+    softmax = ProbabilitiesModel(net, temperature).eval()
     diffs = {"probabilities": 0.0, "cam": 0.0, "cam_module": 0.0, "activations": 0.0}
     scale = 0.0
 

@@ -9,6 +9,7 @@ split: top-1 agreement and the accuracy lost, both bounded (REDUCED_LIMITS).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,9 +24,11 @@ import onnxruntime as ort
 import torch
 
 from serving.core.contract import ModelContract
-from training.model import ProbabilitiesModel
+from training.calibration import Calibration, calibrate
+from training.fixtures import write_fixtures
+from training.model import ConvNet, ProbabilitiesModel
 from training.quantize import PRECISIONS, Precision, convert
-from training.train import CALIBRATION, TEST_SPLIT, load_run, to_tensor
+from training.train import CALIBRATION, METRICS, TEST_SPLIT, VAL_SPLIT, load_run, to_tensor
 
 if TYPE_CHECKING:  # training.explain_graph imports this module
     from training.explain_graph import ExplainCheck
@@ -88,6 +91,8 @@ class ExportReport:
     precision: str = "fp32"
     reduced: ReducedPrecisionCheck | None = None
     explain: ExplainCheck | None = None  # None: exported with explain=False
+    calibration: Calibration | None = None
+    fixtures: tuple[str, ...] = ()  # the preprocessing certificate's files (fixtures/)
 
 
 def next_version(model_dir: Path) -> int:
@@ -226,19 +231,29 @@ def export_run(
     version: int | None = None,
     precision: Precision = "fp32",
     explain: bool = True,
+    calibrate_temperature: bool = True,
+    dataset: str | None = None,
 ) -> ExportReport:
     """Exports a finished run into `repository/name/version/model.onnx` and verifies it; with `explain`,
-    also `explain.onnx` beside it (training/explain_graph.py), verified too before the version appears."""
+    also `explain.onnx` beside it (training/explain_graph.py), verified too before the version appears.
+    With `calibrate_temperature`, the softmax divides by a temperature fitted on the validation split
+    (training/calibration.py); either way the abstain threshold and ECE are measured and written, and
+    `fixtures/` (the preprocessing certificate, training/fixtures.py) is written beside the model.
+    `dataset`: the run's dataset spec, to recompute the validation split of runs that did not keep it."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     info, net = load_run(run_dir)
-    model = ProbabilitiesModel(net).eval()
     version = version if version is not None else next_version(repository / name)
     target_dir = repository / name / str(version)
     if target_dir.exists():
         raise FileExistsError(f"{target_dir} already exists: choose another --version or none for the next")
     test = np.load(run_dir / TEST_SPLIT)
     images, labels = test["images"], test["labels"]
+    val_images, val_labels = validation_split(run_dir, dataset, labels)
+    fitted = calibrate(
+        logits_of(net, val_images), val_labels, logits_of(net, images), labels, fit=calibrate_temperature
+    )
+    model = ProbabilitiesModel(net, fitted.temperature).eval()
     contract = ModelContract(
         labels=tuple(info.class_names),
         color_mode=info.color_mode,  # type: ignore[arg-type]
@@ -247,7 +262,8 @@ def export_run(
         layout="NCHW",
         scale=1.0 / 255.0,
         output_kind="probabilities",
-        extra={"dataset": info.dataset, "precision": precision},
+        abstain_threshold=fitted.threshold,
+        extra={"dataset": info.dataset, "precision": precision, **fitted.metadata()},
     )
     # Written under a hidden name and renamed into place once verified, so a server polling the
     # repository never loads a half-written or unverified export (docs/guides/model-lifecycle.md).
@@ -274,13 +290,58 @@ def export_run(
             # are for looking at, not the hot path, and only float32 is verified exact against autograd.
             # Its contract is model.onnx's, but for `convserve.precision`, which says what this file is.
             explain_contract = replace(contract, extra={**contract.extra, "precision": "fp32"})
-            export_explain(net, to_tensor(images[:2]), staging / EXPLAIN_FILE, explain_contract.to_metadata())
-            report = replace(report, explain=verify_explain(staging / EXPLAIN_FILE, net, images))
+            export_explain(
+                net,
+                to_tensor(images[:2]),
+                staging / EXPLAIN_FILE,
+                explain_contract.to_metadata(),
+                fitted.temperature,
+            )
+            check = verify_explain(staging / EXPLAIN_FILE, net, images, fitted.temperature)
+            report = replace(report, explain=check)
+        fixtures = write_fixtures(staging, path, images, info.color_mode, info.height, info.width)
+        report = replace(report, calibration=fitted, fixtures=tuple(fixtures))
         os.rename(staging, target_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return replace(report, path=target_dir / MODEL_FILE)
+
+
+def logits_of(net: ConvNet, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """The network's logits in float32 (eval mode), what calibration and the abstain score start from."""
+    net.eval()
+    with torch.no_grad():
+        return np.concatenate(
+            [net(to_tensor(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+        )
+
+
+def validation_split(
+    run_dir: Path, dataset: str | None, test_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The run's validation images and labels: kept in the run folder by runs since calibration came,
+    else recomputed from `dataset` with the run's seed (the splits are seeded), checked against the
+    kept test labels so another dataset cannot slip in. Never the test split: that one measures."""
+    kept = run_dir / VAL_SPLIT
+    if kept.exists():
+        val = np.load(kept)
+        return val["images"], val["labels"]
+    if dataset is None:
+        raise FileNotFoundError(
+            f"{kept} is missing (the run predates calibration): pass --dataset SPEC, the run's dataset, to "
+            "recompute its validation split, or --calibrate off"
+        )
+    from training.datasets import load_dataset
+
+    info, _ = load_run(run_dir)
+    config = json.loads((run_dir / METRICS).read_text())["config"]
+    data = load_dataset(dataset, seed=config["seed"], size=info.height, color_mode=info.color_mode)  # type: ignore[arg-type]
+    if not np.array_equal(data.test.labels, test_labels):
+        raise ValueError(
+            f"--dataset {dataset} with seed {config['seed']} does not give this run's test split"
+        )
+    return data.val.images, data.val.labels
 
 
 def calibration_images(run_dir: Path, precision: str) -> np.ndarray:

@@ -81,11 +81,21 @@ class ConvNet(nn.Module):
 
 
 class ProbabilitiesModel(nn.Module):
-    """The exported graph: pixels scaled to [0, 1] in, class probabilities out."""
+    """The exported graph: pixels scaled to [0, 1] in, class probabilities out; with a temperature T
+    (training/calibration.py), softmax(logits / T). T = 1 leaves the division out of the graph."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.net = net
+        self.temperature = temperature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x), dim=1)
+        return calibrated_softmax(self.net(x), self.temperature)
+
+
+def calibrated_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T), written once for model.onnx and explain.onnx so both graphs compute the
+    very same probabilities."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.softmax(logits, dim=1)

@@ -42,6 +42,7 @@ LAST = "last.pt"
 RUN_INFO = "run.json"
 METRICS = "metrics.json"
 TEST_SPLIT = "test_split.npz"  # kept so export verifies on the very images the run was tested on
+VAL_SPLIT = "val_split.npz"  # kept so export fits its temperature and abstain threshold on validation
 CALIBRATION = "calibration.npz"  # training images for int8 calibration at export time
 CALIBRATION_IMAGES = 512
 SINGLE_CPU = Context(rank=0, world_size=1, device=torch.device("cpu"), backend=None)
@@ -450,6 +451,7 @@ def train_with(
     }
     (out_dir / RUN_INFO).write_text(json.dumps(asdict(info), indent=2))
     np.savez_compressed(out_dir / TEST_SPLIT, images=dataset.test.images, labels=dataset.test.labels)
+    np.savez_compressed(out_dir / VAL_SPLIT, images=dataset.val.images, labels=dataset.val.labels)
     pick = np.random.default_rng(config.seed).permutation(len(dataset.train))[:CALIBRATION_IMAGES]
     np.savez_compressed(out_dir / CALIBRATION, images=dataset.train.images[np.sort(pick)])
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))

@@ -41,6 +41,8 @@ class Prediction:
 class ImageResult:
     predictions: list[Prediction]
     error: str | None = None
+    abstain: bool = False  # the top probability is below the model's abstain_threshold
+    score: float | None = None  # the top probability, the abstain score (None: an older server)
 
     @property
     def ok(self) -> bool:
@@ -123,7 +125,9 @@ def read_results(response: pb.ClassifyResponse) -> list[ImageResult]:
                     [
                         Prediction(i, label, p)
                         for i, label, p in zip(r.class_index, r.label, r.probability, strict=True)
-                    ]
+                    ],
+                    abstain=r.abstain,
+                    score=r.score if r.HasField("score") else None,
                 )
             )
     return results

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 PREFIX = "convserve."
 SIDECAR_NAME = "model.json"
+# The preprocessing certificate beside model.onnx (written by training/fixtures.py, checked at load by
+# serving/core/certificate.py; format in docs/guides/calibration.md).
+FIXTURES_DIR = "fixtures"
+FIXTURES_MANIFEST = "manifest.json"
+FIXTURES_FORMAT = 1
 
 ColorMode = Literal["L", "RGB"]
 ChannelOrder = Literal["RGB", "BGR"]
@@ -41,7 +46,7 @@ RESIZE_MODES = ("stretch", "letterbox", "fit_height", "crop")
 ALIGNS = ("centre", "top-left")
 ROUNDINGS = ("round", "floor", "ceil")
 # Informational metadata our own exports write; the server reads nothing from them.
-INFO_KEYS = ("dataset", "precision", "reference")
+INFO_KEYS = ("dataset", "precision", "reference", "temperature", "ece_before", "ece_after", "abstain_score")
 
 
 class ContractError(ValueError):
@@ -98,6 +103,8 @@ class ModelContract:
     resample: Resample = "bilinear"
     antialias: bool = True
     output: str | None = None  # the output holding the classes; None: the graph's first
+    # Answers whose top probability is below this are marked abstain (None: never); see FIELD_MEANINGS.
+    abstain_threshold: float | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,8 @@ class ModelContract:
                 raise ContractError(f"{name} needs 1 or {channels} values, got {len(values)}")
         if any(s == 0 for s in self.std):
             raise ContractError("std must not contain 0")
+        if self.abstain_threshold is not None and not 0.0 <= self.abstain_threshold <= 1.0:
+            raise ContractError(f"abstain_threshold is a probability, 0-1; got {self.abstain_threshold}")
         top = 255.0 * self.scale
         if any(not -1e-9 <= m <= top * (1 + 1e-9) for m in self.mean):
             raise ContractError(
@@ -244,6 +253,7 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "std": (list, int, float),
     "output": str,
     "output_kind": str,
+    "abstain_threshold": (int, float),
 }
 REQUIRED = ("color_mode", "height", "width")
 # What each field means, for the generated reference page (docs/reference/model-json.md); one per key.
@@ -277,6 +287,9 @@ FIELD_MEANINGS: dict[str, str] = {
     "std": "1 or C numbers, in the units of pixel × scale, as `mean`; none may be 0",
     "output": "which output holds the classes, for graphs with several (default: the first)",
     "output_kind": "softmax is applied to logits, exp to log-probabilities",
+    "abstain_threshold": "an answer whose top probability (max softmax probability) is below this is marked "
+    "`abstain: true` (default: none, never); `training export` writes the one keeping 99 % of validation "
+    "images (docs/guides/calibration.md)",
 }
 
 
@@ -349,8 +362,9 @@ def build(
         for key in ("mean", "std", "fill"):
             if key in given:
                 given[key] = _numbers(key, given[key])
-        if "scale" in given:
-            given["scale"] = float(given["scale"])
+        for key in ("scale", "abstain_threshold"):
+            if key in given:
+                given[key] = float(given[key])
         return ModelContract(labels=tuple(str(label) for label in labels), extra=extra, **given)
     except ContractError as exc:
         raise ContractError(f"{where}: {exc}") from None

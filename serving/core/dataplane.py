@@ -29,7 +29,7 @@ from serving.core.errors import DeadlineExceeded, InvalidInput, Overloaded, show
 from serving.core.explain import CAM, EXPLAIN_FILE, METHODS, OCCLUSION, grid_png, input_pixels
 from serving.core.model import ServedModel
 from serving.core.occlusion import OcclusionGrid, occluded_copies, occlusion_grid, occlusion_map
-from serving.core.postprocess import top_k
+from serving.core.postprocess import abstain, top_k
 from serving.core.preprocess import (
     ImageError,
     all_finite,
@@ -105,8 +105,9 @@ class DataPlane:
             model, count, lambda: self._prepare(model, request.images), check, request.deadline
         )
         indices, values = top_k(probabilities, k)
+        scores, flags = abstain(probabilities, model.contract.abstain_threshold)
         return ClassifyResult(
-            model.name, model.version, model.contract.labels, indices, values, count, errors
+            model.name, model.version, model.contract.labels, indices, values, count, errors, scores, flags
         )
 
     async def explain(self, request: ExplainRequest) -> ExplainResult:
@@ -214,6 +215,7 @@ class DataPlane:
             np.full(len(rows), request.target) if request.target is not None else probabilities.argmax(axis=1)
         )
         indices, values = top_k(probabilities, k)
+        scores, flags = abstain(probabilities, contract.abstain_threshold)
         labels = contract.labels
         explanations = []
         for i, row in enumerate(rows):
@@ -237,7 +239,14 @@ class DataPlane:
             ]
             explanations.append(
                 ImageExplanation(
-                    predictions, target, labels[target], maps, input_pixels(row, contract), blocks
+                    predictions,
+                    target,
+                    labels[target],
+                    maps,
+                    input_pixels(row, contract),
+                    blocks,
+                    float(scores[i]),
+                    bool(flags[i]),
                 )
             )
         return explanations
@@ -288,7 +297,8 @@ class DataPlane:
                 raise InvalidInput(f"input {shown(name)} image {first}: {errors[first]}{more}")
 
         probabilities, _ = await self._run(model, count, prepare, check, request.deadline)
-        return PredictResult(model.name, model.version, model.contract.labels, probabilities)
+        scores, flags = abstain(probabilities, model.contract.abstain_threshold)
+        return PredictResult(model.name, model.version, model.contract.labels, probabilities, scores, flags)
 
     async def _run(
         self,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.core.batching import PRIORITY_HIGH, BatchingConfig, BatchStats, DynamicBatcher
+from serving.core.certificate import CertificateCheck, check_certificate
 from serving.core.contract import (
     SIDECAR_NAME,
     ContractError,
@@ -86,6 +87,7 @@ class ServedModel:
         self.path = path
         self.runtime = runtime
         self.contract = load_contract(path, runtime)
+        self.certificate = self._check_certificate()
         self.batching = batching
         # One worker thread per session; each binds its own session when it starts.
         workers = ThreadPoolExecutor(
@@ -113,6 +115,41 @@ class ServedModel:
         self.in_flight = 0
         self._unused = asyncio.Event()  # set while no request holds this version
         self._unused.set()
+
+    def _check_certificate(self) -> CertificateCheck | None:
+        """Refuses (ContractError) a version whose fixtures this server preprocesses or runs otherwise
+        than training did, unless the runtime options allow drift: then it serves and says so."""
+        check = check_certificate(
+            self.path, self.contract, lambda rows: self.predict(rows.astype(self.input_dtype))
+        )
+        if check is None or check.passed:
+            return check
+        if not self.runtime.options.allow_preprocessing_drift:
+            raise ContractError(
+                f"preprocessing differs from training: {check.drift} (--allow-preprocessing-drift serves it "
+                "anyway)"
+            )
+        log.warning(
+            "model %s version %d: preprocessing differs from training: %s; served anyway "
+            "(--allow-preprocessing-drift)",
+            self.name,
+            self.version,
+            check.drift,
+        )
+        return check
+
+    @property
+    def preprocessing_drift(self) -> str:
+        """Why this version's fixtures did not match ('' when they did or it has none)."""
+        return self.certificate.drift if self.certificate is not None else ""
+
+    @property
+    def preprocessing(self) -> str:
+        """The certificate in words: "passed: N fixtures", "none" or "drift: <reason>"."""
+        check = self.certificate
+        if check is None:
+            return "none"
+        return f"drift: {check.drift}" if check.drift else f"passed: {check.fixtures} fixtures"
 
     @property
     def input_dtype(self) -> np.dtype:

@@ -30,3 +30,12 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         indices = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     # Plain fancy indexing: take_along_axis costs more than the sort itself on a handful of rows.
     return indices, probabilities[np.arange(len(probabilities))[:, None], indices]
+
+
+def abstain(probabilities: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's confidence score (its max softmax probability) and whether it is below `threshold`
+    (the contract's abstain_threshold; None: never abstain). Compared in float32, as export set it."""
+    scores = probabilities.max(axis=1).astype(np.float32, copy=False)
+    if threshold is None:
+        return scores, np.zeros(len(scores), dtype=bool)
+    return scores, scores < np.float32(threshold)

@@ -45,6 +45,8 @@ class RuntimeOptions:
     instances: int = 1
     spin: bool = False  # ONNX Runtime's spin-wait burns a core that decoding and gRPC need
     cuda_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    # Serve a version whose preprocessing certificate fails (serving/core/certificate.py), saying so.
+    allow_preprocessing_drift: bool = False
 
 
 def parse_device(device: str) -> tuple[str, int]:

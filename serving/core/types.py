@@ -65,6 +65,8 @@ class PredictResult:
     version: int
     labels: Sequence[str]
     probabilities: np.ndarray  # (images, classes), float32
+    scores: np.ndarray | None = None  # (images,) max probability: the abstain score
+    abstain: np.ndarray | None = None  # (images,) bool: score below the model's abstain_threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,10 @@ class ClassifyResult:
     probabilities: np.ndarray  # (usable images, k)
     count: int  # images in the request
     errors: dict[int, str] = field(default_factory=dict)
+    # One per usable image, as `indices`: the max probability, and whether it is below the model's
+    # abstain_threshold (an image unlike the training data, or one the model is unsure of).
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    abstain: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def per_image(self) -> Iterator[tuple[list[Prediction], str | None]]:
         """(predictions, None) or ([], error) for each image of the request, in order."""
@@ -148,6 +154,8 @@ class ImageExplanation:
     maps: dict[str, np.ndarray]  # method -> (height, width) float32 at the model's input resolution
     model_input: np.ndarray  # (height, width, channels) uint8: the image as the model saw it
     blocks: list[BlockMaps] = field(default_factory=list)
+    score: float = 0.0  # the abstain score and flag, as Classify gives them
+    abstain: bool = False
 
 
 @dataclass(slots=True)

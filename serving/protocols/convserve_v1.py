@@ -102,12 +102,7 @@ def to_response(message: pb.ClassifyRequest, result: ClassifyResult) -> pb.Class
     labels = result.labels
     index_rows = result.indices.tolist()
     probability_rows = result.probabilities.tolist()
-    if not result.errors:
-        for indices, probabilities in zip(index_rows, probability_rows, strict=True):
-            response.results.add(
-                class_index=indices, label=[labels[i] for i in indices], probability=probabilities
-            )
-        return response
+    scores, flags = result.scores.tolist(), result.abstain.tolist()
     row = 0
     for image in range(result.count):
         if image in result.errors:
@@ -117,7 +112,11 @@ def to_response(message: pb.ClassifyRequest, result: ClassifyResult) -> pb.Class
             continue
         indices = index_rows[row]
         response.results.add(
-            class_index=indices, label=[labels[i] for i in indices], probability=probability_rows[row]
+            class_index=indices,
+            label=[labels[i] for i in indices],
+            probability=probability_rows[row],
+            abstain=flags[row],
+            score=scores[row],
         )
         row += 1
     return response
@@ -165,6 +164,8 @@ def to_explain_response(message: pb.ExplainRequest, result: ExplainResult) -> pb
                 class_index=[p.index for p in predictions],
                 label=[p.label for p in predictions],
                 probability=[p.probability for p in predictions],
+                abstain=explanation.abstain,
+                score=explanation.score,
             ),
             class_index=explanation.target,
             label=explanation.target_label,
@@ -178,6 +179,70 @@ def to_explain_response(message: pb.ExplainRequest, result: ExplainResult) -> pb
             ],
         )
     return response
+
+
+def model_info(registry: ModelRegistry, entry: ModelVersion) -> pb.ModelInfo:
+    """One version as `GetModel` and `ListModels` (and the REST model routes) describe it."""
+    versions = registry.versions(entry.name)
+    info = pb.ModelInfo(
+        name=entry.name,
+        version=entry.version,
+        versions=sorted(versions),
+        state=entry.state.value,
+        reason=entry.reason,
+        version_states=[
+            pb.VersionState(version=v, state=e.state.value, reason=e.reason)
+            for v, e in sorted(versions.items())
+        ],
+    )
+    model = entry.model
+    if model is None:
+        return info
+    info.model_sha256, info.loaded_at = entry.sha256, entry.loaded_at_text
+    c, stats, batching = model.contract, model.stats, model.batcher.config
+    info.input.CopyFrom(
+        pb.InputSpec(
+            name=model.runtime.input_name,
+            layout=c.layout,
+            color_mode=c.color_mode,
+            height=c.height,
+            width=c.width,
+            dtype=model.input_dtype.name,
+            scale=c.scale,
+            mean=c.mean,
+            std=c.std,
+            shape=c.image_shape,
+            channel_order=c.channel_order,
+            resize=c.resize,
+        )
+    )
+    info.labels.extend(c.labels)
+    info.output_kind = c.output_kind
+    info.batching.CopyFrom(
+        pb.BatchingSettings(
+            max_batch_size=batching.max_batch_size,
+            max_delay_ms=batching.max_delay_s * 1000,
+            max_queue_size=batching.max_queue_rows,
+        )
+    )
+    info.stats.CopyFrom(
+        pb.ModelStats(
+            requests=stats.requests,
+            items=stats.items,
+            batches=stats.batches,
+            batch_sizes=dict(stats.batch_sizes),
+            rejected=stats.rejected,
+            expired=stats.expired,
+            dropped_rows=stats.dropped_rows,
+        )
+    )
+    info.provider = model.runtime.provider
+    info.explain_methods.extend(model.explain_methods)
+    info.metadata.update(c.extra)
+    if c.abstain_threshold is not None:
+        info.abstain_threshold = c.abstain_threshold
+    info.preprocessing = model.preprocessing
+    return info
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -220,70 +285,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> pb.ListModelsResponse:
         registry = self.registry
         return pb.ListModelsResponse(
-            models=[self._model_info(registry.entry(name, 0)) for name in registry.names()]
+            models=[model_info(registry, registry.entry(name, 0)) for name in registry.names()]
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return self._model_info(self.registry.entry(request.name, request.version))
-
-    def _model_info(self, entry: ModelVersion) -> pb.ModelInfo:
-        versions = self.registry.versions(entry.name)
-        info = pb.ModelInfo(
-            name=entry.name,
-            version=entry.version,
-            versions=sorted(versions),
-            state=entry.state.value,
-            reason=entry.reason,
-            version_states=[
-                pb.VersionState(version=v, state=e.state.value, reason=e.reason)
-                for v, e in sorted(versions.items())
-            ],
-        )
-        model = entry.model
-        if model is None:
-            return info
-        info.model_sha256, info.loaded_at = entry.sha256, entry.loaded_at_text
-        c, stats, batching = model.contract, model.stats, model.batcher.config
-        info.input.CopyFrom(
-            pb.InputSpec(
-                name=model.runtime.input_name,
-                layout=c.layout,
-                color_mode=c.color_mode,
-                height=c.height,
-                width=c.width,
-                dtype=model.input_dtype.name,
-                scale=c.scale,
-                mean=c.mean,
-                std=c.std,
-                shape=c.image_shape,
-                channel_order=c.channel_order,
-                resize=c.resize,
-            )
-        )
-        info.labels.extend(c.labels)
-        info.output_kind = c.output_kind
-        info.batching.CopyFrom(
-            pb.BatchingSettings(
-                max_batch_size=batching.max_batch_size,
-                max_delay_ms=batching.max_delay_s * 1000,
-                max_queue_size=batching.max_queue_rows,
-            )
-        )
-        info.stats.CopyFrom(
-            pb.ModelStats(
-                requests=stats.requests,
-                items=stats.items,
-                batches=stats.batches,
-                batch_sizes=dict(stats.batch_sizes),
-                rejected=stats.rejected,
-                expired=stats.expired,
-                dropped_rows=stats.dropped_rows,
-            )
-        )
-        info.provider = model.runtime.provider
-        info.explain_methods.extend(model.explain_methods)
-        info.metadata.update(c.extra)
-        return info
+        return model_info(self.registry, self.registry.entry(request.name, request.version))
 
 
 class BenchServicer(pb_grpc.BenchServicer):

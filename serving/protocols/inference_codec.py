@@ -11,6 +11,7 @@ statistics, and the per-version request counts those statistics report (one tabl
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import time
 from collections.abc import Sequence
@@ -197,6 +198,17 @@ def classification_strings(result: PredictResult, k: int) -> tuple[list[int], li
 # Metadata, configuration, statistics ------------------------------------------------------------
 
 
+def abstain_parameters(result: PredictResult) -> dict[str, str]:
+    """The output's parameters `abstain` and `score`, one entry per image as JSON lists in strings
+    (a parameter holds one scalar): `[false, true]`, `[0.98, 0.31]`. Empty for a result without them."""
+    if result.scores is None or result.abstain is None:
+        return {}
+    return {
+        "abstain": json.dumps(result.abstain.tolist()),
+        "score": json.dumps([float(s) for s in result.scores.tolist()]),
+    }
+
+
 def model_metadata(model: ServedModel, registry: ModelRegistry) -> dict[str, Any]:
     """ModelMetadataResponse as the REST form's JSON; the gRPC form parses it into its message."""
     return {
@@ -223,6 +235,12 @@ def model_config(model: ServedModel, sha256: str = "", loaded_at: str = "") -> m
         parameters={
             "model_sha256": mc.ModelParameter(string_value=sha256),
             "loaded_at": mc.ModelParameter(string_value=loaded_at),
+            # As GetModel: the certificate's state, and the calibration the export wrote.
+            "preprocessing": mc.ModelParameter(string_value=model.preprocessing),
+            **{
+                key: mc.ModelParameter(string_value=str(value))
+                for key, value in calibration_facts(model).items()
+            },
         },
         name=model.name,
         platform=PLATFORM,
@@ -243,6 +261,19 @@ def model_config(model: ServedModel, sha256: str = "", loaded_at: str = "") -> m
             max_queue_delay_microseconds=int(batching.max_delay_s * 1e6)
         ),
     )
+
+
+def calibration_facts(model: ServedModel) -> dict[str, str]:
+    """abstain_threshold (when set), temperature, ece_before, ece_after, abstain_score (when written)."""
+    contract = model.contract
+    facts = {
+        k: contract.extra[k]
+        for k in ("temperature", "ece_before", "ece_after", "abstain_score")
+        if k in contract.extra
+    }
+    if contract.abstain_threshold is not None:
+        facts["abstain_threshold"] = f"{contract.abstain_threshold:.9g}"
+    return facts
 
 
 @dataclass(slots=True)

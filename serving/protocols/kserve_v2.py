@@ -44,6 +44,7 @@ from serving.protocols.inference_codec import (
     SERVER_VERSION,
     InputTensor,
     RequestLedger,
+    abstain_parameters,
     classification_k,
     classification_strings,
     decode_input,
@@ -306,12 +307,14 @@ def to_response(request: pb.ModelInferRequest, result: PredictResult, k: int | N
         model_name=result.model, model_version=str(result.version), id=request.id
     )
     if k is None:
-        response.outputs.add(name=OUTPUT, datatype="FP32", shape=probabilities.shape)
+        output = response.outputs.add(name=OUTPUT, datatype="FP32", shape=probabilities.shape)
         response.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())
-        return response
-    shape, elements = classification_strings(result, k)
-    response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
-    response.raw_output_contents.append(join_bytes(elements))
+    else:
+        shape, elements = classification_strings(result, k)
+        output = response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
+        response.raw_output_contents.append(join_bytes(elements))
+    for key, text in abstain_parameters(result).items():
+        output.parameters[key].string_param = text
     return response
 
 

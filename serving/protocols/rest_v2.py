@@ -35,6 +35,7 @@ from serving.protocols.inference_codec import (
     SERVER_NAME,
     SERVER_VERSION,
     InputTensor,
+    abstain_parameters,
     classification_k,
     classification_strings,
     decode_input,
@@ -181,11 +182,14 @@ def infer_response(
         output = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
         raw = join_bytes(elements)
         data = [e.decode() for e in elements]
+    parameters: dict[str, Any] = abstain_parameters(result)
+    if parameters:
+        output["parameters"] = parameters
     if not binary:
         output["data"] = data
         answer["outputs"] = [output]
         return JSONResponse(answer)
-    output["parameters"] = {"binary_data_size": len(raw)}
+    output["parameters"] = {**parameters, "binary_data_size": len(raw)}
     answer["outputs"] = [output]
     text = json.dumps(answer, separators=(",", ":")).encode()
     return Response(

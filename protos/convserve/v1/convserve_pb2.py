@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/convserve/v1/convserve.proto\x12\x0c\x63onvserve.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.convserve.v1.TensorH\x00\x42\x06\n\x04\x64\x61ta\"\x80\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12#\n\x06images\x18\x04 \x03(\x0b\x32\x13.convserve.v1.Image\x12\n\n\x02id\x18\x05 \x01(\tB\x08\n\x06_top_k\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"j\n\x0bImageResult\x12\x13\n\x0b\x63lass_index\x18\x01 \x03(\x05\x12\r\n\x05label\x18\x02 \x03(\t\x12\x13\n\x0bprobability\x18\x03 \x03(\x02\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.convserve.v1.Error\"\x8e\x01\n\x10\x43lassifyResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.convserve.v1.ImageResult\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.convserve.v1.Error\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.convserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xcb\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x12\n\ncolor_mode\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05scale\x18\x07 \x01(\x02\x12\x0c\n\x04mean\x18\x08 \x03(\x02\x12\x0b\n\x03std\x18\t \x03(\x02\x12\r\n\x05shape\x18\n \x03(\x03\x12\x15\n\rchannel_order\x18\x0b \x01(\t\x12\x0e\n\x06resize\x18\x0c \x01(\t\"X\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x14\n\x0cmax_delay_ms\x18\x02 \x01(\x02\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\"\xe9\x01\n\nModelStats\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x03\x12=\n\x0b\x62\x61tch_sizes\x18\x04 \x03(\x0b\x32(.convserve.v1.ModelStats.BatchSizesEntry\x12\x10\n\x08rejected\x18\x05 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x06 \x01(\x03\x12\x14\n\x0c\x64ropped_rows\x18\x07 \x01(\x03\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\">\n\x0cVersionState\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xf5\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.convserve.v1.InputSpec\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x13\n\x0boutput_kind\x18\x06 \x01(\t\x12\x30\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x1e.convserve.v1.BatchingSettings\x12\'\n\x05stats\x18\x08 \x01(\x0b\x32\x18.convserve.v1.ModelStats\x12\x10\n\x08provider\x18\t \x01(\t\x12\r\n\x05state\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x32\n\x0eversion_states\x18\x0c \x03(\x0b\x32\x1a.convserve.v1.VersionState\x12\x14\n\x0cmodel_sha256\x18\r \x01(\t\x12\x11\n\tloaded_at\x18\x0e \x01(\t\x12\x17\n\x0f\x65xplain_methods\x18\x0f \x03(\t\x12\x37\n\x08metadata\x18\x10 \x03(\x0b\x32%.convserve.v1.ModelInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcf\x02\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12#\n\x06images\x18\x04 \x03(\x0b\x32\x13.convserve.v1.Image\x12\n\n\x02id\x18\x05 \x01(\t\x12\x0f\n\x07methods\x18\x06 \x03(\t\x12\x18\n\x0b\x63lass_index\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x0b\x61\x63tivations\x18\x08 \x01(\x08\x12\x18\n\x10\x61\x63tivation_grids\x18\t \x01(\x08\x12\x1c\n\x0focclusion_patch\x18\n \x01(\x05H\x02\x88\x01\x01\x12\x1d\n\x10occlusion_stride\x18\x0b \x01(\x05H\x03\x88\x01\x01\x42\x08\n\x06_top_kB\x0e\n\x0c_class_indexB\x12\n\x10_occlusion_patchB\x13\n\x11_occlusion_stride\"<\n\x07HeatMap\x12\x0e\n\x06method\x18\x01 \x01(\t\x12!\n\x03map\x18\x02 \x01(\x0b\x32\x14.convserve.v1.Tensor\"h\n\x10\x42lockActivations\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\"\n\x04maps\x18\x02 \x01(\x0b\x32\x14.convserve.v1.Tensor\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\x10\n\x08grid_png\x18\x04 \x01(\x0c\"\xe1\x01\n\x10ImageExplanation\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x19.convserve.v1.ImageResult\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12#\n\x04maps\x18\x04 \x03(\x0b\x32\x15.convserve.v1.HeatMap\x12)\n\x0bmodel_input\x18\x05 \x01(\x0b\x32\x14.convserve.v1.Tensor\x12.\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x1e.convserve.v1.BlockActivations\"B\n\x11OcclusionSettings\x12\r\n\x05patch\x18\x01 \x01(\x05\x12\x0e\n\x06stride\x18\x02 \x01(\x05\x12\x0e\n\x06\x63opies\x18\x03 \x01(\x05\"\xb2\x01\n\x0f\x45xplainResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0f\n\x07methods\x18\x04 \x03(\t\x12.\n\x06images\x18\x05 \x03(\x0b\x32\x1e.convserve.v1.ImageExplanation\x12\x32\n\tocclusion\x18\x06 \x01(\x0b\x32\x1f.convserve.v1.OcclusionSettings\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\x89\x03\n\nClassifier\x12I\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\x12S\n\x0e\x43lassifyStream\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.convserve.v1.ListModelsRequest\x1a .convserve.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.convserve.v1.GetModelRequest\x1a\x17.convserve.v1.ModelInfo\x12\x46\n\x07\x45xplain\x12\x1c.convserve.v1.ExplainRequest\x1a\x1d.convserve.v1.ExplainResponse2E\n\x05\x42\x65nch\x12<\n\x04\x45\x63ho\x12\x19.convserve.v1.EchoMessage\x1a\x19.convserve.v1.EchoMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/convserve/v1/convserve.proto\x12\x0c\x63onvserve.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.convserve.v1.TensorH\x00\x42\x06\n\x04\x64\x61ta\"\x80\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12#\n\x06images\x18\x04 \x03(\x0b\x32\x13.convserve.v1.Image\x12\n\n\x02id\x18\x05 \x01(\tB\x08\n\x06_top_k\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xaa\x01\n\x0bImageResult\x12\x13\n\x0b\x63lass_index\x18\x01 \x03(\x05\x12\r\n\x05label\x18\x02 \x03(\t\x12\x13\n\x0bprobability\x18\x03 \x03(\x02\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.convserve.v1.Error\x12\x14\n\x07\x61\x62stain\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\x05score\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\n\n\x08_abstainB\x08\n\x06_score\"\x8e\x01\n\x10\x43lassifyResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.convserve.v1.ImageResult\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.convserve.v1.Error\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.convserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xcb\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x12\n\ncolor_mode\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05scale\x18\x07 \x01(\x02\x12\x0c\n\x04mean\x18\x08 \x03(\x02\x12\x0b\n\x03std\x18\t \x03(\x02\x12\r\n\x05shape\x18\n \x03(\x03\x12\x15\n\rchannel_order\x18\x0b \x01(\t\x12\x0e\n\x06resize\x18\x0c \x01(\t\"X\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x14\n\x0cmax_delay_ms\x18\x02 \x01(\x02\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\"\xe9\x01\n\nModelStats\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x03\x12=\n\x0b\x62\x61tch_sizes\x18\x04 \x03(\x0b\x32(.convserve.v1.ModelStats.BatchSizesEntry\x12\x10\n\x08rejected\x18\x05 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x06 \x01(\x03\x12\x14\n\x0c\x64ropped_rows\x18\x07 \x01(\x03\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\">\n\x0cVersionState\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc2\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.convserve.v1.InputSpec\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x13\n\x0boutput_kind\x18\x06 \x01(\t\x12\x30\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x1e.convserve.v1.BatchingSettings\x12\'\n\x05stats\x18\x08 \x01(\x0b\x32\x18.convserve.v1.ModelStats\x12\x10\n\x08provider\x18\t \x01(\t\x12\r\n\x05state\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x32\n\x0eversion_states\x18\x0c \x03(\x0b\x32\x1a.convserve.v1.VersionState\x12\x14\n\x0cmodel_sha256\x18\r \x01(\t\x12\x11\n\tloaded_at\x18\x0e \x01(\t\x12\x17\n\x0f\x65xplain_methods\x18\x0f \x03(\t\x12\x37\n\x08metadata\x18\x10 \x03(\x0b\x32%.convserve.v1.ModelInfo.MetadataEntry\x12\x1e\n\x11\x61\x62stain_threshold\x18\x11 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rpreprocessing\x18\x12 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x14\n\x12_abstain_threshold\"\xcf\x02\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12#\n\x06images\x18\x04 \x03(\x0b\x32\x13.convserve.v1.Image\x12\n\n\x02id\x18\x05 \x01(\t\x12\x0f\n\x07methods\x18\x06 \x03(\t\x12\x18\n\x0b\x63lass_index\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x0b\x61\x63tivations\x18\x08 \x01(\x08\x12\x18\n\x10\x61\x63tivation_grids\x18\t \x01(\x08\x12\x1c\n\x0focclusion_patch\x18\n \x01(\x05H\x02\x88\x01\x01\x12\x1d\n\x10occlusion_stride\x18\x0b \x01(\x05H\x03\x88\x01\x01\x42\x08\n\x06_top_kB\x0e\n\x0c_class_indexB\x12\n\x10_occlusion_patchB\x13\n\x11_occlusion_stride\"<\n\x07HeatMap\x12\x0e\n\x06method\x18\x01 \x01(\t\x12!\n\x03map\x18\x02 \x01(\x0b\x32\x14.convserve.v1.Tensor\"h\n\x10\x42lockActivations\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\"\n\x04maps\x18\x02 \x01(\x0b\x32\x14.convserve.v1.Tensor\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\x10\n\x08grid_png\x18\x04 \x01(\x0c\"\xe1\x01\n\x10ImageExplanation\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x19.convserve.v1.ImageResult\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12#\n\x04maps\x18\x04 \x03(\x0b\x32\x15.convserve.v1.HeatMap\x12)\n\x0bmodel_input\x18\x05 \x01(\x0b\x32\x14.convserve.v1.Tensor\x12.\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x1e.convserve.v1.BlockActivations\"B\n\x11OcclusionSettings\x12\r\n\x05patch\x18\x01 \x01(\x05\x12\x0e\n\x06stride\x18\x02 \x01(\x05\x12\x0e\n\x06\x63opies\x18\x03 \x01(\x05\"\xb2\x01\n\x0f\x45xplainResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0f\n\x07methods\x18\x04 \x03(\t\x12.\n\x06images\x18\x05 \x03(\x0b\x32\x1e.convserve.v1.ImageExplanation\x12\x32\n\tocclusion\x18\x06 \x01(\x0b\x32\x1f.convserve.v1.OcclusionSettings\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\x89\x03\n\nClassifier\x12I\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\x12S\n\x0e\x43lassifyStream\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.convserve.v1.ListModelsRequest\x1a .convserve.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.convserve.v1.GetModelRequest\x1a\x17.convserve.v1.ModelInfo\x12\x46\n\x07\x45xplain\x12\x1c.convserve.v1.ExplainRequest\x1a\x1d.convserve.v1.ExplainResponse2E\n\x05\x42\x65nch\x12<\n\x04\x45\x63ho\x12\x19.convserve.v1.EchoMessage\x1a\x19.convserve.v1.EchoMessageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,46 +43,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYREQUEST']._serialized_end=312
   _globals['_ERROR']._serialized_start=314
   _globals['_ERROR']._serialized_end=352
-  _globals['_IMAGERESULT']._serialized_start=354
-  _globals['_IMAGERESULT']._serialized_end=460
-  _globals['_CLASSIFYRESPONSE']._serialized_start=463
-  _globals['_CLASSIFYRESPONSE']._serialized_end=605
-  _globals['_LISTMODELSREQUEST']._serialized_start=607
-  _globals['_LISTMODELSREQUEST']._serialized_end=626
-  _globals['_LISTMODELSRESPONSE']._serialized_start=628
-  _globals['_LISTMODELSRESPONSE']._serialized_end=689
-  _globals['_GETMODELREQUEST']._serialized_start=691
-  _globals['_GETMODELREQUEST']._serialized_end=739
-  _globals['_INPUTSPEC']._serialized_start=742
-  _globals['_INPUTSPEC']._serialized_end=945
-  _globals['_BATCHINGSETTINGS']._serialized_start=947
-  _globals['_BATCHINGSETTINGS']._serialized_end=1035
-  _globals['_MODELSTATS']._serialized_start=1038
-  _globals['_MODELSTATS']._serialized_end=1271
-  _globals['_MODELSTATS_BATCHSIZESENTRY']._serialized_start=1222
-  _globals['_MODELSTATS_BATCHSIZESENTRY']._serialized_end=1271
-  _globals['_VERSIONSTATE']._serialized_start=1273
-  _globals['_VERSIONSTATE']._serialized_end=1335
-  _globals['_MODELINFO']._serialized_start=1338
-  _globals['_MODELINFO']._serialized_end=1839
-  _globals['_MODELINFO_METADATAENTRY']._serialized_start=1792
-  _globals['_MODELINFO_METADATAENTRY']._serialized_end=1839
-  _globals['_EXPLAINREQUEST']._serialized_start=1842
-  _globals['_EXPLAINREQUEST']._serialized_end=2177
-  _globals['_HEATMAP']._serialized_start=2179
-  _globals['_HEATMAP']._serialized_end=2239
-  _globals['_BLOCKACTIVATIONS']._serialized_start=2241
-  _globals['_BLOCKACTIVATIONS']._serialized_end=2345
-  _globals['_IMAGEEXPLANATION']._serialized_start=2348
-  _globals['_IMAGEEXPLANATION']._serialized_end=2573
-  _globals['_OCCLUSIONSETTINGS']._serialized_start=2575
-  _globals['_OCCLUSIONSETTINGS']._serialized_end=2641
-  _globals['_EXPLAINRESPONSE']._serialized_start=2644
-  _globals['_EXPLAINRESPONSE']._serialized_end=2822
-  _globals['_ECHOMESSAGE']._serialized_start=2824
-  _globals['_ECHOMESSAGE']._serialized_end=2854
-  _globals['_CLASSIFIER']._serialized_start=2857
-  _globals['_CLASSIFIER']._serialized_end=3250
-  _globals['_BENCH']._serialized_start=3252
-  _globals['_BENCH']._serialized_end=3321
+  _globals['_IMAGERESULT']._serialized_start=355
+  _globals['_IMAGERESULT']._serialized_end=525
+  _globals['_CLASSIFYRESPONSE']._serialized_start=528
+  _globals['_CLASSIFYRESPONSE']._serialized_end=670
+  _globals['_LISTMODELSREQUEST']._serialized_start=672
+  _globals['_LISTMODELSREQUEST']._serialized_end=691
+  _globals['_LISTMODELSRESPONSE']._serialized_start=693
+  _globals['_LISTMODELSRESPONSE']._serialized_end=754
+  _globals['_GETMODELREQUEST']._serialized_start=756
+  _globals['_GETMODELREQUEST']._serialized_end=804
+  _globals['_INPUTSPEC']._serialized_start=807
+  _globals['_INPUTSPEC']._serialized_end=1010
+  _globals['_BATCHINGSETTINGS']._serialized_start=1012
+  _globals['_BATCHINGSETTINGS']._serialized_end=1100
+  _globals['_MODELSTATS']._serialized_start=1103
+  _globals['_MODELSTATS']._serialized_end=1336
+  _globals['_MODELSTATS_BATCHSIZESENTRY']._serialized_start=1287
+  _globals['_MODELSTATS_BATCHSIZESENTRY']._serialized_end=1336
+  _globals['_VERSIONSTATE']._serialized_start=1338
+  _globals['_VERSIONSTATE']._serialized_end=1400
+  _globals['_MODELINFO']._serialized_start=1403
+  _globals['_MODELINFO']._serialized_end=1981
+  _globals['_MODELINFO_METADATAENTRY']._serialized_start=1912
+  _globals['_MODELINFO_METADATAENTRY']._serialized_end=1959
+  _globals['_EXPLAINREQUEST']._serialized_start=1984
+  _globals['_EXPLAINREQUEST']._serialized_end=2319
+  _globals['_HEATMAP']._serialized_start=2321
+  _globals['_HEATMAP']._serialized_end=2381
+  _globals['_BLOCKACTIVATIONS']._serialized_start=2383
+  _globals['_BLOCKACTIVATIONS']._serialized_end=2487
+  _globals['_IMAGEEXPLANATION']._serialized_start=2490
+  _globals['_IMAGEEXPLANATION']._serialized_end=2715
+  _globals['_OCCLUSIONSETTINGS']._serialized_start=2717
+  _globals['_OCCLUSIONSETTINGS']._serialized_end=2783
+  _globals['_EXPLAINRESPONSE']._serialized_start=2786
+  _globals['_EXPLAINRESPONSE']._serialized_end=2964
+  _globals['_ECHOMESSAGE']._serialized_start=2966
+  _globals['_ECHOMESSAGE']._serialized_end=2996
+  _globals['_CLASSIFIER']._serialized_start=2999
+  _globals['_CLASSIFIER']._serialized_end=3392
+  _globals['_BENCH']._serialized_start=3394
+  _globals['_BENCH']._serialized_end=3463
 # @@protoc_insertion_point(module_scope)

@@ -47,16 +47,20 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("class_index", "label", "probability", "error")
+    __slots__ = ("class_index", "label", "probability", "error", "abstain", "score")
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ABSTAIN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     class_index: _containers.RepeatedScalarFieldContainer[int]
     label: _containers.RepeatedScalarFieldContainer[str]
     probability: _containers.RepeatedScalarFieldContainer[float]
     error: Error
-    def __init__(self, class_index: _Optional[_Iterable[int]] = ..., label: _Optional[_Iterable[str]] = ..., probability: _Optional[_Iterable[float]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    abstain: bool
+    score: float
+    def __init__(self, class_index: _Optional[_Iterable[int]] = ..., label: _Optional[_Iterable[str]] = ..., probability: _Optional[_Iterable[float]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., abstain: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("id", "model", "version", "results", "error")
@@ -164,7 +168,7 @@ class VersionState(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "input", "labels", "output_kind", "batching", "stats", "provider", "state", "reason", "version_states", "model_sha256", "loaded_at", "explain_methods", "metadata")
+    __slots__ = ("name", "version", "versions", "input", "labels", "output_kind", "batching", "stats", "provider", "state", "reason", "version_states", "model_sha256", "loaded_at", "explain_methods", "metadata", "abstain_threshold", "preprocessing")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +192,8 @@ class ModelInfo(_message.Message):
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_METHODS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    ABSTAIN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -204,7 +210,9 @@ class ModelInfo(_message.Message):
     loaded_at: str
     explain_methods: _containers.RepeatedScalarFieldContainer[str]
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., output_kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., provider: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version_states: _Optional[_Iterable[_Union[VersionState, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., loaded_at: _Optional[str] = ..., explain_methods: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    abstain_threshold: float
+    preprocessing: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., output_kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., provider: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version_states: _Optional[_Iterable[_Union[VersionState, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., loaded_at: _Optional[str] = ..., explain_methods: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., abstain_threshold: _Optional[float] = ..., preprocessing: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "version", "top_k", "images", "id", "methods", "class_index", "activations", "activation_grids", "occlusion_patch", "occlusion_stride")

@@ -1,0 +1,119 @@
+"""Temperature scaling at export: the fit, the ECE, and the exported graphs' probabilities.
+
+The digits run (conftest) is trained and exported by the session's fixtures; the graphs run in real
+ONNX Runtime sessions and are compared with the PyTorch network's own logits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from training.calibration import auroc, ece, fit_temperature, keep_threshold, reliability, softmax
+from training.export import EXPLAIN_FILE, MODEL_FILE, export_run, logits_of
+from training.train import VAL_SPLIT, load_run, to_tensor
+
+
+def metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def graph_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: to_tensor(images).numpy()})[0]
+
+
+def test_fit_recovers_a_known_temperature() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, (20_000, 10))
+    true_t = 2.5
+    cumulative = softmax(logits, true_t).cumsum(axis=1)
+    labels = (cumulative < rng.random((len(logits), 1))).sum(axis=1)  # drawn from softmax(z / 2.5)
+    assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.05)
+
+
+def test_ece_and_auroc_on_hand_made_cases() -> None:
+    # Two bins used: 0.95 confident and always right (gap 0.05), 0.55 confident and right half the time.
+    probabilities = np.array([[0.95, 0.05]] * 4 + [[0.55, 0.45]] * 4)
+    labels = np.array([0, 0, 0, 0, 0, 1, 0, 1])
+    assert ece(probabilities, labels) == pytest.approx((4 * 0.05 + 4 * 0.05) / 8)
+    assert reliability(probabilities, labels).counts.sum() == 8
+    assert auroc(np.array([0.9, 0.8]), np.array([0.1, 0.2])) == 1.0
+    assert auroc(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.5
+    assert auroc(np.array([0.1]), np.array([0.9])) == 0.0
+    scores = np.linspace(0, 1, 1001)
+    assert (scores >= keep_threshold(scores)).mean() == pytest.approx(0.99, abs=0.002)
+
+
+def test_export_calibrates_on_validation_and_lowers_the_test_ece(digits_run: Path, model_repo: Path) -> None:
+    assert (digits_run / VAL_SPLIT).exists()  # the run keeps its validation split for export
+    meta = metadata(model_repo / "digits" / "1" / MODEL_FILE)
+    temperature = float(meta["convserve.temperature"])
+    before, after = float(meta["convserve.ece_before"]), float(meta["convserve.ece_after"])
+    print(f"digits: T = {temperature:.4f}, test ECE {before:.4f} -> {after:.4f}")
+    assert temperature != 1.0
+    assert after < before
+    # The ECE written is the test split's, recomputed here from the network's logits.
+    _, net = load_run(digits_run)
+    test = np.load(digits_run / "test_split.npz")
+    logits = logits_of(net, test["images"])
+    assert ece(softmax(logits), test["labels"]) == pytest.approx(before, abs=1e-5)
+    assert ece(softmax(logits, temperature), test["labels"]) == pytest.approx(after, abs=1e-5)
+    # The fit used validation, not test: fitting on test gives another temperature.
+    assert fit_temperature(logits, test["labels"]) != pytest.approx(temperature, rel=1e-3)
+
+
+def test_graphs_give_softmax_of_logits_over_t_and_keep_the_argmax(digits_run: Path, model_repo: Path) -> None:
+    version = model_repo / "digits" / "1"
+    temperature = float(metadata(version / MODEL_FILE)["convserve.temperature"])
+    _, net = load_run(digits_run)
+    images = np.load(digits_run / "test_split.npz")["images"]
+    logits = logits_of(net, images)
+    served = graph_probabilities(version / MODEL_FILE, images)
+    np.testing.assert_allclose(served, softmax(logits, temperature), atol=1e-6, rtol=0)
+    assert (served.argmax(1) == logits.argmax(1)).all()
+    # explain.onnx carries the same temperature: its probabilities are model.onnx's.
+    explained = graph_probabilities(version / EXPLAIN_FILE, images)
+    np.testing.assert_allclose(explained, served, atol=1e-6, rtol=0)
+    assert metadata(version / EXPLAIN_FILE)["convserve.temperature"] == f"{temperature:.9g}"
+
+
+def test_calibrate_off_keeps_the_plain_softmax(digits_run: Path, tmp_path: Path) -> None:
+    report = export_run(digits_run, tmp_path, "digits", explain=False, calibrate_temperature=False)
+    meta = metadata(report.path)
+    assert meta["convserve.temperature"] == "1"
+    assert meta["convserve.ece_before"] == meta["convserve.ece_after"]
+    assert float(meta["convserve.abstain_threshold"]) > 0  # the abstain threshold is measured either way
+    _, net = load_run(digits_run)
+    images = np.load(digits_run / "test_split.npz")["images"]
+    np.testing.assert_allclose(
+        graph_probabilities(report.path, images), softmax(logits_of(net, images)), atol=1e-6, rtol=0
+    )
+
+
+def test_a_run_without_its_validation_split_needs_the_dataset(digits_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "old-run"
+    shutil.copytree(digits_run, run)
+    (run / VAL_SPLIT).unlink()
+    with pytest.raises(FileNotFoundError, match="--dataset"):
+        export_run(run, tmp_path / "models", "digits", explain=False)
+    # Recomputed from the dataset with the run's seed: the very split the run kept, so the same T.
+    report = export_run(run, tmp_path / "models", "digits", explain=False, dataset="digits")
+    kept = metadata(model_repo_path(digits_run, tmp_path))["convserve.temperature"]
+    assert metadata(report.path)["convserve.temperature"] == kept
+    # Another seed gives other splits: refused rather than calibrated on images the run trained on.
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["config"]["seed"] = 1
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="does not give this run's test split"):
+        export_run(run, tmp_path / "models", "digits", explain=False, dataset="digits")
+
+
+def model_repo_path(digits_run: Path, tmp_path: Path) -> Path:
+    return export_run(digits_run, tmp_path / "kept", "digits", explain=False).path
