@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 EXTRAS ?= serve,train,dev,fast
 
-.PHONY: install demo test test-fast test-deploy lint format protos docs bench bench-resize clean
+.PHONY: install demo demo-web test test-fast test-deploy lint format protos docs bench bench-resize clean
 
 install: $(STAMP)
 
@@ -19,6 +19,12 @@ demo: $(STAMP)
 	test -f models/digits/1/model.onnx || $(PY) -m training export runs/digits --repository models --name digits
 	$(PY) scripts/demo.py --models models --run runs/digits
 	@echo "run report (filters, activation maps, mistakes): $(CURDIR)/runs/digits/report.html"
+
+# The demo, then the server stays up with its web page (drop an image, see the top-k and why) until Ctrl-C.
+demo-web: $(STAMP)
+	$(PY) -m training train --dataset digits --out runs/digits --reuse
+	test -f models/digits/1/model.onnx || $(PY) -m training export runs/digits --repository models --name digits
+	$(PY) scripts/demo.py --models models --run runs/digits --keep-serving
 
 # The docs build in strict mode: a broken link, a missing page or a nav entry without a file fails.
 # It does not regenerate the reference pages: tests/test_docs.py fails when they are stale. (Not

@@ -2,7 +2,8 @@
 
 Writes the run's held-out test digits as PNG files, starts `python -m serving serve` on a free
 loopback port, prints a top-k table and the accuracy through the server, scores the folder with the
-batch scoring job, shows the batch sizes the server formed, and stops the server with SIGTERM.
+batch scoring job, shows the batch sizes the server formed, prints the web page's address, and stops the
+server with SIGTERM — or, with --keep-serving (`make demo-web`), keeps serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +46,26 @@ def score(images: Path, out: Path, *where: str) -> None:
     subprocess.run(command, cwd=ROOT, check=True)
 
 
+def wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--run", type=Path, default=Path("runs/digits"))
     parser.add_argument("--images", type=Path, default=Path("demo-out/digits"))
+    parser.add_argument("--keep-serving", action="store_true", help="serve the web page until Ctrl-C")
     args = parser.parse_args()
 
     files = write_pngs(args.run, args.images)
     print(f"wrote {len(files)} held-out test digits as PNG files under {args.images}/<label>/")
     with tempfile.TemporaryDirectory() as tmp:
-        server = launch_server(args.models, Path(tmp), "--log-level", "WARNING")
+        server = launch_server(args.models, Path(tmp), "--log-level", "WARNING", http=True)
         address = server.address
         try:
             with ClassifierClient(address) as client:
@@ -79,6 +90,12 @@ def main() -> int:
             sizes = ", ".join(f"{size}: {count}" for size, count in sorted(stats.batch_sizes.items()))
             print(f"\nbatches the server formed (size: count): {sizes}")
             print(f"{stats.requests} requests, {stats.items} images, {stats.batches} model calls")
+            page = f"{server.http_url}/"
+            if args.keep_serving:
+                print(f"\nthe web page: {page} (drop one of {args.images}/*/*.png on it); Ctrl-C stops")
+                wait_for_interrupt()
+            else:
+                print(f"\nthe web page was at {page} while the demo ran; `make demo-web` keeps it up")
         finally:
             code = server.stop()
     print(f"server stopped with exit code {code}")

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import ServerConfig
-from serving.protocols import openapi, rest_v1, rest_v2
+from serving.protocols import openapi, rest_v1, rest_v2, web_page
 from serving.protocols.http_edge import HttpEdge
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ async def not_found(request: Request, error: Exception) -> JSONResponse:
 
 
 def build_app(edge: HttpEdge) -> Starlette:
-    routes = [*rest_v2.routes(edge), *rest_v1.routes(edge), *openapi.routes(edge)]
+    routes = [*rest_v2.routes(edge), *rest_v1.routes(edge), *openapi.routes(edge), *web_page.routes(edge)]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 

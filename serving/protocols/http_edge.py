@@ -148,9 +148,12 @@ class HttpEdge:
                 if data and self.calls is not None:
                     self.calls.failed(READING, call.asked, code)
                 return error_response(status, message, isinstance(error, TooLarge) or self.admission.draining)
+            took = time.perf_counter() - started
             if self.calls is not None and call.answered is not None:
                 model, version, images = call.answered
-                self.calls.answered(PROTOCOL, model, version, images, time.perf_counter() - started)
+                self.calls.answered(PROTOCOL, model, version, images, took)
+            # The server's own time for the request, which browsers' developer tools (and the web page) show.
+            response.headers["server-timing"] = f"total;dur={took * 1000:.2f}"
             return self._closing_if_draining(response)
 
         return endpoint

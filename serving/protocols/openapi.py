@@ -194,6 +194,25 @@ SCHEMAS: dict[str, Any] = {
         },
         "required": ["model", "version", "results"],
     },
+    "model_info": {
+        "type": "object",
+        "description": "convserve.v1 ModelInfo as JSON: state and reason, input, labels, metadata, "
+        "explain_methods, batching and statistics (fields as in the .proto; unset ones left out)",
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "integer"},
+            "state": {"type": "string"},
+            "reason": {"type": "string"},
+            "labels": {"type": "array", "items": {"type": "string"}},
+            "explain_methods": {"type": "array", "items": {"type": "string"}},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+        "required": ["name", "version", "state"],
+    },
+    "models": {
+        "type": "object",
+        "properties": {"models": {"type": "array", "items": _ref("model_info")}},
+    },
     "tensor": {
         "type": "object",
         "properties": {
@@ -333,6 +352,12 @@ def _classify(parameters: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _page(summary: str, *media_types: str) -> dict[str, Any]:
+    """A file of the web page: open (no token), text."""
+    ok = {"description": "OK", "content": {t: {"schema": {"type": "string"}} for t in media_types}}
+    return {"get": {"summary": summary, "security": [], "responses": {"200": ok, "404": ERRORS["404"]}}}
+
+
 def _explain(parameters: list[dict[str, Any]]) -> dict[str, Any]:
     def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
@@ -413,6 +438,22 @@ def openapi() -> dict[str, Any]:
         **_repository(),
         "/v1/models/{model}:classify": _classify([MODEL]),
         "/v1/models/{model}/versions/{version}:classify": _classify([MODEL, VERSION]),
+        "/v1/models": _get(
+            "List models (convserve.v1 ListModels as JSON): versions, states, inputs", "models"
+        ),
+        "/v1/models/{model}": {
+            **_get("A model's newest version (convserve.v1 GetModel as JSON)", "model_info"),
+            "parameters": [MODEL],
+        },
+        "/v1/models/{model}/versions/{version}": {
+            **_get("One version (convserve.v1 GetModel as JSON)", "model_info"),
+            "parameters": [MODEL, VERSION],
+        },
+        "/": _page("The web page: drop an image, see the top-k and what the network saw", "text/html"),
+        "/web/{name}": {
+            **_page("The web page's script and style sheet", "text/javascript", "text/css"),
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        },
         "/v1/models/{model}:explain": _explain([MODEL]),
         "/v1/models/{model}/versions/{version}:explain": _explain([MODEL, VERSION]),
         "/openapi.json": _get("This document", None),

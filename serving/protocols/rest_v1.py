@@ -8,6 +8,9 @@ taken in the order sent. `?top_k=k` asks for k classes (the server's default oth
 labels and probabilities, or its own `error`; only when every image is unusable does the request
 fail as a whole (400).
 
+`GET /v1/models` and `GET /v1/models/{model}[/versions/{version}]` answer `ListModels` and `GetModel`
+as JSON: every model, its versions and their states, input, labels, metadata and explain methods.
+
 `:explain` takes the same body and answers `ExplainResponse` as JSON; its options are query parameters
 named as the message's fields: `method` (repeatable: cam, occlusion), `class_index`, `top_k`,
 `activations`, `activation_grids` (true/false), `occlusion_patch`, `occlusion_stride`. Tensors'
@@ -27,12 +30,15 @@ from starlette.routing import Route
 from protos.convserve.v1 import convserve_pb2 as pb
 from serving.core.errors import InvalidInput, shown
 from serving.core.types import ClassifyRequest
-from serving.protocols.convserve_v1 import to_explain_request, to_explain_response, to_response
+from serving.protocols.convserve_v1 import model_info, to_explain_request, to_explain_response, to_response
 from serving.protocols.http_edge import Call, HttpEdge
 from serving.protocols.inference_codec import parse_version, proto_json
 
 CLASSIFY = "/v1/models/{model}:classify"
 CLASSIFY_VERSION = "/v1/models/{model}/versions/{version}:classify"
+MODELS = "/v1/models"
+MODEL = "/v1/models/{model}"
+MODEL_VERSION = "/v1/models/{model}/versions/{version}"
 EXPLAIN = "/v1/models/{model}:explain"
 EXPLAIN_VERSION = "/v1/models/{model}/versions/{version}:explain"
 EXPLAIN_FLAGS = ("activations", "activation_grids")
@@ -126,9 +132,22 @@ def routes(edge: HttpEdge) -> list[Route]:
         response = to_explain_response(message, result)
         return JSONResponse(proto_json(response, defaults=False, base64_bytes=True))
 
+    async def list_models(request: Request, call: Call) -> Response:
+        registry = edge.registry
+        infos = [model_info(registry, registry.entry(name, 0)) for name in registry.names()]
+        return JSONResponse(proto_json(pb.ListModelsResponse(models=infos), defaults=False))
+
+    async def get_model(request: Request, call: Call) -> Response:
+        version = parse_version(request.path_params.get("version", ""))
+        entry = edge.registry.entry(request.path_params["model"], version)
+        return JSONResponse(proto_json(model_info(edge.registry, entry), defaults=False))
+
     endpoint = edge.route(classify, data=True)
     explain_endpoint = edge.route(explain, data=True)
     return [
+        Route(MODELS, edge.route(list_models), methods=["GET"]),
+        Route(MODEL, edge.route(get_model), methods=["GET"]),
+        Route(MODEL_VERSION, edge.route(get_model), methods=["GET"]),
         Route(CLASSIFY, endpoint, methods=["POST"]),
         Route(CLASSIFY_VERSION, endpoint, methods=["POST"]),
         Route(EXPLAIN, explain_endpoint, methods=["POST"]),
