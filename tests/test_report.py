@@ -164,8 +164,8 @@ def test_page_is_self_contained_and_complete(report: Report, digits_run: Path) -
     metrics = json.loads((digits_run / "metrics.json").read_text())
     assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing fetched from elsewhere
     sources = re.findall(r'<img src="(data:image/png;base64,[^"]+)"', page)
-    # curves, confusion, filters, 10 x (input + 2 blocks), mistakes
-    assert len(sources) == len(report.images) == 4 + 10 * 3
+    # curves, confusion, filters, 10 x (input + 2 blocks), the reliability diagram, mistakes
+    assert len(sources) == len(report.images) == 5 + 10 * 3
     assert f"{metrics['test_accuracy'] * 100:.2f} %" in page
     for name in ("learning_rate", "batch_size", "crop_padding", "patience"):
         assert f"<th>{name}</th>" in page
@@ -279,3 +279,27 @@ def test_rgb_filters_are_colour_tiles_scaled_per_filter() -> None:
     zoom = math.ceil(pictures.TILE_TARGET_PX / 3)
     corner = tile_at(image, 0, 5, (3 * zoom, 3 * zoom), (3 * zoom, 3 * zoom))[0, 0]
     np.testing.assert_array_equal(corner, np.rint(tiles[0][0, 0] * 255))  # the colour of weight (0, 0)
+
+
+def test_calibration_section_shows_what_export_will_do(report: Report, digits_run: Path) -> None:
+    """The reliability diagram and the figures are export's own calibration of this run, and the
+    abstain score separates noise from the test digits better than chance."""
+    from training.calibration import calibrate
+    from training.export import logits_of
+    from training.train import VAL_SPLIT, load_run
+
+    assert report.honesty is not None
+    _, net = load_run(digits_run)
+    val, test = np.load(digits_run / VAL_SPLIT), np.load(digits_run / "test_split.npz")
+    expected = calibrate(
+        logits_of(net, val["images"]), val["labels"], logits_of(net, test["images"]), test["labels"]
+    )
+    got = report.honesty.calibration
+    assert got.temperature == pytest.approx(expected.temperature)
+    assert (got.ece_before, got.ece_after) == pytest.approx((expected.ece_before, expected.ece_after))
+    page = report.path.read_text()
+    assert f"goes from {expected.ece_before:.4f} to {expected.ece_after:.4f}" in page
+    assert report.honesty.reliability_png.exists() and report.honesty.reliability_png in report.images
+    figures = {name: (msp_auroc, flagged) for name, _, msp_auroc, _, flagged in report.honesty.ood}
+    assert set(figures) == {"uniform noise", "inverted test images"}
+    assert figures["uniform noise"][0] > 0.8 and figures["uniform noise"][1] > report.honesty.test_flagged

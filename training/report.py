@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import serving.core.pictures as pictures
+from training.calibration import Calibration
 from training.datasets import image_file_pixels
 from training.inspect_model import (
     LayerRow,
@@ -32,11 +33,12 @@ from training.inspect_model import (
     layer_table,
 )
 from training.model import ConvNet
-from training.train import METRICS, TEST_SPLIT, RunInfo, load_run, to_tensor
+from training.train import METRICS, TEST_SPLIT, VAL_SPLIT, RunInfo, load_run, to_tensor
 
 REPORT = "report.html"
 FILTERS = "filters.png"
 MISTAKES = "mistakes.png"
+RELIABILITY = "reliability.png"
 ACTIVATIONS = "activations"
 MAX_MISTAKES = 40
 MAX_EXAMPLES = 10  # "one per class" stops here for datasets with many classes
@@ -64,6 +66,17 @@ class Example:
     block_shapes: list[tuple[int, ...]]
 
 
+@dataclass(frozen=True)
+class Honesty:
+    """What export will calibrate and abstain with, measured on this run: the temperature and ECE, the
+    reliability diagram, and how well the abstain score flags images unlike the training data."""
+
+    calibration: Calibration
+    reliability_png: Path
+    ood: list[tuple[str, int, float, float, float]]  # set, images, AUROC msp, AUROC energy, share flagged
+    test_flagged: float  # the run's own test images flagged (false alarms)
+
+
 @dataclass
 class Report:
     path: Path
@@ -73,6 +86,7 @@ class Report:
     examples: list[Example]
     mistakes: list[Mistake]
     images: list[Path] = field(default_factory=list)  # every picture the page shows
+    honesty: Honesty | None = None  # runs that keep their validation split
 
 
 def predict(model: ConvNet, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -224,9 +238,70 @@ def write_report(run_dir: Path, out_dir: Path | None = None, images: Sequence[Pa
         plot_confusion(np.asarray(metrics["confusion_matrix"]), names, confusion)
 
     report = Report(out_dir / REPORT, filters_png, mistakes_png, layers, examples, mistakes)
+    if (run_dir / VAL_SPLIT).exists():
+        report.honesty = measure_honesty(run_dir, model, info.color_mode, test_images, test_labels, out_dir)
     page = render_html(info, metrics, report, curves, confusion)
     report.path.write_text(page, encoding="utf-8")
     return report
+
+
+def measure_honesty(
+    run_dir: Path, model: ConvNet, color_mode: str, images: np.ndarray, labels: np.ndarray, out_dir: Path
+) -> Honesty:
+    """Calibration exactly as export fits it (validation split), the reliability diagram of the test
+    split, and the abstain score against noise and the inverted test images (python -m training ood
+    adds other datasets)."""
+    from training.calibration import auroc, calibrate, energy_score, msp
+    from training.export import logits_of
+    from training.ood import ood_sets
+    from training.plots import plot_reliability
+
+    val = np.load(run_dir / VAL_SPLIT)
+    test_logits = logits_of(model, images)
+    fitted = calibrate(logits_of(model, val["images"]), val["labels"], test_logits, labels)
+    t = fitted.temperature
+    reliability_png = out_dir / RELIABILITY
+    plot_reliability(fitted.reliability_before, fitted.reliability_after, t, reliability_png)
+    in_msp, in_energy = msp(test_logits, t), energy_score(test_logits, t)
+    threshold = np.float32(fitted.threshold)
+    rows = []
+    for name, ood_images in ood_sets(images, color_mode, {}).items():
+        logits = logits_of(model, ood_images)
+        scores = msp(logits, t)
+        flagged = float((scores.astype(np.float32) < threshold).mean())
+        rows.append(
+            (name, len(ood_images), auroc(in_msp, scores), auroc(in_energy, energy_score(logits, t)), flagged)
+        )
+    return Honesty(fitted, reliability_png, rows, float((in_msp.astype(np.float32) < threshold).mean()))
+
+
+def honesty_html(honesty: Honesty, report: Report) -> list[str]:
+    c = honesty.calibration
+    return [
+        "<h2>Calibration and abstaining</h2><p>What <code>training export</code> will do with this run: "
+        f"divide the logits by a temperature T = {c.temperature:.4f} fitted on the validation split, so "
+        "that a probability of 0.8 is right about 80 % of the time; the expected calibration error (15 "
+        f"bins, test split) goes from {c.ece_before:.4f} to {c.ece_after:.4f}. The server marks an answer "
+        f"<i>abstain</i> when its top probability is below {c.threshold:.4f} (which keeps "
+        f"{c.kept * 100:.1f} % of validation images).</p>",
+        figure(
+            honesty.reliability_png,
+            "Reliability diagrams of the test split: per confidence bin, the accuracy of its images; a "
+            "calibrated model follows the diagonal",
+            report,
+        ),
+        "<table><tr><th>images unlike the training data</th><th class='num'>images</th>"
+        "<th class='num'>AUROC, max probability (served)</th><th class='num'>AUROC, energy</th>"
+        "<th class='num'>flagged</th></tr>",
+        *(
+            f"<tr><td>{html.escape(name)}</td><td class='num'>{count}</td>"
+            f"<td class='num'>{msp_auroc:.3f}</td><td class='num'>{energy_auroc:.3f}</td>"
+            f"<td class='num'>{flagged * 100:.1f} %</td></tr>"
+            for name, count, msp_auroc, energy_auroc, flagged in honesty.ood
+        ),
+        f"<tr><td>this run's own test images (false alarms)</td><td></td><td></td><td></td>"
+        f"<td class='num'>{honesty.test_flagged * 100:.1f} %</td></tr></table>",
+    ]
 
 
 def data_uri(path: Path) -> str:
@@ -326,6 +401,8 @@ def render_html(info: RunInfo, metrics: dict, report: Report, curves: Path, conf
         for block, (png, shape) in enumerate(zip(example.block_pngs, example.block_shapes, strict=True), 1):
             parts.append(figure(png, f"block {block}: {shape_text(shape)}", report))
         parts.append("</div>")
+    if report.honesty is not None:
+        parts += honesty_html(report.honesty, report)
     parts += [
         "<h2>Mistakes</h2>",
         figure(
