@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 # gRPC core logs through absl at INFO, one line for every failed TLS handshake: anyone who can open a
 # connection could fill the log. It reads GRPC_VERBOSITY once, when grpc is imported, hence here,
@@ -26,6 +27,22 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", type=int, default=0, help="model version (default: newest)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     add_connection_arguments(parser)
+
+
+def client_command(work: Callable[[], str | tuple[str, int]]) -> int:
+    """Runs a command that talks to a server and prints its text: 1 on a gRPC error or when images
+    failed, 2 when a file cannot be read."""
+    try:
+        outcome = work()
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text, failed = (outcome, 0) if isinstance(outcome, str) else outcome
+    print(text)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "classify":
         from serving.tools.classify import classify_files
 
-        try:
-            text, _ = classify_files(
+        return client_command(
+            lambda: classify_files(
                 args.images,
                 args.server,
                 args.model,
@@ -124,22 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                 args.json,
                 args.timeout,
                 connection,
-            )
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-        except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(text)
-        return 0
+            )[0]
+        )
     if args.command == "explain":
         from pathlib import Path
 
         from serving.tools.explain import explain_files
 
-        try:
-            text, failed = explain_files(
+        return client_command(
+            lambda: explain_files(
                 args.images,
                 Path(args.out),
                 args.server,
@@ -150,14 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.timeout,
                 connection,
             )
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-        except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(text)
-        return 1 if failed else 0
+        )
     if args.command == "health":
         from serving.client import ClassifierClient
 
