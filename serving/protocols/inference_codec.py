@@ -199,7 +199,7 @@ def classification_strings(result: PredictResult, k: int) -> tuple[list[int], li
 
 
 def abstain_parameters(result: PredictResult) -> dict[str, str]:
-    """The output's parameters `abstain` and `score`, one entry per image as JSON lists in strings
+    """The response's parameters `abstain` and `score`, one entry per image as JSON lists in strings
     (a parameter holds one scalar): `[false, true]`, `[0.98, 0.31]`. Empty for a result without them."""
     if result.scores is None or result.abstain is None:
         return {}

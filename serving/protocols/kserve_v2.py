@@ -307,14 +307,16 @@ def to_response(request: pb.ModelInferRequest, result: PredictResult, k: int | N
         model_name=result.model, model_version=str(result.version), id=request.id
     )
     if k is None:
-        output = response.outputs.add(name=OUTPUT, datatype="FP32", shape=probabilities.shape)
+        response.outputs.add(name=OUTPUT, datatype="FP32", shape=probabilities.shape)
         response.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())
     else:
         shape, elements = classification_strings(result, k)
-        output = response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
+        response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
         response.raw_output_contents.append(join_bytes(elements))
+    # On the response, not the output: readers such as perf_analyzer take an output's parameters for
+    # the binary data extension's.
     for key, text in abstain_parameters(result).items():
-        output.parameters[key].string_param = text
+        response.parameters[key].string_param = text
     return response
 
 

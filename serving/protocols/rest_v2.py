@@ -182,14 +182,16 @@ def infer_response(
         output = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
         raw = join_bytes(elements)
         data = [e.decode() for e in elements]
+    # On the response, not the output: perf_analyzer reads an output's parameters as the binary data
+    # extension's and fails on any without binary_data_size.
     parameters: dict[str, Any] = abstain_parameters(result)
     if parameters:
-        output["parameters"] = parameters
+        answer["parameters"] = parameters
     if not binary:
         output["data"] = data
         answer["outputs"] = [output]
         return JSONResponse(answer)
-    output["parameters"] = {**parameters, "binary_data_size": len(raw)}
+    output["parameters"] = {"binary_data_size": len(raw)}
     answer["outputs"] = [output]
     text = json.dumps(answer, separators=(",", ":")).encode()
     return Response(
