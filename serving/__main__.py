@@ -45,6 +45,13 @@ def client_command(work: Callable[[], str | tuple[str, int]]) -> int:
     return 1 if failed else 0
 
 
+def class_index(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"a class index is 0 or more (and below 2**31), not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from serving.config import add_config_arguments
 
@@ -73,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cam", "occlusion"),
         help="repeatable; default: every method the version offers",
     )
-    explain.add_argument("--class-index", type=int, default=None, help="class to explain (default: top-1)")
+    explain.add_argument(
+        "--class-index", type=class_index, default=None, help="class to explain (default: top-1)"
+    )
 
     check = commands.add_parser("health", help="exit 0 when the server answers SERVING (for HEALTHCHECK)")
     check.add_argument("--server", default=DEFAULT_SERVER)

@@ -441,3 +441,26 @@ def test_each_priority_level_has_its_own_queue_bound() -> None:
             np.testing.assert_array_equal(rows, rows_for(caller, count) * 10 + 1)
 
     asyncio.run(scenario())
+
+
+def test_low_priority_batches_never_run_on_the_event_loop() -> None:
+    """A fast model's high batches run inline; its low batches go to the worker thread, so a run of
+    them cannot keep the loop from accepting high callers."""
+    threads: list[tuple[int, str]] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        threads.append((int(batch[0, 0]), threading.current_thread().name))
+        return batch
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8, inline_below_s=1.0))
+        for call in range(3):  # measured fast: from the second call on, high batches run inline
+            await batcher.submit(np.array([[0, call]]))
+        await batcher.submit(np.array([[PRIORITY_LOW, 0]] * 20), priority=PRIORITY_LOW)
+        await batcher.close()
+
+    asyncio.run(scenario())
+    main = threading.current_thread().name
+    assert (0, main) in threads
+    low = [name for level, name in threads if level == PRIORITY_LOW]
+    assert low and main not in low, threads

@@ -145,8 +145,9 @@ def test_one_broken_image_gets_its_error_and_the_others_their_maps(digits, digit
         ({"methods": ["gradients"]}, "unknown explanation method"),
         ({"target": 10}, "class 10 is not one of the model's 10 classes"),
         ({"methods": ["occlusion"], "patch": 9}, "occlusion patch must be 1 to 8"),
-        ({"methods": ["occlusion"], "stride": 0}, "occlusion stride must be 1 to 8"),
+        ({"methods": ["occlusion"], "stride": 0}, "occlusion stride must be 1 to 2 pixels"),
         ({"top_k": 0}, "top_k must be at least 1"),
+        ({"methods": ["occlusion"], "patch": 2, "stride": 3}, "occlusion stride must be 1 to 2 pixels"),
     ],
 )
 def test_a_bad_explain_request_is_refused_with_its_reason(
@@ -268,6 +269,8 @@ def test_explain_over_grpc_and_rest_give_the_same_answer(
     assert [e["class_index"] for e in explained] == [4, 4, 4]
     grid = base64.b64decode(explained[0]["blocks"][0]["grid_png"])
     assert grid.startswith(b"\x89PNG")
+    zero = httpx.post(url, params={"class_index": "0"}, content=png_files[0].read_bytes(), timeout=30)
+    assert zero.json()["images"][0]["class_index"] == 0  # written though it is the default value
 
 
 @pytest.mark.parametrize(
@@ -367,3 +370,18 @@ def test_explanations_under_load_never_stop_classification(server, png_files) ->
     assert len(done["explain"]) >= 4, len(done["explain"])
     windows = np.histogram(done["classify"], bins=np.arange(started + 0.5, started + 3.0, 0.25))[0]
     assert windows.min() > 0, windows  # no quarter second (after the first half) without a classification
+
+
+def test_occlusion_drops_survive_a_probability_that_rounds_to_one() -> None:
+    """A confident calibrated model gives p = 1.0 in float32 with and without the patch; the drop is
+    still there in the other classes' probabilities, and equals base - masked where that is exact."""
+    from serving.core.occlusion import probability_drops
+
+    base = np.array([1.0, 2e-9, 3e-9], dtype=np.float32)
+    masked = np.array([[1.0, 5e-8, 3e-9], [1.0, 2e-9, 3e-9]], dtype=np.float32)
+    assert (base[0] - masked[:, 0] == 0).all()  # what the naive drop sees
+    drops = probability_drops(base, masked, 0)
+    assert drops[0] == pytest.approx(48e-9, rel=1e-6) and drops[1] == 0
+    plain = np.array([0.6, 0.3, 0.1], dtype=np.float32)
+    covered = np.array([[0.2, 0.5, 0.3]], dtype=np.float32)
+    assert probability_drops(plain, covered, 0)[0] == pytest.approx(0.4, abs=1e-6)

@@ -19,8 +19,9 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
     masked copies at PRIORITY_LOW. Low rows never share a batch with high ones, and a batch of only low
     rows is started only when nothing is in flight, so a high row waits behind at most the one low
     batch already running -- a short one (`low_batch_size`) while high rows keep coming, a full one
-    after `quiet_after_s` without any. Low rows that have waited `low_max_wait_s` go first into the
-    next batch (starvation bound), whatever is queued above them.
+    after `quiet_after_s` without any; never on the event loop, whatever the model's speed. Low rows
+    that have waited `low_max_wait_s` go first into the next batch (starvation bound), whatever is
+    queued above them.
 Sizes count rows, not requests; a request larger than `max_batch_size` is split into several items.
 Each level's queue is bounded in rows (`QueueFullError` beyond it) and rows whose deadline has passed, or
 whose caller went away, are dropped before they reach the model (`DeadlineExceededError`, counted
@@ -82,6 +83,8 @@ class BatchingConfig:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_rows < self.max_batch_size or self.max_inflight < 1:
             raise ValueError(f"invalid batching settings: {self}")
+        if not 0 <= self.low_batch_size <= self.max_batch_size:
+            raise ValueError(f"low_batch_size must be 0 (automatic) to max_batch_size: {self}")
         if self.max_delay_s < 0 or self.low_max_wait_s < 0:
             raise ValueError("max_delay and low_max_wait must not be negative")
 
@@ -288,7 +291,7 @@ class DynamicBatcher:
                 if not ready:
                     self._arm_timer(due)
                     return
-                batch = self._take_batch(self._queue, now)
+                batch, inline = self._take_batch(self._queue, now), True
             elif self._inflight == 0 or overdue:
                 # Low rows alone start only on an idle model (or once overdue): a high row that comes
                 # meanwhile waits behind this one batch at most, a short one while high rows come.
@@ -297,11 +300,14 @@ class DynamicBatcher:
                 batch = self._take_batch(self._low, now, limit=limit)
                 if overdue:  # what room is left goes to the high rows, oldest first
                     batch += self._take_batch(self._queue, now, sum(len(item.rows) for item in batch))
+                # Never inline: a run of low batches on the event loop would keep it from accepting the
+                # high callers they must not hold up.
+                inline = False
             else:
                 self._arm_timer(self._low[0].enqueued + config.low_max_wait_s)
                 return
             if batch:
-                self._dispatch(batch)
+                self._dispatch(batch, inline)
         if self._idle is not None and self._inflight == 0 and not self._queue and not self._low:
             self._idle.set()  # close() is waiting for the last batch
 
@@ -355,11 +361,11 @@ class DynamicBatcher:
             )
         return error
 
-    def _dispatch(self, batch: list[_Pending]) -> None:
+    def _dispatch(self, batch: list[_Pending], inline: bool = True) -> None:
         rows = sum(len(item.rows) for item in batch)
         self._count_batch(rows)
         parts = [item.rows for item in batch]
-        if self._inflight == 0 and self._run_time_s < self.config.inline_below_s:
+        if inline and self._inflight == 0 and self._run_time_s < self.config.inline_below_s:
             # A fast model on an idle batcher: two thread hand-offs would cost more than the call.
             try:
                 (output, took_ns), error = self._run(parts), None

@@ -28,7 +28,13 @@ from serving.core.budget import MIB, InputBudget
 from serving.core.errors import DeadlineExceeded, InvalidInput, Overloaded, shown
 from serving.core.explain import CAM, EXPLAIN_FILE, METHODS, OCCLUSION, grid_png, input_pixels
 from serving.core.model import ServedModel
-from serving.core.occlusion import OcclusionGrid, occluded_copies, occlusion_grid, occlusion_map
+from serving.core.occlusion import (
+    OcclusionGrid,
+    occluded_copies,
+    occlusion_grid,
+    occlusion_map,
+    probability_drops,
+)
 from serving.core.postprocess import abstain, top_k
 from serving.core.preprocess import (
     ImageError,
@@ -66,6 +72,20 @@ class Limits:
     max_request_pixels: int = defaults.MAX_REQUEST_PIXELS
     default_top_k: int = defaults.TOP_K
     max_explain_copies: int = defaults.MAX_EXPLAIN_COPIES
+
+
+async def run_together(work: dict[str, Awaitable[Any]]) -> dict[str, Any]:
+    """Every awaitable's result by name; the first failure cancels the others (an explanation whose
+    graph call failed must not go on submitting its occlusion copies)."""
+    if len(work) == 1:  # the usual case (cam alone): no task to make
+        ((name, awaitable),) = work.items()
+        return {name: await awaitable}
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = {name: group.create_task(job) for name, job in work.items()}  # type: ignore[arg-type]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None  # the domain error itself, for the error table
+    return {name: task.result() for name, task in tasks.items()}
 
 
 class ModelResolver(Protocol):
@@ -202,12 +222,11 @@ class DataPlane:
         if own_probabilities:
             work["probabilities"] = model.infer(rows, deadline)
         if grid is not None:
-            copies = np.concatenate([occluded_copies(row, contract, grid) for row in rows])
+            copies = np.empty((len(rows) * grid.copies, *rows.shape[1:]), dtype=rows.dtype)
+            for i, row in enumerate(rows):
+                occluded_copies(row, contract, grid, copies[i * grid.copies : (i + 1) * grid.copies])
             work["copies"] = self._infer_copies(model, copies, deadline)
-        if len(work) == 1:  # the usual case (cam alone): no tasks to gather
-            results = {name: await awaitable for name, awaitable in work.items()}
-        else:
-            results = dict(zip(work, await asyncio.gather(*work.values()), strict=True))
+        results = await run_together(work)
         outputs, probabilities = results.get("graph"), results.get("probabilities")
         if probabilities is None:
             probabilities = outputs.probabilities
@@ -224,10 +243,9 @@ class DataPlane:
             if CAM in methods:
                 maps[CAM] = np.ascontiguousarray(outputs.cam[i, target])
             if grid is not None:
-                masked = results["copies"][i * grid.copies : (i + 1) * grid.copies, target]
-                maps[OCCLUSION] = occlusion_map(
-                    float(probabilities[i, target]), masked, grid, contract.height, contract.width
-                )
+                masked = results["copies"][i * grid.copies : (i + 1) * grid.copies]
+                drops = probability_drops(probabilities[i], masked, target)
+                maps[OCCLUSION] = occlusion_map(drops, grid, contract.height, contract.width)
             blocks = []
             if request.activations and outputs is not None and graph is not None:
                 for b, block in enumerate(outputs.blocks, start=1):

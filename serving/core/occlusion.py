@@ -11,7 +11,6 @@ it. Patch positions always include the last row and column, so every pixel is co
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -49,49 +48,59 @@ def occlusion_grid(
     height: int, width: int, patch: int | None = None, stride: int | None = None
 ) -> OcclusionGrid:
     """The default patch is max(2, ceil(side / 7)) and the stride half the patch (13 x 13 = 169 copies
-    at 28 x 28 or 224 x 224, 7 x 7 at 8 x 8); either may be given instead."""
+    at 28 x 28 or 224 x 224, 7 x 7 at 8 x 8); either may be given instead. The stride is at most the
+    patch: a larger one would leave pixels no patch covers."""
     side = min(height, width)
     if patch is None:
         patch = max(2, math.ceil(side / PATCHES_PER_SIDE))
-    if stride is None:
-        stride = max(1, patch // 2)
     if not 1 <= patch <= side:
         raise InvalidInput(f"occlusion patch must be 1 to {side} pixels for this model, got {patch}")
-    if not 1 <= stride <= side:
-        raise InvalidInput(f"occlusion stride must be 1 to {side} pixels for this model, got {stride}")
-    patch = min(patch, side)
+    if stride is None:
+        stride = max(1, patch // 2)
+    if not 1 <= stride <= patch:
+        raise InvalidInput(
+            f"occlusion stride must be 1 to {patch} pixels (the patch), got {stride}: a larger stride "
+            "leaves pixels no patch covers"
+        )
     return OcclusionGrid(patch, stride, _starts(height, patch, stride), _starts(width, patch, stride))
 
 
-@functools.lru_cache(maxsize=16)
-def patch_masks(grid: OcclusionGrid, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(copies, height, width) bool, True where each copy's patch lies, and how many patches cover
-    each pixel (height, width): built once per grid and input size, so each request is two numpy calls."""
-    masks = np.zeros((grid.copies, height, width), dtype=bool)
+def occluded_copies(
+    row: np.ndarray, contract: ModelContract, grid: OcclusionGrid, out: np.ndarray | None = None
+) -> np.ndarray:
+    """(copies, *row.shape): one copy of the input row per patch, the patch set to the contract's fill;
+    written into `out` when given (a slice of all the request's copies: no second copy of them)."""
+    if out is None:
+        out = np.empty((grid.copies, *row.shape), dtype=row.dtype)
+    out[...] = row
+    fill = contract.fill_input.astype(row.dtype)  # shaped to broadcast over one row
     p = grid.patch
     for index, (top, left) in enumerate(itertools.product(grid.tops, grid.lefts)):
-        masks[index, top : top + p, left : left + p] = True
-    masks.setflags(write=False)
-    return masks, masks.sum(axis=0, dtype=np.float64)
+        if contract.layout == "NCHW":
+            out[index, :, top : top + p, left : left + p] = fill
+        else:
+            out[index, top : top + p, left : left + p, :] = fill
+    return out
 
 
-def occluded_copies(row: np.ndarray, contract: ModelContract, grid: OcclusionGrid) -> np.ndarray:
-    """(copies, *row.shape): one copy of the input row per patch, the patch set to the contract's fill."""
-    masks, _ = patch_masks(grid, contract.height, contract.width)
-    fill = contract.fill_input.astype(row.dtype)  # shaped to broadcast over one row
-    spatial = masks[:, None] if contract.layout == "NCHW" else masks[:, :, :, None]
-    return np.where(spatial, fill, row[None])
+def probability_drops(base: np.ndarray, masked: np.ndarray, target: int) -> np.ndarray:
+    """(copies,): how much the target class's probability falls in each masked copy, base[target] -
+    masked[:, target], computed as the rise of all the other classes' probabilities together. The same
+    number, but still there when the target's probability rounds to 1.0 in float32 (a confident model
+    after calibration): the others' small probabilities keep their precision."""
+    others = np.ones(base.shape[-1], dtype=bool)
+    others[target] = False
+    return masked[:, others].sum(axis=1, dtype=np.float64) - base[others].sum(dtype=np.float64)
 
 
-def occlusion_map(
-    base: float, masked: np.ndarray, grid: OcclusionGrid, height: int, width: int
-) -> np.ndarray:
-    """(height, width) float32: per pixel, the mean of `base - masked[i]` over the patches covering it.
-
-    `base` is the class's probability for the whole image, `masked` its probability for each copy
-    (in `occluded_copies` order). Positive: covering that place lowers the class's probability.
-    """
-    masks, cover = patch_masks(grid, height, width)
-    drops = base - np.asarray(masked, dtype=np.float64)
-    total = np.tensordot(drops, masks, axes=1)  # the drops of the patches over each pixel, summed
+def occlusion_map(drops: np.ndarray, grid: OcclusionGrid, height: int, width: int) -> np.ndarray:
+    """(height, width) float32: per pixel, the mean of the drops (`probability_drops`, in
+    `occluded_copies` order) of the patches covering it. Positive: covering that place lowers the
+    class's probability."""
+    total = np.zeros((height, width), dtype=np.float64)
+    cover = np.zeros((height, width), dtype=np.float64)
+    p = grid.patch
+    for drop, (top, left) in zip(drops, itertools.product(grid.tops, grid.lefts), strict=True):
+        total[top : top + p, left : left + p] += drop
+        cover[top : top + p, left : left + p] += 1
     return (total / cover).astype(np.float32)

@@ -135,7 +135,8 @@ def in_process_ratio(version: Path, repeats: int = 300) -> tuple[float, float]:
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(str(version / name), options, providers=["CPUExecutionProvider"])
         spec = session.get_inputs()[0]
-        x = np.random.default_rng(0).random((1, *spec.shape[1:]), dtype=np.float32)
+        dtype = np.float16 if spec.type == "tensor(float16)" else np.float32  # an fp16 export's input
+        x = np.random.default_rng(0).random((1, *spec.shape[1:]), dtype=np.float32).astype(dtype)
         for _ in range(20):
             session.run(None, {spec.name: x})
         times = []

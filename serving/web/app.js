@@ -15,7 +15,8 @@ const HEAT_STOPS = [
 ];
 const TOP_K = 5;
 
-const state = { models: [], choice: null, bytes: null, answer: null, method: "cam" };
+// `ticket` numbers the explain calls: only the newest one's answer is drawn (an older one may come last).
+const state = { models: [], choice: null, bytes: null, answer: null, method: "cam", ticket: 0 };
 const $ = (id) => document.getElementById(id);
 
 class ApiError extends Error {
@@ -311,6 +312,7 @@ async function explain(classIndex) {
   params.set("top_k", String(Math.min(TOP_K, (model.labels || []).length || TOP_K)));
   if (classIndex !== undefined) params.set("class_index", String(classIndex));
   const path = `/v1/models/${encodeURIComponent(model.name)}/versions/${version}:explain?${params}`;
+  const ticket = ++state.ticket;
   document.body.setAttribute("aria-busy", "true");
   try {
     const started = performance.now();
@@ -319,8 +321,10 @@ async function explain(classIndex) {
       body: state.bytes,
       headers: { "Content-Type": "application/octet-stream" },
     });
+    if (ticket !== state.ticket) return; // a newer image or class was asked for meanwhile
     render(body, response.headers.get("Server-Timing"), performance.now() - started);
   } catch (error) {
+    if (ticket !== state.ticket) return;
     $("result").hidden = true;
     $("why").hidden = true;
     showError(error.message);
