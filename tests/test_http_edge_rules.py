@@ -187,7 +187,8 @@ def test_a_request_with_both_inputs_is_served_from_the_tensor(server: LaunchedSe
     status_one, _, one = post(server, INFER, json.dumps({"inputs": inputs[1:]}).encode())
     assert status == status_one == 200
     answer = json.loads(both)
-    assert answer["parameters"] == {"ignored_inputs": "image_bytes"}
+    assert answer["parameters"]["ignored_inputs"] == "image_bytes"
+    assert len(json.loads(answer["parameters"]["abstain"])) == 1  # beside it, not instead of it
     assert answer["outputs"] == json.loads(one)["outputs"]
 
 

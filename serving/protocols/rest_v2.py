@@ -186,7 +186,7 @@ def infer_response(
     # extension's and fails on any without binary_data_size.
     parameters: dict[str, Any] = abstain_parameters(result)
     if parameters:
-        answer["parameters"] = parameters
+        answer.setdefault("parameters", {}).update(parameters)
     if not binary:
         output["data"] = data
         answer["outputs"] = [output]
