@@ -19,7 +19,8 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
     masked copies at PRIORITY_LOW. Low rows never share a batch with high ones, and a batch of only low
     rows is started only when nothing is in flight, so a high row waits behind at most the one low
     batch already running -- a short one (`low_batch_size`) while high rows keep coming, a full one
-    after `quiet_after_s` without any; never on the event loop, whatever the model's speed. Low rows
+    after `quiet_after_s` without any; one at a time on the event loop for a fast model, which then
+    turns once to accept high callers before the next. Low rows
     that have waited `low_max_wait_s` go first into the next batch (starvation bound), whatever is
     queued above them.
 Sizes count rows, not requests; a request larger than `max_batch_size` is split into several items.
@@ -300,9 +301,14 @@ class DynamicBatcher:
                 batch = self._take_batch(self._low, now, limit=limit)
                 if overdue:  # what room is left goes to the high rows, oldest first
                     batch += self._take_batch(self._queue, now, sum(len(item.rows) for item in batch))
-                # Never inline: a run of low batches on the event loop would keep it from accepting the
-                # high callers they must not hold up.
-                inline = False
+                # At most one low batch inline per turn of the loop: a run of them would keep the loop
+                # from accepting the high callers they must not hold up, and a thread hand-off per
+                # batch costs a tiny model more than the batch.
+                inline = not overdue
+                if batch and inline and self._inflight == 0 and self._run_time_s < config.inline_below_s:
+                    self._dispatch(batch, inline)
+                    asyncio.get_running_loop().call_soon(self._maybe_dispatch)
+                    return
             else:
                 self._arm_timer(self._low[0].enqueued + config.low_max_wait_s)
                 return
