@@ -74,6 +74,17 @@ class Limits:
     max_explain_copies: int = defaults.MAX_EXPLAIN_COPIES
 
 
+def unless_all_failed(count: int) -> Callable[[dict[int, str]], None]:
+    """The check of requests with per-image errors: they fail as a whole only when no image is usable."""
+
+    def check(errors: dict[int, str]) -> None:
+        if len(errors) == count:
+            summary = "; ".join(f"image {i}: {msg}" for i, msg in sorted(errors.items())[:5])
+            raise InvalidInput(summary)
+
+    return check
+
+
 async def run_together(work: dict[str, Awaitable[Any]]) -> dict[str, Any]:
     """Every awaitable's result by name; the first failure cancels the others (an explanation whose
     graph call failed must not go on submitting its occlusion copies)."""
@@ -116,13 +127,12 @@ class DataPlane:
         k = self._top_k(request.top_k)
         count = len(request.images)
 
-        def check(errors: dict[int, str]) -> None:
-            if len(errors) == count:
-                summary = "; ".join(f"image {i}: {msg}" for i, msg in sorted(errors.items())[:5])
-                raise InvalidInput(summary)
-
         probabilities, errors = await self._run(
-            model, count, lambda: self._prepare(model, request.images), check, request.deadline
+            model,
+            count,
+            lambda: self._prepare(model, request.images),
+            unless_all_failed(count),
+            request.deadline,
         )
         indices, values = top_k(probabilities, k)
         scores, flags = abstain(probabilities, model.contract.abstain_threshold)
@@ -160,11 +170,6 @@ class DataPlane:
                     "fewer images or a larger patch or stride"
                 )
 
-        def check(errors: dict[int, str]) -> None:
-            if len(errors) == count:
-                summary = "; ".join(f"image {i}: {msg}" for i, msg in sorted(errors.items())[:5])
-                raise InvalidInput(summary)
-
         async def run(rows: np.ndarray) -> list[ImageExplanation]:
             return await self._explain_rows(model, rows, methods, request, k, grid)
 
@@ -172,7 +177,7 @@ class DataPlane:
             model,
             count,
             lambda: self._prepare(model, request.images),
-            check,
+            unless_all_failed(count),
             request.deadline,
             run,
             1 + (grid.copies if grid else 0),
