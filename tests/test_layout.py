@@ -24,7 +24,7 @@ def imports_of(path: Path) -> set[str]:
 
 
 def files(room: str) -> list[Path]:
-    return sorted((SERVING / room).glob("*.py"))
+    return sorted((SERVING / room).rglob("*.py"))  # packages inside a room (tools' bench, score) too
 
 
 # room -> module prefixes its files must not import

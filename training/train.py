@@ -10,6 +10,9 @@ One process or several under `torchrun`: each process trains on its shard of eve
 same global batch as a single process would. Rank 0 alone evaluates and writes the run folder.
 Randomness (shuffle, augmentation, dropout) is seeded per epoch from (seed, epoch, rank), so a run
 resumed from `last.pt` draws exactly what the uninterrupted run would have.
+
+`train_with` composes steps that each run alone: `set_up` (or resume), `run_epoch` (`train_epoch`,
+`validate`, the early stop in `TrainingState.record_validation`, `save_checkpoint`), then `finish`.
 """
 
 from __future__ import annotations
@@ -31,14 +34,18 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from training.augment import Augmentation, augment
-from training.datasets import Dataset, Split
+from training.datasets import Dataset
 from training.distributed import Context, broadcast_from_main
+from training.evaluation import Evaluation, evaluate, to_tensor
 from training.model import ConvNet
+from training.precision import default_bf16 as default_bf16  # re-exported: the CLI imports it from here
+from training.precision import training_threads
+from training.resume import LAST, TrainingState, epoch_seed, load_last, save_atomically
+from training.resume import ResumeError as ResumeError  # re-exported: the CLI catches it from here
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-LAST = "last.pt"
 RUN_INFO = "run.json"
 METRICS = "metrics.json"
 TEST_SPLIT = "test_split.npz"  # kept so export verifies on the very images the run was tested on
@@ -46,10 +53,6 @@ VAL_SPLIT = "val_split.npz"  # kept so export fits its temperature and abstain t
 CALIBRATION = "calibration.npz"  # training images for int8 calibration at export time
 CALIBRATION_IMAGES = 512
 SINGLE_CPU = Context(rank=0, world_size=1, device=torch.device("cpu"), backend=None)
-
-
-class ResumeError(ValueError):
-    """`--resume` was asked with settings other than those the run was started with."""
 
 
 @dataclass(frozen=True)
@@ -97,103 +100,11 @@ class RunInfo:
         )
 
 
-# The server multiplies pixels by the contract's float32 scale; the same product here keeps training's
-# input bit-identical to what the server feeds (a division by 255 differs in the last bit for half the
-# values).
-PIXEL_SCALE = float(np.float32(1.0 / 255.0))
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 pixels to float in [0, 1]: exactly as the server scales them before the graph."""
-    return torch.from_numpy(images).float().mul_(PIXEL_SCALE)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    loss: float
-    accuracy: float
-    confusion: np.ndarray  # (classes, classes): rows are true classes
-
-    @property
-    def per_class_accuracy(self) -> list[float]:
-        totals = self.confusion.sum(axis=1)
-        return [float(c / t) if t else 0.0 for c, t in zip(np.diag(self.confusion), totals, strict=True)]
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    split: Split,
-    num_classes: int,
-    batch_size: int = 512,
-    device: torch.device | None = None,
-) -> Evaluation:
-    model.eval()
-    device = device or torch.device("cpu")
-    loss_sum, confusion = 0.0, np.zeros((num_classes, num_classes), dtype=np.int64)
-    for start in range(0, len(split), batch_size):
-        x = to_tensor(split.images[start : start + batch_size]).to(device, memory_format=torch.channels_last)
-        y = torch.from_numpy(split.labels[start : start + batch_size]).to(device)
-        logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        np.add.at(confusion, (y.cpu().numpy(), logits.argmax(1).cpu().numpy()), 1)
-    accuracy = float(np.trace(confusion) / max(len(split), 1))
-    return Evaluation(loss_sum / max(len(split), 1), accuracy, confusion)
-
-
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     scaled = images.astype(np.float64) / 255.0
     mean = scaled.mean(axis=(0, 2, 3))
     std = scaled.std(axis=(0, 2, 3))
     return [float(m) for m in mean], [float(max(s, 1e-6)) for s in std]
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Independent streams per (seed, epoch, process): resuming at any epoch reproduces its draws."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-@dataclass
-class TrainingState:
-    """Everything `last.pt` holds besides the weights and optimiser: where the run stands."""
-
-    epoch: int = 0
-    history: list[dict] | None = None
-    best_accuracy: float = -1.0
-    best_loss: float = float("inf")  # validation loss of the best epoch: breaks accuracy ties
-    best_epoch: int = 0
-    stale_epochs: int = 0  # epochs since the validation accuracy last improved
-    stopped_early: bool = False
-
-
-def save_atomically(obj: object, path: Path) -> None:
-    """A kill while writing leaves the previous file, never half of one."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
-
-
-def load_last(out_dir: Path, config: TrainConfig, context: Context) -> dict | None:
-    """The saved training state, identical on every process (rank 0 reads it and sends it)."""
-    state = None
-    if context.is_main and (out_dir / LAST).exists():
-        state = torch.load(out_dir / LAST, weights_only=True, map_location="cpu")
-    if context.distributed:
-        box = [state]
-        dist.broadcast_object_list(box, src=0)
-        state = box[0]
-    if state is None:
-        return None
-    # Settings added since a run was saved take their defaults: what that run trained with.
-    saved = {**asdict(TrainConfig()), **state["config"]}
-    if saved != asdict(config):
-        changed = ", ".join(
-            f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in asdict(config).items() if saved.get(k) != v
-        )
-        raise ResumeError(
-            f"{out_dir / LAST} was trained with other settings ({changed}); rerun the same command"
-        )
-    return state
 
 
 def train(
@@ -220,37 +131,6 @@ def train(
         torch.set_num_threads(previous)
 
 
-SMALL_INPUT_SIDE = 16  # inputs no larger (the 8x8 digits) make layers too small to share or to cast
-
-
-def is_small_input(height: int, width: int) -> bool:
-    return max(height, width) <= SMALL_INPUT_SIDE
-
-
-def default_bf16(device: torch.device, height: int, width: int) -> bool:
-    """bfloat16 autocast where the device computes it natively and the input is not small."""
-    return native_bfloat16(device) and not is_small_input(height, width)
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether the device computes bfloat16 in hardware. There autocast makes a step faster (1.7x on
-    AMX cores for the Fashion-MNIST model); elsewhere bfloat16 is emulated and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    # torch.cpu's probes are private but stable since 2.1; they read CPUID as oneDNN does.
-    if device.type != "cpu":
-        return False
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-
-
-def training_threads(requested: int, height: int, width: int, default: int) -> int:
-    """`requested` if given; else 1 for inputs of 16x16 or less: a tiny model's layers are too small to
-    share, the second thread only waits, and on a busy machine it made 8x8 digits five times slower."""
-    if requested > 0:
-        return requested
-    return 1 if is_small_input(height, width) else default
-
-
 def train_with(
     dataset: Dataset,
     config: TrainConfig,
@@ -259,13 +139,58 @@ def train_with(
     resume: bool,
     epoch_hook: Callable[[dict], None] | None,
 ) -> dict:
+    """The run as its steps: set up (or resume), epochs until the last or an early stop, finish."""
+    training = set_up(dataset, config, out_dir, context, resume)
+    for epoch in range(training.state.epoch + 1, config.epochs + 1):
+        if training.state.stopped_early:
+            break
+        record = run_epoch(training, epoch)
+        if epoch_hook is not None:
+            epoch_hook(record)
+    return finish(training) if context.is_main else {}
+
+
+@dataclass
+class Training:
+    """One run while it trains: what `set_up` builds and every later step reads or advances."""
+
+    dataset: Dataset
+    config: TrainConfig
+    out_dir: Path
+    context: Context
+    info: RunInfo
+    model: ConvNet
+    net: nn.Module  # the model, or DistributedDataParallel around it
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.OneCycleLR
+    sampler: DistributedSampler
+    local_batch: int  # this process's share of the global batch
+    steps_per_epoch: int
+    state: TrainingState
+    resumed_from: int  # the epoch `last.pt` stood at (0: a fresh run)
+    started: float  # perf_counter() when the run (or this resumption of it) began
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.class_names)
+
+
+def make_deterministic(config: TrainConfig, context: Context) -> None:
+    """Seeds the initial weights and asks for deterministic kernels, so a run repeats exactly."""
     torch.manual_seed(config.seed)  # the same initial weights on every process
     if context.device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.use_deterministic_algorithms(True)
     # Deterministic mode also fills every new tensor with NaN to expose reads of uninitialised memory;
     # nothing here reads any, and the filling cost 12 % of a Fashion-MNIST step.
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+
+
+def set_up(dataset: Dataset, config: TrainConfig, out_dir: Path, context: Context, resume: bool) -> Training:
+    """The network, its optimiser, sampler and schedule, seeded; with `resume`, where `last.pt` left them."""
+    make_deterministic(config, context)
     if config.batch_size % context.world_size:
         raise ValueError(f"batch size {config.batch_size} does not split over {context.world_size} processes")
     if context.is_main:
@@ -284,15 +209,15 @@ def train_with(
         std,
         config.block_convs,
     )
-    num_classes = len(dataset.class_names)
     # Channels-last: the CPU's convolution and pooling kernels run about twice as fast on it.
-    model = info.build_model().to(context.device, memory_format=torch.channels_last)
+    # (torch's type stubs lack Module.to's memory_format, which the function itself takes.)
+    model = info.build_model().to(context.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     # Each process takes every world_size-th image of the seeded permutation, so the shards of the
     # k-th local batches together are exactly the k-th global batch of a single-process run.
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[int] = DistributedSampler(
         range(len(dataset.train)),  # type: ignore[arg-type]
         num_replicas=context.world_size,
         rank=context.rank,
@@ -304,125 +229,167 @@ def train_with(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch
     )
-
-    state = TrainingState(history=[])
-    saved = load_last(out_dir, config, context) if resume else None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        state = TrainingState(**saved["state"])
-        if context.is_main:
-            log.info("resuming %s after epoch %d of %d", out_dir, state.epoch, config.epochs)
-    elif resume and context.is_main:
-        log.info("no %s in %s: starting from the first epoch", LAST, out_dir)
-    resumed_from = state.epoch
-    history: list[dict] = state.history or []
+    state = restore(model, optimizer, schedule, out_dir, config, context) if resume else TrainingState()
     net: nn.Module = model
     if context.distributed:
         net = DistributedDataParallel(
             model, device_ids=[context.device] if context.device.type == "cuda" else None
         )
+    x_train, y_train = to_tensor(dataset.train.images), torch.from_numpy(dataset.train.labels)
+    return Training(
+        dataset=dataset,
+        config=config,
+        out_dir=out_dir,
+        context=context,
+        info=info,
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        schedule=schedule,
+        sampler=sampler,
+        local_batch=local_batch,
+        steps_per_epoch=steps_per_epoch,
+        state=state,
+        resumed_from=state.epoch,
+        started=started,
+        x_train=x_train,
+        y_train=y_train,
+    )
 
-    x_train = to_tensor(dataset.train.images)
-    y_train = torch.from_numpy(dataset.train.labels)
-    augmentation = config.augmentation
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        if state.stopped_early:
-            break
-        epoch_started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))
-        seed = epoch_seed(config.seed, epoch, context.rank)
-        torch.manual_seed(seed)  # dropout
-        augment_rng = torch.Generator().manual_seed(seed)
-        net.train()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="batch",
-            leave=False,
-            disable=None if context.is_main else True,
+
+def restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    out_dir: Path,
+    config: TrainConfig,
+    context: Context,
+) -> TrainingState:
+    """Loads `last.pt` into the model, optimiser and schedule; a fresh state when there is none."""
+    saved = load_last(out_dir, config, context)
+    if saved is None:
+        if context.is_main:
+            log.info("no %s in %s: starting from the first epoch", LAST, out_dir)
+        return TrainingState()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    state = TrainingState(**saved["state"])
+    if context.is_main:
+        log.info("resuming %s after epoch %d of %d", out_dir, state.epoch, config.epochs)
+    return state
+
+
+def run_epoch(training: Training, epoch: int) -> dict:
+    """One epoch: train, validate, keep the best and decide on an early stop, save; returns its record."""
+    config, state = training.config, training.state
+    epoch_started = time.perf_counter()
+    totals = train_epoch(training, epoch)
+    val_loss, val_accuracy = validate(training)
+    improved = state.record_validation(epoch, val_loss, val_accuracy, config.patience)
+    record = {
+        "epoch": epoch,
+        "train_loss": float(totals[0] / totals[2]),
+        "train_accuracy": float(totals[1] / totals[2]),
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
+        "learning_rate": training.schedule.get_last_lr()[0],
+        "seconds": time.perf_counter() - epoch_started,
+    }
+    state.history.append(record)
+    if training.context.is_main:
+        log.info(
+            "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
+            epoch,
+            record["train_loss"],
+            record["train_accuracy"],
+            val_loss,
+            val_accuracy,
+            record["seconds"],
         )
-        for step in bar:
-            index = order[step * local_batch : (step + 1) * local_batch]
-            x, y = x_train[index], y_train[index]
-            if augmentation.active:
-                x = augment(x, augmentation, augment_rng)
-            x = x.to(context.device, memory_format=torch.channels_last, non_blocking=True)
-            y = y.to(context.device, non_blocking=True)
-            with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                logits = net(x)  # forward pass
-                loss = nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # backpropagation (DDP averages the gradients over processes here)
-            optimizer.step()  # weight update
-            schedule.step()
-            totals += torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum()), len(y)])
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if context.distributed:  # the whole epoch's training figures, over every shard
-            totals = totals.to(context.device)  # NCCL reduces only tensors on the GPU
-            dist.all_reduce(totals)
-            totals = totals.cpu()
-        if context.is_main:
-            val = evaluate(model, dataset.val, num_classes, device=context.device)
-            val_loss, val_accuracy = val.loss, val.accuracy
-        else:
-            val_loss = val_accuracy = 0.0
-        val_loss, val_accuracy = broadcast_from_main(context, [val_loss, val_accuracy])
-        # Better: higher validation accuracy, or the same with lower loss. A small validation split
-        # ties often, and the later, lower-learning-rate epoch of a tie is the steadier model.
-        improved = (val_accuracy, -val_loss) > (state.best_accuracy, -state.best_loss)
-        state.epoch = epoch
-        if improved:
-            state.best_accuracy, state.best_loss = val_accuracy, val_loss
-            state.best_epoch, state.stale_epochs = epoch, 0
-        else:
-            state.stale_epochs += 1
-        state.stopped_early = bool(config.patience) and state.stale_epochs >= config.patience
-        record = {
-            "epoch": epoch,
-            "train_loss": float(totals[0] / totals[2]),
-            "train_accuracy": float(totals[1] / totals[2]),
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "learning_rate": schedule.get_last_lr()[0],
-            "seconds": time.perf_counter() - epoch_started,
-        }
-        history.append(record)
-        if context.is_main:
-            log.info(
-                "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
-                epoch,
-                record["train_loss"],
-                record["train_accuracy"],
-                val_loss,
-                val_accuracy,
-                record["seconds"],
-            )
-            if improved:
-                save_atomically(model.state_dict(), out_dir / CHECKPOINT)
-            state.history = history
-            save_atomically(
-                {
-                    "config": asdict(config),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "state": asdict(state),
-                },
-                out_dir / LAST,
-            )
-            if state.stopped_early:
-                log.info("early stop: no better validation accuracy for %d epochs", config.patience)
-        if epoch_hook is not None:
-            epoch_hook(record)
+        save_checkpoint(training, improved)
+        if state.stopped_early:
+            log.info("early stop: no better validation accuracy for %d epochs", config.patience)
+    return record
 
-    if not context.is_main:
-        return {}
+
+def train_epoch(training: Training, epoch: int) -> torch.Tensor:
+    """One pass over this process's shard; the epoch's (loss sum, correct, images) over every shard."""
+    config, context = training.config, training.context
+    training.sampler.set_epoch(epoch)
+    order = torch.tensor(list(training.sampler))
+    seed = epoch_seed(config.seed, epoch, context.rank)
+    torch.manual_seed(seed)  # dropout
+    augment_rng = torch.Generator().manual_seed(seed)
+    augmentation = config.augmentation
+    training.net.train()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
+    bar = tqdm(
+        range(training.steps_per_epoch),
+        desc=f"epoch {epoch}/{config.epochs}",
+        unit="batch",
+        leave=False,
+        disable=None if context.is_main else True,
+    )
+    for step in bar:
+        index = order[step * training.local_batch : (step + 1) * training.local_batch]
+        x, y = training.x_train[index], training.y_train[index]
+        if augmentation.active:
+            x = augment(x, augmentation, augment_rng)
+        x = x.to(context.device, memory_format=torch.channels_last, non_blocking=True)
+        y = y.to(context.device, non_blocking=True)
+        with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            logits = training.net(x)  # forward pass
+            loss = nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        training.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # backpropagation (DDP averages the gradients over processes here)
+        training.optimizer.step()  # weight update
+        training.schedule.step()
+        totals += torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum()), len(y)])
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    if context.distributed:  # the whole epoch's training figures, over every shard
+        totals = totals.to(context.device)  # NCCL reduces only tensors on the GPU
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    return totals
+
+
+def validate(training: Training) -> tuple[float, float]:
+    """(loss, accuracy) on the validation split: rank 0 evaluates, every process gets its figures."""
+    context = training.context
+    if context.is_main:
+        val = evaluate(training.model, training.dataset.val, training.num_classes, device=context.device)
+        val_loss, val_accuracy = val.loss, val.accuracy
+    else:
+        val_loss = val_accuracy = 0.0
+    val_loss, val_accuracy = broadcast_from_main(context, [val_loss, val_accuracy])
+    return val_loss, val_accuracy
+
+
+def save_checkpoint(training: Training, improved: bool) -> None:
+    """`checkpoint.pt` when the epoch is the best so far; `last.pt`, everything `--resume` needs, always."""
+    out_dir, model = training.out_dir, training.model
+    if improved:
+        save_atomically(model.state_dict(), out_dir / CHECKPOINT)
+    save_atomically(
+        {
+            "config": asdict(training.config),
+            "model": model.state_dict(),
+            "optimizer": training.optimizer.state_dict(),
+            "schedule": training.schedule.state_dict(),
+            "state": asdict(training.state),
+        },
+        out_dir / LAST,
+    )
+
+
+def finish(training: Training) -> dict:
+    """Rank 0, after the last epoch: the best checkpoint on the test split, the metrics, the run folder."""
+    dataset, config, context, state = training.dataset, training.config, training.context, training.state
+    model, history = training.model, state.history
+    out_dir = training.out_dir
     model.load_state_dict(torch.load(out_dir / CHECKPOINT, weights_only=True, map_location=context.device))
-    test = evaluate(model, dataset.test, num_classes, device=context.device)
+    test = evaluate(model, dataset.test, training.num_classes, device=context.device)
     metrics = {
         "dataset": dataset.name,
         "class_names": list(dataset.class_names),
@@ -433,13 +400,13 @@ def train_with(
         "processes": {
             "world_size": context.world_size,
             "backend": context.backend,
-            "train_images_per_process": len(sampler),
-            "batch_per_process": local_batch,
+            "train_images_per_process": len(training.sampler),
+            "batch_per_process": training.local_batch,
         },
         "history": history,
         "epochs_run": len(history),
         "stopped_early": state.stopped_early,
-        "resumed_after_epoch": resumed_from,
+        "resumed_after_epoch": training.resumed_from,
         "best_epoch": state.best_epoch,
         "best_val_accuracy": state.best_accuracy,
         "test_accuracy": test.accuracy,
@@ -447,19 +414,25 @@ def train_with(
         "per_class_test_accuracy": dict(zip(dataset.class_names, test.per_class_accuracy, strict=True)),
         "confusion_matrix": test.confusion.tolist(),
         "train_time_s": sum(r["seconds"] for r in history),
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": time.perf_counter() - training.started,
     }
-    (out_dir / RUN_INFO).write_text(json.dumps(asdict(info), indent=2))
+    write_run_folder(training, metrics, test)
+    return metrics
+
+
+def write_run_folder(training: Training, metrics: dict, test: Evaluation) -> None:
+    """What export and the report read: run.json, the kept splits, calibration images, metrics, plots."""
+    dataset, out_dir = training.dataset, training.out_dir
+    (out_dir / RUN_INFO).write_text(json.dumps(asdict(training.info), indent=2))
     np.savez_compressed(out_dir / TEST_SPLIT, images=dataset.test.images, labels=dataset.test.labels)
     np.savez_compressed(out_dir / VAL_SPLIT, images=dataset.val.images, labels=dataset.val.labels)
-    pick = np.random.default_rng(config.seed).permutation(len(dataset.train))[:CALIBRATION_IMAGES]
+    pick = np.random.default_rng(training.config.seed).permutation(len(dataset.train))[:CALIBRATION_IMAGES]
     np.savez_compressed(out_dir / CALIBRATION, images=dataset.train.images[np.sort(pick)])
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     from training.plots import plot_confusion, plot_curves
 
-    plot_curves(history, out_dir / "curves.png")
+    plot_curves(training.state.history, out_dir / "curves.png")
     plot_confusion(test.confusion, dataset.class_names, out_dir / "confusion.png")
-    return metrics
 
 
 def load_run(run_dir: Path) -> tuple[RunInfo, ConvNet]:

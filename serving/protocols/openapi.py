@@ -3,7 +3,8 @@
 
 The Open Inference Protocol's schemas are the spec's (kserve/open-inference-protocol
 `open_inference_rest.yaml`), under the same names; the binary tensor extension and the image route
-are described beside them.
+are described beside them. The schemas are in `openapi_schemas`; this module assembles the paths, the
+document and the routes that serve it.
 """
 
 from __future__ import annotations
@@ -17,16 +18,11 @@ from starlette.staticfiles import StaticFiles
 
 from serving.protocols.http_edge import Call, HttpEdge
 from serving.protocols.inference_codec import SERVER_VERSION
-
-JSON = "application/json"
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+from serving.protocols.openapi_schemas import JSON, SCHEMAS, ref
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": _ref("error_response")}}}
+    return {"description": description, "content": {JSON: {"schema": ref("error_response")}}}
 
 
 ERRORS = {
@@ -52,227 +48,11 @@ TIMEOUT = {
 MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
 VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
 
-SCHEMAS: dict[str, Any] = {
-    # The Open Inference Protocol's, as its spec writes them.
-    "metadata_server_response": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "version": {"type": "string"},
-            "extensions": {"type": "array", "items": {"type": "string"}},
-        },
-        "required": ["name", "version", "extensions"],
-    },
-    "metadata_model_response": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "versions": {"type": "array", "items": {"type": "string"}},
-            "platform": {"type": "string"},
-            "inputs": {"type": "array", "items": _ref("metadata_tensor")},
-            "outputs": {"type": "array", "items": _ref("metadata_tensor")},
-        },
-        "required": ["name", "platform"],
-    },
-    "metadata_tensor": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "datatype": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-        },
-        "required": ["name", "datatype", "shape"],
-    },
-    "inference_request": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "parameters": _ref("parameters"),
-            "inputs": {"type": "array", "items": _ref("request_input")},
-            "outputs": {"type": "array", "items": _ref("request_output")},
-        },
-        "required": ["inputs"],
-    },
-    "parameters": {"type": "object"},
-    "request_input": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-            "datatype": {"type": "string"},
-            "parameters": _ref("parameters"),
-            "data": _ref("tensor_data"),
-        },
-        "required": ["name", "shape", "datatype", "data"],
-    },
-    "tensor_data": {
-        "type": "array",
-        "items": {
-            "anyOf": [
-                _ref("tensor_data"),
-                {"type": "number"},
-                {"type": "string"},
-                {"type": "boolean"},
-                {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
-            ]
-        },
-    },
-    "request_output": {
-        "type": "object",
-        "properties": {"name": {"type": "string"}, "parameters": _ref("parameters")},
-        "required": ["name"],
-    },
-    "response_output": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-            "datatype": {"type": "string"},
-            "parameters": _ref("parameters"),
-            "data": _ref("tensor_data"),
-        },
-        "required": ["name", "shape", "datatype", "data"],
-    },
-    "inference_response": {
-        "type": "object",
-        "properties": {
-            "model_name": {"type": "string"},
-            "model_version": {"type": "string"},
-            "id": {"type": "string"},
-            "parameters": _ref("parameters"),
-            "outputs": {"type": "array", "items": _ref("response_output")},
-        },
-        "required": ["model_name", "outputs"],
-    },
-    "error_response": {
-        "type": "object",
-        "properties": {"error": {"type": "string"}},
-        "required": ["error"],
-    },
-    # Triton's extensions and convserve's own.
-    "model_config": {"type": "object", "description": "Triton's ModelConfig as JSON (model_config.proto)"},
-    "model_statistics": {
-        "type": "object",
-        "properties": {"model_stats": {"type": "array", "items": {"type": "object"}}},
-        "required": ["model_stats"],
-        "description": "Triton's statistics extension: ModelStatisticsResponse as JSON",
-    },
-    "repository_index": {
-        "type": "array",
-        "items": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "version": {"type": "string"},
-                "state": {"type": "string"},
-                "reason": {"type": "string"},
-            },
-            "required": ["name", "version", "state"],
-        },
-    },
-    "classify_response": {
-        "type": "object",
-        "description": "convserve.v1 ClassifyResponse as JSON: one result per image, in order",
-        "properties": {
-            "model": {"type": "string"},
-            "version": {"type": "integer"},
-            "results": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "class_index": {"type": "array", "items": {"type": "integer"}},
-                        "label": {"type": "array", "items": {"type": "string"}},
-                        "probability": {"type": "array", "items": {"type": "number"}},
-                        "error": {
-                            "type": "object",
-                            "properties": {"code": {"type": "integer"}, "message": {"type": "string"}},
-                        },
-                    },
-                },
-            },
-        },
-        "required": ["model", "version", "results"],
-    },
-    "model_info": {
-        "type": "object",
-        "description": "convserve.v1 ModelInfo as JSON: state and reason, input, labels, metadata, "
-        "explain_methods, batching and statistics (fields as in the .proto; unset ones left out)",
-        "properties": {
-            "name": {"type": "string"},
-            "version": {"type": "integer"},
-            "state": {"type": "string"},
-            "reason": {"type": "string"},
-            "labels": {"type": "array", "items": {"type": "string"}},
-            "explain_methods": {"type": "array", "items": {"type": "string"}},
-            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-        },
-        "required": ["name", "version", "state"],
-    },
-    "models": {
-        "type": "object",
-        "properties": {"models": {"type": "array", "items": _ref("model_info")}},
-    },
-    "tensor": {
-        "type": "object",
-        "properties": {
-            "shape": {"type": "array", "items": {"type": "integer"}},
-            "dtype": {"type": "string"},
-            "data": {"type": "string", "format": "byte", "description": "base64, C order, little-endian"},
-        },
-    },
-    "explain_response": {
-        "type": "object",
-        "description": "convserve.v1 ExplainResponse as JSON: one explanation per image, in order",
-        "properties": {
-            "model": {"type": "string"},
-            "version": {"type": "integer"},
-            "methods": {"type": "array", "items": {"type": "string"}},
-            "occlusion": {
-                "type": "object",
-                "properties": {k: {"type": "integer"} for k in ("patch", "stride", "copies")},
-            },
-            "images": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "result": {"type": "object", "description": "as a result of :classify"},
-                        "class_index": {"type": "integer"},
-                        "label": {"type": "string"},
-                        "maps": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {"method": {"type": "string"}, "map": _ref("tensor")},
-                            },
-                        },
-                        "model_input": _ref("tensor"),
-                        "blocks": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "block": {"type": "integer"},
-                                    "maps": _ref("tensor"),
-                                    "caption": {"type": "string"},
-                                    "grid_png": {"type": "string", "format": "byte"},
-                                },
-                            },
-                        },
-                    },
-                },
-            },
-        },
-        "required": ["model", "version", "images"],
-    },
-}
-
 
 def _get(summary: str, schema: str | None, errors: dict[str, Any] = ERRORS, **extra: Any) -> dict:
     ok: dict[str, Any] = {"description": "OK"}
     if schema is not None:
-        ok["content"] = {JSON: {"schema": _ref(schema)}}
+        ok["content"] = {JSON: {"schema": ref(schema)}}
     return {"get": {"summary": summary, "responses": {"200": ok, **errors}, **extra}}
 
 
@@ -291,13 +71,13 @@ def _model_paths(base: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
             "parameters": [*parameters, TIMEOUT],
             "requestBody": {
                 "required": True,
-                "content": {JSON: {"schema": _ref("inference_request")}, "application/octet-stream": binary},
+                "content": {JSON: {"schema": ref("inference_request")}, "application/octet-stream": binary},
             },
             "responses": {
                 "200": {
                     "description": "OK",
                     "content": {
-                        JSON: {"schema": _ref("inference_response")},
+                        JSON: {"schema": ref("inference_response")},
                         "application/octet-stream": binary,
                     },
                 },
@@ -345,7 +125,7 @@ def _classify(parameters: list[dict[str, Any]]) -> dict[str, Any]:
                 },
             },
             "responses": {
-                "200": {"description": "OK", "content": {JSON: {"schema": _ref("classify_response")}}},
+                "200": {"description": "OK", "content": {JSON: {"schema": ref("classify_response")}}},
                 **DATA_ERRORS,
             },
         }
@@ -384,7 +164,7 @@ def _explain(parameters: list[dict[str, Any]]) -> dict[str, Any]:
                 query("occlusion_stride", {"type": "integer", "minimum": 1}, "default: half the patch"),
             ],
             "responses": {
-                "200": {"description": "OK", "content": {JSON: {"schema": _ref("explain_response")}}},
+                "200": {"description": "OK", "content": {JSON: {"schema": ref("explain_response")}}},
                 **DATA_ERRORS,
             },
         }
@@ -395,7 +175,7 @@ def _repository() -> dict[str, Any]:
     index = {
         "summary": "Repository Index",
         "responses": {
-            "200": {"description": "OK", "content": {JSON: {"schema": _ref("repository_index")}}},
+            "200": {"description": "OK", "content": {JSON: {"schema": ref("repository_index")}}},
             **ERRORS,
         },
     }

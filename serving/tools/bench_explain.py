@@ -101,8 +101,9 @@ async def measure_model(address: str, model: str, duration: float, rounds: int) 
 
         def clients(classifiers: int, call: Callable[[], Awaitable[object]], explainers: int = 0) -> Scenario:
             def make(until: float, sample: Sample | None) -> list[Awaitable[None]]:
-                return [loop(call, until, sample) for _ in range(classifiers)] + [
-                    loop(run_occlusion, until, None) for _ in range(explainers)
+                return [
+                    *(loop(call, until, sample) for _ in range(classifiers)),
+                    *(loop(run_occlusion, until, None) for _ in range(explainers)),
                 ]
 
             return make
