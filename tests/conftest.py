@@ -50,7 +50,7 @@ def build_conv_model(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from serving.core.contract import ModelContract
+    from serving.core.contract import Fit, ModelContract
 
     rng = np.random.default_rng(seed)
     weights = [
@@ -74,9 +74,7 @@ def build_conv_model(
         weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    contract = ModelContract(
-        labels=tuple(f"c{i}" for i in range(classes)), color_mode="RGB", height=side, width=side
-    )
+    contract = ModelContract(labels=tuple(f"c{i}" for i in range(classes)), fit=Fit("RGB", side, side))
     helper.set_model_props(model, contract.to_metadata())
     onnx.checker.check_model(model, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from serving.core.contract import (
     ContractError,
+    Fit,
     ModelContract,
     fit_image,
     from_metadata,
@@ -22,9 +23,7 @@ from serving.core.contract import (
 def test_metadata_round_trip() -> None:
     contract = ModelContract(
         labels=("a", "b c", "ü"),
-        color_mode="RGB",
-        height=24,
-        width=32,
+        fit=Fit("RGB", 24, 32),
         layout="NHWC",
         scale=1 / 255,
         mean=(0.1, 0.2, 0.3),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.core.contract import ModelContract
+from serving.core.contract import Fit, ModelContract
 from serving.core.preprocess import decode_to_input
 from training.datasets import read_image
 from training.train import to_tensor
@@ -67,7 +67,7 @@ def test_training_and_serving_give_the_same_input(tmp_path, fmt, mode, width, he
     image.save(path, format=fmt)
     size = 24
     trained = to_tensor(read_image(path, color_mode, size)[None]).numpy()[0]
-    contract = ModelContract(labels=("a", "b"), color_mode=color_mode, height=size, width=size)
+    contract = ModelContract(labels=("a", "b"), fit=Fit(color_mode, size, size))
     served = decode_to_input(path.read_bytes(), contract)
     assert served.dtype == trained.dtype == np.float32 and served.shape == trained.shape
     assert np.array_equal(served, trained), f"max difference {np.abs(served - trained).max()}"

@@ -89,9 +89,7 @@ def test_geometry_of_each_resize_mode() -> None:
 def test_an_elongated_image_is_refused_by_crop_not_blown_up() -> None:
     from serving.core.preprocess import ImageError, decode_to_input
 
-    contract = ModelContract(
-        labels=("a",), color_mode="RGB", height=32, width=32, resize="crop", resize_to=36
-    )
+    contract = ModelContract(labels=("a",), fit=Fit("RGB", 32, 32, resize="crop", resize_to=36))
     data = io.BytesIO()
     Image.new("RGB", (1, 5000)).save(data, "PNG")
     with pytest.raises(ImageError, match="too elongated for a centre crop"):
@@ -103,13 +101,7 @@ def test_letterbox_fill_and_channel_order_reach_the_input() -> None:
     pixels[..., 0] = 200  # red
     contract = ModelContract(
         labels=("a",),
-        color_mode="RGB",
-        height=20,
-        width=20,
-        channel_order="BGR",
-        resize="letterbox",
-        fill=(127.5,),
-        resample="nearest",
+        fit=Fit("RGB", 20, 20, channel_order="BGR", resize="letterbox", fill=(127.5,), resample="nearest"),
         scale=1 / 255,
         mean=(0.5,),
         std=(0.5,),
@@ -127,15 +119,17 @@ def test_letterbox_fill_and_channel_order_reach_the_input() -> None:
 def test_metadata_round_trip_keeps_every_field() -> None:
     contract = ModelContract(
         labels=("x", "y"),
-        color_mode="RGB",
-        height=224,
-        width=224,
-        channel_order="BGR",
-        resize="crop",
-        resize_to=256,
-        rounding="floor",
-        resample="bicubic",
-        antialias=True,
+        fit=Fit(
+            "RGB",
+            224,
+            224,
+            channel_order="BGR",
+            resize="crop",
+            resize_to=256,
+            rounding="floor",
+            resample="bicubic",
+            antialias=True,
+        ),
         scale=1.0,
         mean=(103.9, 116.8, 123.7),
         output="prob",
@@ -177,7 +171,7 @@ def test_impossible_sidecars_are_refused_naming_the_key(tmp_path: Path, extra: d
 
 
 def test_unknown_metadata_key_is_refused() -> None:
-    metadata = ModelContract(labels=("a",), color_mode="L", height=4, width=4).to_metadata()
+    metadata = ModelContract(labels=("a",), fit=Fit("L", 4, 4)).to_metadata()
     with pytest.raises(ContractError, match=r"unknown metadata key 'convserve\.colour'"):
         from_metadata({**metadata, "convserve.colour": "L"})
 

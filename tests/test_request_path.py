@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.core.contract import ModelContract
+from serving.core.contract import Fit, ModelContract
 from serving.core.postprocess import softmax, top_k
 from serving.core.preprocess import ImageError, decode_to_input, open_image, pixels_to_input, tensor_to_input
 from serving.core.runtime import (
@@ -20,7 +20,7 @@ from serving.core.runtime import (
     parse_device,
 )
 
-GREY = ModelContract(labels=tuple("abc"), color_mode="L", height=4, width=6)
+GREY = ModelContract(labels=tuple("abc"), fit=Fit("L", 4, 6))
 
 
 def test_provider_choice_and_fallback() -> None:
@@ -60,9 +60,7 @@ def test_runtime_drops_padding_rows_on_cuda(model_repo) -> None:
 def test_pixels_to_input_scales_normalises_and_lays_out() -> None:
     rgb = ModelContract(
         labels=("x",),
-        color_mode="RGB",
-        height=2,
-        width=3,
+        fit=Fit("RGB", 2, 3),
         layout="NHWC",
         scale=1.0,
         mean=(10.0, 20.0, 30.0),

@@ -62,7 +62,9 @@ class ExplainModel(nn.Module):
         if kinds != [nn.Flatten, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]:
             raise ValueError(f"the explain graph's gradient is written for ConvNet's head, not {kinds}")
         self.net = net
-        self.fc1, self.fc2 = net.classifier[2], net.classifier[5]
+        fc1, fc2 = net.classifier[2], net.classifier[5]
+        assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)  # as the kinds say
+        self.fc1, self.fc2 = fc1, fc2
         self.temperature = temperature
         self.eval()  # also puts `net` in eval mode: it is shared, not copied
 
@@ -115,8 +117,8 @@ def autograd_grad_cam(net: ConvNet, x: torch.Tensor, classes: Sequence[int] | No
     finally:
         handle.remove()
     cam = F.interpolate(torch.stack(maps, 1), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-    cam = cam.detach().numpy()
-    return cam if classes is None else cam[:, 0]
+    cams = cam.detach().numpy()
+    return cams if classes is None else cams[:, 0]
 
 
 def at_kink(net: ConvNet, x: torch.Tensor) -> np.ndarray:
@@ -124,6 +126,7 @@ def at_kink(net: ConvNet, x: torch.Tensor) -> np.ndarray:
     jumps. There ONNX Runtime and PyTorch may round to different sides of 0 and both be right: the CAM
     comparisons leave such images out."""
     fc1 = net.classifier[2]
+    assert isinstance(fc1, nn.Linear)
     with torch.no_grad():
         flat = net.eval().features(net.normalize(x)).flatten(1)
         z1 = fc1(flat)
@@ -175,6 +178,7 @@ def export_explain(
         opset_version=OPSET,
         external_data=False,
     )
+    assert program is not None  # dynamo=True always returns the ONNXProgram
     program.save(str(path), external_data=False)
     height, width = example.shape[-2:]
     write_metadata(path, {**(metadata or {}), **explain_metadata(net, int(height), int(width))})

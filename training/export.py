@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from serving.core.contract import ModelContract
+from serving.core.contract import Fit, ModelContract
 from training.calibration import Calibration, calibrate
 from training.fixtures import write_fixtures
 from training.model import ConvNet, ProbabilitiesModel
@@ -113,6 +113,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
         opset_version=OPSET,
         external_data=False,
     )
+    assert program is not None  # dynamo=True always returns the ONNXProgram
     program.save(str(path), external_data=False)
 
 
@@ -256,9 +257,7 @@ def export_run(
     model = ProbabilitiesModel(net, fitted.temperature).eval()
     contract = ModelContract(
         labels=tuple(info.class_names),
-        color_mode=info.color_mode,  # type: ignore[arg-type]
-        height=info.height,
-        width=info.width,
+        fit=Fit(info.color_mode, info.height, info.width),  # type: ignore[arg-type]
         layout="NCHW",
         scale=1.0 / 255.0,
         output_kind="probabilities",

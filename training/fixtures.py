@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -67,7 +68,7 @@ def write_fixtures(
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
     dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
-    entries = []
+    entries: list[dict[str, Any]] = []
     for name, data in fixture_images(images, color_mode).items():
         (folder / name).write_bytes(data)
         row = to_tensor(image_file_pixels(folder / name, color_mode, height, width)).numpy()  # type: ignore[arg-type]

@@ -9,13 +9,14 @@ Each is exported like a trained model (metadata, dynamic batch axis) and checked
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from serving.core.contract import ModelContract
+from serving.core.contract import ColorMode, Fit, ModelContract, ResizeMode
 from training.export import MAX_ABS_DIFF, MODEL_FILE, export_onnx, write_metadata
 from training.model import ConvNet, ProbabilitiesModel
 
@@ -99,7 +100,7 @@ class ResNet(nn.Module):
         return self.head(self.layers(self.stem(x)))
 
 
-ARCHITECTURES = {
+ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], ColorMode, int, int]] = {
     # name: (builder, color_mode, side, classes)
     "digits": (lambda: ConvNet(1, 8, 8, 10), "L", 8, 10),
     "resnet18": (lambda: ResNet(BasicBlock, (2, 2, 2, 2), 10, small_input=True), "RGB", 32, 10),
@@ -108,7 +109,7 @@ ARCHITECTURES = {
 
 
 def build_reference(
-    arch: str, repository: Path, name: str | None = None, seed: int = 0, resize: str = "stretch"
+    arch: str, repository: Path, name: str | None = None, seed: int = 0, resize: ResizeMode = "stretch"
 ) -> Path:
     """Exports `arch` with random weights to `repository/name/1/model.onnx` (kept when already there).
 
@@ -131,12 +132,14 @@ def build_reference(
     export_onnx(model, example, target)
     contract = ModelContract(
         labels=tuple(str(i) for i in range(classes)),
-        color_mode=color_mode,  # type: ignore[arg-type]
-        height=side,
-        width=side,
-        resize=resize,  # type: ignore[arg-type]
-        resize_to=side * 8 // 7 if resize == "crop" else None,
-        fill=(114.0,) if resize == "letterbox" else (0.0,),
+        fit=Fit(
+            color_mode,
+            side,
+            side,
+            resize=resize,
+            resize_to=side * 8 // 7 if resize == "crop" else None,
+            fill=(114.0,) if resize == "letterbox" else (0.0,),
+        ),
         extra={"reference": arch},
     )
     write_metadata(target, contract.to_metadata())

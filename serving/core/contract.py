@@ -53,6 +53,11 @@ class ContractError(ValueError):
     """The metadata or sidecar file does not describe a usable model."""
 
 
+def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ContractError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class Fit:
     """How an image becomes the model's pixels: colour, channel order, geometry and resampling.
@@ -78,68 +83,19 @@ class Fit:
     resample: Resample = "bilinear"
     antialias: bool = True
 
-
-@dataclass(frozen=True)
-class ModelContract:
-    """Everything a server needs to turn an image into the model's input and read its output."""
-
-    labels: tuple[str, ...]
-    color_mode: ColorMode
-    height: int
-    width: int
-    layout: Layout = "NCHW"
-    # input = (pixel * scale - mean) / std, per channel: mean and std are in the units of pixel * scale
-    # (0-1 with scale 1/255, 0-255 with scale 1). Our exports keep mean/std inside the graph.
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    output_kind: OutputKind = "probabilities"
-    channel_order: ChannelOrder = "RGB"
-    resize: ResizeMode = "stretch"
-    resize_to: int | None = None
-    fill: tuple[float, ...] = (0.0,)
-    align: Align = "centre"
-    rounding: Rounding = "round"
-    resample: Resample = "bilinear"
-    antialias: bool = True
-    output: str | None = None  # the output holding the classes; None: the graph's first
-    # Answers whose top probability is below this are marked abstain (None: never); see FIELD_MEANINGS.
-    abstain_threshold: float | None = None
-    extra: dict[str, str] = field(default_factory=dict, compare=False)
-
     def __post_init__(self) -> None:
-        def one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
-            if value not in allowed:
-                raise ContractError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-
-        one_of("color_mode", self.color_mode, tuple(COLOR_CHANNELS))
-        one_of("layout", self.layout, ("NCHW", "NHWC"))
-        one_of("output_kind", self.output_kind, OUTPUT_KINDS)
-        one_of("channel_order", self.channel_order, ("RGB", "BGR"))
-        one_of("resize", self.resize, RESIZE_MODES)
-        one_of("align", self.align, ALIGNS)
-        one_of("rounding", self.rounding, ROUNDINGS)
-        one_of("resample", self.resample, RESAMPLES)
+        _one_of("color_mode", self.color_mode, tuple(COLOR_CHANNELS))
+        _one_of("channel_order", self.channel_order, ("RGB", "BGR"))
+        _one_of("resize", self.resize, RESIZE_MODES)
+        _one_of("align", self.align, ALIGNS)
+        _one_of("rounding", self.rounding, ROUNDINGS)
+        _one_of("resample", self.resample, RESAMPLES)
         if not isinstance(self.antialias, bool):
             raise ContractError(f"antialias must be true or false; got {self.antialias!r}")
         if self.height < 1 or self.width < 1:
             raise ContractError(f"input size must be positive, got {self.height}x{self.width}")
-        if not self.scale > 0:
-            raise ContractError(f"scale must be positive, got {self.scale}")
-        channels = self.channels
-        for name, values in (("mean", self.mean), ("std", self.std), ("fill", self.fill)):
-            if len(values) not in (1, channels):
-                raise ContractError(f"{name} needs 1 or {channels} values, got {len(values)}")
-        if any(s == 0 for s in self.std):
-            raise ContractError("std must not contain 0")
-        if self.abstain_threshold is not None and not 0.0 <= self.abstain_threshold <= 1.0:
-            raise ContractError(f"abstain_threshold is a probability, 0-1; got {self.abstain_threshold}")
-        top = 255.0 * self.scale
-        if any(not -1e-9 <= m <= top * (1 + 1e-9) for m in self.mean):
-            raise ContractError(
-                f"mean {list(self.mean)} lies outside the scaled pixel range [0, {top:g}]: give mean in the "
-                f"units of pixel x scale (0-1 for scale 1/255, 0-255 for scale 1)"
-            )
+        if len(self.fill) not in (1, self.channels):
+            raise ContractError(f"fill needs 1 or {self.channels} values, got {len(self.fill)}")
         if any(not 0 <= f <= 255 for f in self.fill):
             raise ContractError(f"fill is in pixel units, 0-255; got {list(self.fill)}")
         self._check_combinations()
@@ -166,6 +122,66 @@ class ModelContract:
     def channels(self) -> int:
         return COLOR_CHANNELS[self.color_mode]
 
+
+FIT_FIELDS = tuple(f.name for f in dataclasses.fields(Fit))
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """Everything a server needs to turn an image into the model's input and read its output: the image's
+    `Fit` to the model's pixels, then the pixels' scaling and normalisation, and the output."""
+
+    labels: tuple[str, ...]
+    fit: Fit
+    layout: Layout = "NCHW"
+    # input = (pixel * scale - mean) / std, per channel: mean and std are in the units of pixel * scale
+    # (0-1 with scale 1/255, 0-255 with scale 1). Our exports keep mean/std inside the graph.
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    output_kind: OutputKind = "probabilities"
+    output: str | None = None  # the output holding the classes; None: the graph's first
+    # Answers whose top probability is below this are marked abstain (None: never); see FIELD_MEANINGS.
+    abstain_threshold: float | None = None
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _one_of("layout", self.layout, ("NCHW", "NHWC"))
+        _one_of("output_kind", self.output_kind, OUTPUT_KINDS)
+        if not self.scale > 0:
+            raise ContractError(f"scale must be positive, got {self.scale}")
+        channels = self.channels
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise ContractError(f"{name} needs 1 or {channels} values, got {len(values)}")
+        if any(s == 0 for s in self.std):
+            raise ContractError("std must not contain 0")
+        if self.abstain_threshold is not None and not 0.0 <= self.abstain_threshold <= 1.0:
+            raise ContractError(f"abstain_threshold is a probability, 0-1; got {self.abstain_threshold}")
+        top = 255.0 * self.scale
+        if any(not -1e-9 <= m <= top * (1 + 1e-9) for m in self.mean):
+            raise ContractError(
+                f"mean {list(self.mean)} lies outside the scaled pixel range [0, {top:g}]: give mean in the "
+                f"units of pixel x scale (0-1 for scale 1/255, 0-255 for scale 1)"
+            )
+
+    # The input's colour and size, which its shape is made of, read through the contract.
+    @property
+    def color_mode(self) -> ColorMode:
+        return self.fit.color_mode
+
+    @property
+    def height(self) -> int:
+        return self.fit.height
+
+    @property
+    def width(self) -> int:
+        return self.fit.width
+
+    @property
+    def channels(self) -> int:
+        return self.fit.channels
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """One image's input shape, without the batch axis."""
@@ -181,10 +197,6 @@ class ModelContract:
     def raw_pixels(self) -> bool:
         """The input is the pixel values themselves (scale 1, no mean or std): what a uint8 model takes."""
         return self.scale == 1.0 and not self.has_normalisation
-
-    @cached_property  # read for every image decoded: built once per contract
-    def fit(self) -> Fit:
-        return Fit(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Fit)})
 
     @cached_property
     def channel_axis_shape(self) -> tuple[int, int, int]:
@@ -203,7 +215,8 @@ class ModelContract:
     @cached_property
     def fill_input(self) -> np.ndarray:
         """The padding's input values, computed as a pixel's would be, shaped like `normalisation`."""
-        fill = np.broadcast_to(np.asarray(self.fill, dtype=np.float64), (self.channels,))
+        fill = np.broadcast_to(np.asarray(self.fit.fill, dtype=np.float64), (self.channels,))
+        value: np.ndarray
         if self.raw_pixels:
             value = fill.round()
         else:
@@ -216,7 +229,7 @@ class ModelContract:
 
     def to_fields(self) -> dict[str, Any]:
         """Every field as a sidecar (`model.json`) holds it, in `FIELDS` order; unset optional ones out."""
-        values = ((key, getattr(self, key)) for key in FIELDS)
+        values = ((key, getattr(self.fit if key in FIT_FIELDS else self, key)) for key in FIELDS)
         return {
             key: list(value) if isinstance(value, tuple) else value
             for key, value in values
@@ -352,8 +365,9 @@ def build(
         if key not in fields:
             raise ContractError(f"{where}: {key_prefix}{key} is missing")
     for key, value in fields.items():
-        kinds = FIELDS[key] if isinstance(FIELDS[key], tuple) else (FIELDS[key],)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # type: ignore[arg-type]
+        expected = FIELDS[key]
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise ContractError(f"{where}: {key_prefix}{key} must be {_type_name(kinds)}, got {value!r}")
     try:
         labels = fields.get("labels") or [str(i) for i in range(num_classes)]
@@ -365,7 +379,8 @@ def build(
         for key in ("scale", "abstain_threshold"):
             if key in given:
                 given[key] = float(given[key])
-        return ModelContract(labels=tuple(str(label) for label in labels), extra=extra, **given)
+        fit = Fit(**{key: given.pop(key) for key in FIT_FIELDS if key in given})
+        return ModelContract(labels=tuple(str(label) for label in labels), fit=fit, extra=extra, **given)
     except ContractError as exc:
         raise ContractError(f"{where}: {exc}") from None
 

@@ -123,7 +123,7 @@ def input_pixels(row: np.ndarray, contract: ModelContract) -> np.ndarray:
             x = x * std + mean
         x = x / np.float32(contract.scale)
     pixels = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    if contract.channel_order == "BGR":
+    if contract.fit.channel_order == "BGR":
         pixels = pixels[:, :, ::-1]
     return np.ascontiguousarray(pixels)
 
