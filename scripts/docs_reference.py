@@ -110,7 +110,7 @@ def config_page() -> str:
         )
     return (
         header("`ServerConfig` (serving/config.py)") + "\n# Server configuration\n\n"
-        "`python -m serving serve` takes every setting as a flag and as an environment variable; a flag wins "
+        "`convserve serve` takes every setting as a flag and as an environment variable; a flag wins "
         "over the variable, the variable over the default. Booleans take `true/false/1/0/yes/no` in "
         "variables and `--x`/`--no-x` as flags. Every value is checked before anything binds: a bad one "
         "is one line naming the flag (or variable) and exit code 2.\n\n"
@@ -176,8 +176,10 @@ def contract_default(name: str, field: Any) -> str:
 def model_json_page() -> str:
     from serving.core import contract
 
-    hints = typing.get_type_hints(contract.ModelContract)
-    by_name = {field.name: field for field in fields(contract.ModelContract)}
+    # The sidecar's fields are flat; the contract holds the image's `Fit` and the rest.
+    classes = (contract.Fit, contract.ModelContract)
+    hints = {name: hint for cls in classes for name, hint in typing.get_type_hints(cls).items()}
+    by_name = {field.name: field for cls in classes for field in fields(cls)}
     rows = []
     for name, kinds in contract.FIELDS.items():
         rows.append(
@@ -245,26 +247,29 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
-def help_sections(prog: str, build: Callable[[], argparse.ArgumentParser]) -> str:
-    parser = build()
-    sections = [f"## `{prog}`\n\n```text\n{parser.format_help().rstrip()}\n```\n"]
-    for name, sub in subcommands(parser).items():
-        sections.append(f"## `{prog} {name}`\n\n```text\n{sub.format_help().rstrip()}\n```\n")
-    return "\n".join(sections)
+def help_section(title: str, parser: argparse.ArgumentParser) -> str:
+    return f"## `{title}`\n\n```text\n{parser.format_help().rstrip()}\n```\n"
 
 
 def cli_page() -> str:
-    from serving.__main__ import build_parser as serving_parser
+    from serving.cli import PROG, build_parser
     from training.__main__ import build_parser as training_parser
 
+    top = build_parser()
+    # convserve lists the training commands and hands them to training's own parser: document that one.
+    training = subcommands(training_parser(PROG))
+    sections = [help_section(PROG, top)]
+    sections += [
+        help_section(f"{PROG} {name}", training.get(name, sub)) for name, sub in subcommands(top).items()
+    ]
     return (
-        header("the CLI's parsers (serving/__main__.py, training/__main__.py)") + "\n# Command line\n\n"
-        "The `--help` of every command. `convserve` and `convserve-train` (the console scripts) are "
-        "`python -m serving` and `python -m training`. The server's flags are described further in the "
-        "[configuration reference](config.md).\n\n"
-        + help_sections("python -m serving", serving_parser)
-        + "\n"
-        + help_sections("python -m training", training_parser)
+        header("the CLI's parsers (serving/cli.py, serving/__main__.py, training/__main__.py)")
+        + "\n# Command line\n\n"
+        "The `--help` of `convserve` and of each of its commands. The training commands (`train`, `report`, "
+        "`export`, `ood`, `reference`) need the training extra, `pip install 'convserve[train]'`; the others "
+        "never import torch. `python -m training COMMAND` (console script `convserve-train`) and "
+        "`python -m serving COMMAND` take the same arguments. The server's flags are described further in "
+        "the [configuration reference](config.md).\n\n" + "\n".join(sections)
     )
 
 

@@ -1,4 +1,4 @@
-"""`python -m serving serve|classify|explain|health|score|bench|inspect` (console script: `convserve`)."""
+"""`python -m serving serve|classify|explain|health|score|bench|inspect`: the serving half of `convserve`."""
 
 from __future__ import annotations
 
@@ -53,11 +53,15 @@ def class_index(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serving.config import add_config_arguments
-
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     parser.add_argument("--version", action="version", version=f"convserve {VERSION}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The serving subcommands, here and in `convserve` (serving/cli.py), which adds training's."""
+    from serving.config import add_config_arguments
 
     serve = commands.add_parser("serve", help="serve every model of a repository over gRPC and HTTP")
     add_config_arguments(serve)
@@ -106,11 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
             "inspect", help="an ONNX file's inputs, outputs, metadata and a starting model.json"
         )
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from serving.config import ConfigError, config_from_args
 
@@ -119,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+        from serving.logs import configure_logging
+
+        configure_logging(config.log_level, config.log_format)
         if config.workers > 1:
             from serving.workers import run_workers
 

@@ -9,10 +9,12 @@ A leaf: it imports nothing of the server but the default values.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +43,19 @@ def check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None)
             raise ValueError(
                 f"--tls-client-ca: {client_ca} is not a PEM CA certificate ({error.reason})"
             ) from None
+
+
+def check_otlp_endpoint(url: str) -> None:
+    """An http(s) URL, and the exporter installed: found now, not after the ports are bound."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("not an http:// or https:// URL")
+    try:
+        found = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is not None
+    except ModuleNotFoundError:  # a parent package missing
+        found = False
+    if not found:
+        raise ValueError("needs the OpenTelemetry packages: pip install 'convserve[otel]'")
 
 
 class ConfigError(ValueError):
@@ -190,6 +205,28 @@ class ServerConfig(BaseSettings):
         "--workers does)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one readable line per event; json: one JSON object per line, for every logger "
+        "(gRPC's and uvicorn's too)",
+    )
+    access_log: bool = Field(
+        False,
+        description="one event per answered request on logger convserve.access: protocol, method, model, "
+        "status, images, the receipt's times, trace id, peer",
+    )
+    otlp_endpoint: str = Field(
+        "",
+        description="export OpenTelemetry spans (OTLP over HTTP/protobuf) to this URL, e.g. "
+        "http://collector:4318/v1/traces; needs the `otel` extra; empty: off",
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str) -> str:
+        if value:
+            check_otlp_endpoint(value)
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -248,20 +285,95 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+# `serve --help` in sections: each field's section, in this order; a field named in none (a new one) is
+# still listed, under OTHER_GROUP.
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "models": (
+        "models",
+        "model_control",
+        "poll_s",
+        "device",
+        "instances",
+        "intra_op_threads",
+        "allow_preprocessing_drift",
+    ),
+    "network": ("host", "port", "http_port", "port_file", "reflection", "bench_service"),
+    "batching": (
+        "max_batch_size",
+        "max_delay_ms",
+        "max_queue_size",
+        "inline_below_ms",
+        "explain_max_wait_ms",
+    ),
+    "limits": (
+        "max_message_mb",
+        "max_images",
+        "max_pixels",
+        "max_request_pixels",
+        "max_explain_copies",
+        "input_budget_mb",
+        "max_concurrent_streams",
+        "http_header_timeout_s",
+    ),
+    "connections and shutdown": (
+        "keepalive_time_s",
+        "keepalive_timeout_s",
+        "keepalive_min_ping_interval_s",
+        "keepalive_permit_without_calls",
+        "max_connection_age_s",
+        "grace_s",
+    ),
+    "processes and threads": ("workers", "reuse_port", "decode_threads"),
+    "security": ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"),
+    "metrics and logging": (
+        "metrics_port",
+        "log_level",
+        "log_format",
+        "access_log",
+        "otlp_endpoint",
+    ),
+}
+OTHER_GROUP = "other"
+
+
+def help_groups() -> dict[str, list[str]]:
+    """Section title -> its fields; every field exactly once."""
+    fields = ServerConfig.model_fields
+    groups = {title: [name for name in names if name in fields] for title, names in HELP_GROUPS.items()}
+    listed = {name for names in groups.values() for name in names}
+    groups[OTHER_GROUP] = [name for name in fields if name not in listed]
+    return {title: names for title, names in groups.items() if names}
+
+
+def choices(annotation: object) -> tuple[object, ...]:
+    """A `Literal[...]` field's values (optional or not); () for any other type."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return next((values for arg in get_args(annotation) if (values := choices(arg))), ())
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field. Flags not given are left out, so the environment and defaults apply."""
-    for name, field in ServerConfig.model_fields.items():
-        help_text = f"{field.description} (env {env_name(name)}; default {field.default})"
-        if field.annotation is bool:
-            parser.add_argument(
-                flag(name),
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
+    """One flag per config field, in sections. Flags not given are left out, so the environment and
+    defaults apply. Enumerated flags show their values; pydantic checks them, as every other value."""
+    for title, names in help_groups().items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            field = ServerConfig.model_fields[name]
+            help_text = f"{field.description} (env {env_name(name)}; default {field.default})"
+            if field.annotation is bool:
+                group.add_argument(
+                    flag(name),
+                    dest=name,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
+                continue
+            values = choices(field.annotation)
+            metavar = "{" + ",".join(map(str, values)) + "}" if values else None
+            group.add_argument(
+                flag(name), dest=name, default=argparse.SUPPRESS, metavar=metavar, help=help_text
             )
-        else:
-            parser.add_argument(flag(name), dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -29,6 +29,11 @@ def parse(*flags: str) -> ServerConfig:
         (["--max-message-mb", "3000"], "--max-message-mb '3000': Input should be less than or equal to 2047"),
         (["--max-images", "0"], "--max-images '0': Input should be greater than or equal to 1"),
         (["--port", "http"], "--port 'http': Input should be a valid integer"),
+        (["--log-format", "xml"], "--log-format 'xml': Input should be 'text' or 'json'"),
+        (
+            ["--otlp-endpoint", "collector:4318"],
+            "--otlp-endpoint 'collector:4318': not an http:// or https:// URL",
+        ),
     ],
 )
 def test_a_bad_flag_is_one_line_and_exit_code_2_before_any_port_is_bound(tmp_path, flags, named) -> None:

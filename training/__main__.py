@@ -1,4 +1,4 @@
-"""`python -m training train|report|export|reference`."""
+"""`python -m training train|report|export|ood|reference`: the training half of `convserve`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ DIGITS_EPOCHS = 40
 OTHER_EPOCHS = 24
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
+    """Argparse only, no torch: `convserve train --help` works without the training extra."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--version", action="version", version=f"convserve {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -295,10 +296,14 @@ def run_ood(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Runs a parsed command (`convserve` parses with its own parser, then calls this)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir"):  # the exporter's pass-by-pass INFO lines
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
     from training.datasets import DatasetError
     from training.export import VerificationError
     from training.train import ResumeError
