@@ -26,12 +26,14 @@ demo-web: $(STAMP)
 	test -f models/digits/1/model.onnx || $(PY) -m training export runs/digits --repository models --name digits
 	$(PY) scripts/demo.py --models models --run runs/digits --keep-serving
 
+# mypy type-checks serving/ and training/ as [tool.mypy] in pyproject.toml says (zero errors).
 # The docs build in strict mode: a broken link, a missing page or a nav entry without a file fails.
 # It does not regenerate the reference pages: tests/test_docs.py fails when they are stale. (Not
 # --quiet: it hides the warnings from the count that strict mode fails on.)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(MKDOCS) build --strict
 
 test: lint
@@ -81,4 +83,4 @@ bench-resize: $(STAMP)
 		--out benchmarks/RESIZE.md --json benchmarks/resize.json $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) runs models site .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs models site .pytest_cache .ruff_cache .mypy_cache

@@ -25,6 +25,9 @@ def pooling_blocks(height: int, width: int) -> int:
 class Normalize(nn.Module):
     """(x - mean) / std inside the graph, so a server only scales pixels to [0, 1]."""
 
+    mean: torch.Tensor  # registered buffers (nn.Module.__getattr__ cannot say which attribute is a tensor)
+    std: torch.Tensor
+
     def __init__(self, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

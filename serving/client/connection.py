@@ -124,7 +124,7 @@ class AddMetadata(
             getattr(details, "compression", None),
         )
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+    def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
 
     # Every kind of call takes the same step: the request (or request iterator) passes through.
@@ -138,7 +138,7 @@ class _AioMetadata:
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.extra = metadata
 
-    async def _intercept(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+    async def _intercept(self, continuation, client_call_details, request):
         details = client_call_details._replace(
             metadata=grpc.aio.Metadata(*(client_call_details.metadata or ()), *self.extra)
         )

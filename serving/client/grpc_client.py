@@ -248,7 +248,8 @@ class ClassifierClient:
         """SERVING, NOT_SERVING or UNKNOWN, from the standard health service."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        response = health_pb2_grpc.HealthStub(self.channel).Check(
+        # types-grpcio-health-checking's HealthStub lists no methods; the generated stub has Check.
+        response = health_pb2_grpc.HealthStub(self.channel).Check(  # type: ignore[attr-defined]
             health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -16,7 +16,7 @@ class Reservation:
     __slots__ = ("_budget", "nbytes")
 
     def __init__(self, budget: InputBudget, nbytes: int) -> None:
-        self._budget = budget
+        self._budget: InputBudget | None = budget
         self.nbytes = nbytes
 
     def release(self) -> None:

@@ -133,7 +133,9 @@ def grid_image(
     return image
 
 
-def fit_text(draw: ImageDraw.ImageDraw, text: str, text_font: ImageFont.FreeTypeFont, width: int) -> str:
+def fit_text(
+    draw: ImageDraw.ImageDraw, text: str, text_font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int
+) -> str:
     """The text, cut with an ellipsis where it would run into the next cell."""
     if draw.textlength(text, font=text_font) <= width:
         return text

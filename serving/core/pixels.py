@@ -10,6 +10,7 @@ the pixels become the input row (`preprocess.pixels_to_input`), in the model's u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 from serving.core.contract import ColorMode, Fit
 from serving.core.resize import resize_image, resize_sampled
 
-ROUND = {"round": round, "floor": math.floor, "ceil": math.ceil}
+ROUND: dict[str, Callable[[float], int]] = {"round": round, "floor": math.floor, "ceil": math.ceil}
 # `crop` scales the shorter side up to resize_to: a 1x5000 image would become 256x1,280,000 pixels.
 MAX_CROP_ASPECT = 32
 

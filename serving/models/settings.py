@@ -97,19 +97,15 @@ class LoadOptions:
 def resolve(settings: ModelSettings, defaults: LoadOptions, where: str = SETTINGS_FILE) -> LoadOptions:
     """The load options of a model: the defaults, overridden key by key; checked as a whole."""
     batching = defaults.batching
-    changes: dict[str, object] = {}
-    if settings.max_batch_size is not None:
-        changes["max_batch_size"] = settings.max_batch_size
-    if settings.max_delay_ms is not None:
-        changes["max_delay_s"] = settings.max_delay_ms / 1000
-    if settings.max_queue_size is not None:
-        changes["max_queue_rows"] = settings.max_queue_size
-    size = int(changes.get("max_batch_size", batching.max_batch_size))  # type: ignore[call-overload]
-    queue = int(changes.get("max_queue_rows", batching.max_queue_rows))  # type: ignore[call-overload]
+    size = batching.max_batch_size if settings.max_batch_size is None else settings.max_batch_size
+    queue = batching.max_queue_rows if settings.max_queue_size is None else settings.max_queue_size
+    delay_s = batching.max_delay_s if settings.max_delay_ms is None else settings.max_delay_ms / 1000
     if queue < size:
         raise SettingsError(f"{where}: max_queue_size ({queue}) must be at least max_batch_size ({size})")
-    if changes:
-        batching = dataclasses.replace(batching, **changes)  # type: ignore[arg-type]
+    if (settings.max_batch_size, settings.max_delay_ms, settings.max_queue_size) != (None, None, None):
+        batching = dataclasses.replace(
+            batching, max_batch_size=size, max_delay_s=delay_s, max_queue_rows=queue
+        )
     runtime = defaults.runtime
     if settings.instances is not None:
         runtime = dataclasses.replace(runtime, instances=settings.instances)

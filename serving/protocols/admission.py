@@ -30,7 +30,7 @@ class Admission:
         self.last_arrival = 0.0
         self.arrivals = 0  # calls that reached a handler, ever
         self._released = asyncio.Event()
-        self._on_release: set[Callable[[], None]] = set()
+        self._on_release: set[Callable[[], object]] = set()  # what they return is not used
 
     def arrive(self) -> None:
         self.last_arrival = time.monotonic()
@@ -55,7 +55,7 @@ class Admission:
         finally:
             self.active -= 1
 
-    def on_release(self, callback: Callable[[], None]) -> Callable[[], None]:
+    def on_release(self, callback: Callable[[], object]) -> Callable[[], None]:
         """Registers what ends an open stream at release; returns the function that unregisters it."""
         self._on_release.add(callback)
         return lambda: self._on_release.discard(callback)

@@ -78,7 +78,7 @@ log_limited = RateLimitedLog(log)
 def statuses_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, int, str]:
     """The gRPC code, HTTP status and message a client gets for `error`."""
     for kind in type(error).__mro__:
-        statuses = STATUS_OF.get(kind)  # type: ignore[call-overload]
+        statuses = STATUS_OF.get(kind)
         if statuses is not None:
             return statuses[0], statuses[1], str(error)
     log_limited(

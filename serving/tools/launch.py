@@ -158,12 +158,17 @@ def _launch(
         str(port_file),
         *flags,
     ]
-    output = {"stdout": log_path.open("w"), "stderr": subprocess.STDOUT} if log_path else {}
+    log_file = log_path.open("w") if log_path else None
     try:
-        process = subprocess.Popen(command, env={**os.environ, **(env or {})}, **output)
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **(env or {})},
+            stdout=log_file,
+            stderr=subprocess.STDOUT if log_file else None,
+        )
     finally:
-        if log_path:
-            output["stdout"].close()
+        if log_file:
+            log_file.close()
     deadline = time.monotonic() + timeout
     while not port_file.exists():
         if process.poll() is not None or time.monotonic() > deadline:

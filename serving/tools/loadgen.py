@@ -127,7 +127,7 @@ def kserve_requests_of(
 async def unary(
     call: Callable[..., Awaitable[object]] | list[Callable[..., Awaitable[object]]],
     requests: list,
-    images_of: Callable[[object], int],
+    images_of: Callable[[Any], int],  # a request of `requests` -> its image count
     concurrency: int,
     until: float,
     measure_from: float,
@@ -235,11 +235,11 @@ async def run_on_channels(scenario: dict, connection: Connection, channels: list
         info = await stub.GetModel(pb.GetModelRequest(name=scenario["model"]), timeout=10)
         image_size = tuple(scenario["image_size"]) if scenario.get("image_size") else None
     if kind in http_load.HTTP_KINDS:
-        await run_http(scenario, connection, info, image_size, tally)  # type: ignore[arg-type]
+        await run_http(scenario, connection, info, image_size, tally)
         return result_of(scenario["duration"], tally)
     if kind != "echo":
         build = kserve_requests_of if kind == "kserve" else requests_of
-        requests = build(info, scenario["payload"], scenario["images"], image_size)  # type: ignore[arg-type]
+        requests = build(info, scenario["payload"], scenario["images"], image_size)
     measure_from = time.perf_counter() + WARMUP_S
     until = measure_from + scenario["duration"]
     if kind == "echo":
