@@ -68,13 +68,13 @@ def limit_uvicorn_warnings() -> None:
         logger.addFilter(RateLimitedWarnings())
 
 
-def _refuse(transport: asyncio.BaseTransport, status: str, message: str) -> None:
+def _refuse(transport: asyncio.Transport, status: str, message: str) -> None:
     body = json.dumps({"error": message}).encode()
     head = (
         f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
     )
-    transport.write(head.encode() + body)  # type: ignore[attr-defined]
+    transport.write(head.encode() + body)
     transport.close()
 
 
@@ -83,6 +83,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     header_timeout_s = 10.0
 
+    # As uvicorn's own: asyncio.Protocol's signature says BaseTransport; a stream server's is a Transport.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_count = 0
@@ -185,11 +186,8 @@ class HttpServer:
     def __init__(self, config: ServerConfig, edge: HttpEdge) -> None:
         timeout = {"header_timeout_s": config.http_header_timeout_s}
         protocol = type("Protocol", (GuardedHttpProtocol,), timeout)
-        tls: dict[str, object] = {}
-        if config.tls_cert is not None:
-            tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
-            if config.tls_client_ca is not None:
-                tls |= {"ssl_ca_certs": str(config.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        tls = config.tls_cert is not None
+        client_ca = config.tls_client_ca if tls else None
         self.uvicorn_config = uvicorn.Config(
             build_app(edge),
             http=protocol,
@@ -198,7 +196,10 @@ class HttpServer:
             log_config=None,
             server_header=False,
             timeout_keep_alive=int(KEEP_ALIVE_S),
-            **tls,  # type: ignore[arg-type]
+            ssl_certfile=str(config.tls_cert) if tls else None,
+            ssl_keyfile=str(config.tls_key) if tls else None,
+            ssl_ca_certs=str(client_ca) if client_ca is not None else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca is not None else ssl.CERT_NONE,
         )
         self.server = EmbeddedServer(self.uvicorn_config)
         limit_uvicorn_warnings()
@@ -229,6 +230,7 @@ class HttpServer:
         if self._main is None:
             return
         self.server.should_exit = True
+        # uvicorn annotates it int but uses it as asyncio.wait_for's timeout: a float keeps sub-second ones.
         self.uvicorn_config.timeout_graceful_shutdown = max(0.0, timeout_s)  # type: ignore[assignment]
         await self._main
         await self.server.shutdown(sockets=[self._socket] if self._socket else None)

@@ -11,8 +11,10 @@ The batch-size histogram is built from `BatchStats.batch_sizes`, the very counts
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -265,15 +267,16 @@ class MetricsEndpoint:
     def __init__(self, collector: ServerCollector) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
-        self._server = None
-        self._thread = None
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self, host: str, port: int) -> int:
         try:
-            self._server, self._thread = start_http_server(port, host, self.registry)
+            server, self._thread = start_http_server(port, host, self.registry)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-        return self._server.server_port
+        self._server = server
+        return server.server_port
 
     def stop(self) -> None:
         """Blocks until the HTTP thread has stopped (call it off the event loop: a scrape may wait on it)."""

@@ -42,12 +42,9 @@ def test_export_is_verified_and_carries_the_contract(model_repo: Path, digit_sam
     assert {"convserve.resize", "convserve.channel_order", "convserve.resample", "convserve.antialias"} <= {
         p.key for p in proto.metadata_props
     }
-    assert (contract.resize, contract.channel_order, contract.resample, contract.antialias) == (
-        "stretch",
-        "RGB",
-        "bilinear",
-        True,
-    )
+    fit = contract.fit
+    preprocessing = (fit.resize, fit.channel_order, fit.resample, fit.antialias)
+    assert preprocessing == ("stretch", "RGB", "bilinear", True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[0] not in (1, None) and isinstance(
         session.get_inputs()[0].shape[0], str
