@@ -169,6 +169,7 @@ def test_an_uploaded_image_gets_the_same_top_class_as_the_cli(page: Page, server
         assert page.tab.get_attribute("#classes li:first-child button", "aria-pressed") == "true"
         page.shot(f"classified-{kind}")
     assert "Server:" in page.tab.inner_text("#timings") and " ms" in page.tab.inner_text("#timings")
+    assert "compute" in page.tab.inner_text("#timings")  # the answer's receipt, drawn from its body
     assert not page.errors, page.errors
 
 

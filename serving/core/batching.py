@@ -42,6 +42,7 @@ import numpy as np
 
 from serving.core import defaults
 from serving.core.errors import DeadlineExceeded, Overloaded, Unavailable
+from serving.core.receipt import Receipt, batch_ran
 from serving.core.timing import Histogram
 
 BatchFunction = Callable[[np.ndarray], np.ndarray]
@@ -128,13 +129,21 @@ class BatchStats:
 class _Pending:
     """One caller's chunk of rows waiting in the queue."""
 
-    __slots__ = ("deadline", "enqueued", "future", "rows")
+    __slots__ = ("deadline", "enqueued", "future", "receipt", "rows")
 
-    def __init__(self, rows: np.ndarray, future: asyncio.Future, deadline: float | None, enqueued: float):
+    def __init__(
+        self,
+        rows: np.ndarray,
+        future: asyncio.Future,
+        deadline: float | None,
+        enqueued: float,
+        receipt: Receipt | None,
+    ):
         self.rows = rows
         self.future = future
         self.deadline = deadline
         self.enqueued = enqueued
+        self.receipt = receipt
 
 
 class DynamicBatcher:
@@ -171,9 +180,14 @@ class DynamicBatcher:
         self._ran_now_this_tick = False
 
     async def submit(
-        self, rows: np.ndarray, deadline: float | None = None, priority: int = PRIORITY_HIGH
+        self,
+        rows: np.ndarray,
+        deadline: float | None = None,
+        priority: int = PRIORITY_HIGH,
+        receipt: Receipt | None = None,
     ) -> np.ndarray:
-        """Queues `rows` (N, ...) and returns the N output rows; `deadline` is on this batcher's clock."""
+        """Queues `rows` (N, ...) and returns the N output rows; `deadline` is on this batcher's clock.
+        `receipt` learns the queue wait, the model calls and the batches the rows ran in."""
         if self._closed:
             raise BatcherClosedError("the model is shutting down")
         count = len(rows)
@@ -188,10 +202,12 @@ class DynamicBatcher:
                 f"overloaded: {level}queue full, {waiting} rows waiting, limit {self.config.max_queue_rows}"
             )
         now = self._clock()
+        if receipt is not None:
+            receipt.handed_over(time.perf_counter())
         step = self.config.max_batch_size
         loop = asyncio.get_running_loop()
         if low:
-            return await self._submit_low(rows, count, deadline, now, loop)
+            return await self._submit_low(rows, count, deadline, now, loop, receipt)
         self._last_high = now
         if count <= step and self._run_time_s < self.config.inline_below_s and self._inflight == 0:
             if self._ran_now_this_tick:
@@ -199,7 +215,7 @@ class DynamicBatcher:
             elif not self._queue and not self._low and not self._arrive_together:
                 self._ran_now_this_tick = True
                 loop.call_soon(self._end_tick)
-                return self._run_now(rows, count, deadline, now)
+                return self._run_now(rows, count, deadline, now, receipt)
         self._queued_rows += count
         self.stats.requests += 1
         if not self._dispatch_pending:
@@ -209,12 +225,12 @@ class DynamicBatcher:
             loop.call_soon(self._dispatch_soon)
         if count <= step:  # one item: the usual case, without the list and the slicing
             future = loop.create_future()
-            self._queue.append(_Pending(rows, future, deadline, now))
+            self._queue.append(_Pending(rows, future, deadline, now, receipt))
             return await future
         futures = []
         for start in range(0, count, step):
             future = loop.create_future()
-            self._queue.append(_Pending(rows[start : start + step], future, deadline, now))
+            self._queue.append(_Pending(rows[start : start + step], future, deadline, now, receipt))
             futures.append(future)
         return np.concatenate(await asyncio.gather(*futures))
 
@@ -225,6 +241,7 @@ class DynamicBatcher:
         deadline: float | None,
         now: float,
         loop: asyncio.AbstractEventLoop,
+        receipt: Receipt | None,
     ) -> np.ndarray:
         """Low-priority rows always queue (they never run ahead of a tick's high callers)."""
         self._queued_rows += count
@@ -235,7 +252,7 @@ class DynamicBatcher:
         for start in range(0, count, step):
             future = loop.create_future()
             chunk = rows[start : start + step]
-            self._low.append(_Pending(chunk, future, deadline, now))
+            self._low.append(_Pending(chunk, future, deadline, now, receipt))
             futures.append(future)
         if not self._dispatch_pending:
             self._dispatch_pending = True
@@ -243,7 +260,9 @@ class DynamicBatcher:
         outputs = await asyncio.gather(*futures)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
-    def _run_now(self, rows: np.ndarray, count: int, deadline: float | None, now: float) -> np.ndarray:
+    def _run_now(
+        self, rows: np.ndarray, count: int, deadline: float | None, now: float, receipt: Receipt | None
+    ) -> np.ndarray:
         """A fast model, nothing queued or running, callers arriving one by one: the rows are a batch
         of their own, run here.
 
@@ -258,13 +277,18 @@ class DynamicBatcher:
             self.stats.dropped_rows += count
             raise DeadlineExceededError("deadline passed while queued")
         self._count_batch(count)
+        started = time.perf_counter()
+        output: np.ndarray | None
+        error: BaseException | None
         try:
             (output, took_ns), error = self._run([rows]), None
         except Exception as exc:
             output, took_ns, error = None, 0, exc
+        if receipt is not None:
+            batch_ran((receipt,), count, started, time.perf_counter())
         error = self._finish_run(count, output, error, took_ns)
-        if error is not None:
-            raise error  # the caller's, as a queued caller gets it from its batch
+        if error is not None or output is None:  # _finish_run made a missing output an error
+            raise error or RuntimeError("batch function returned no rows")
         return output
 
     @property
@@ -371,17 +395,18 @@ class DynamicBatcher:
         rows = sum(len(item.rows) for item in batch)
         self._count_batch(rows)
         parts = [item.rows for item in batch]
+        started = time.perf_counter()
         if inline and self._inflight == 0 and self._run_time_s < self.config.inline_below_s:
             # A fast model on an idle batcher: two thread hand-offs would cost more than the call.
             try:
                 (output, took_ns), error = self._run(parts), None
             except Exception as exc:
                 output, took_ns, error = None, 0, exc
-            self._complete(batch, rows, output, error, took_ns)
+            self._complete(batch, rows, output, error, took_ns, started)
             return
         self._inflight += 1
         done = asyncio.get_running_loop().run_in_executor(self._executor, self._run, parts)
-        done.add_done_callback(lambda result: self._deliver(batch, rows, result))
+        done.add_done_callback(lambda result: self._deliver(batch, rows, result, started))
 
     def _run(self, parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
         """Stack the parts and call the model (in a worker thread, or inline for fast models);
@@ -395,12 +420,12 @@ class DynamicBatcher:
         self._run_time_s = took if self._run_time_s == float("inf") else 0.8 * self._run_time_s + 0.2 * took
         return output, took_ns
 
-    def _deliver(self, batch: list[_Pending], rows: int, result: asyncio.Future) -> None:
+    def _deliver(self, batch: list[_Pending], rows: int, result: asyncio.Future, started: float) -> None:
         """Event loop thread: a worker finished a batch."""
         self._inflight -= 1
         error = result.exception()
         output, took_ns = (None, 0) if error else result.result()
-        self._complete(batch, rows, output, error, took_ns)
+        self._complete(batch, rows, output, error, took_ns, started)
         self._maybe_dispatch()
 
     def _complete(
@@ -410,17 +435,23 @@ class DynamicBatcher:
         output: np.ndarray | None,
         error: BaseException | None,
         took_ns: int,
+        started: float,
     ) -> None:
-        """Hands each caller its own slice, in the order the batch was formed."""
+        """Hands each caller its own slice, in the order the batch was formed (`started`: when the batch
+        was handed to the model, on the receipts' clock)."""
+        # One entry per request: a request's low-priority chunks can share a batch.
+        receipts = list(dict.fromkeys(item.receipt for item in batch if item.receipt is not None))
+        if receipts:
+            batch_ran(receipts, rows, started, time.perf_counter())
         error = self._finish_run(rows, output, error, took_ns)
         offset = 0
         for item in batch:
             size = len(item.rows)
             if not item.future.done():
-                if error is None:
+                if error is None and output is not None:  # _finish_run: no output is an error
                     item.future.set_result(output[offset : offset + size])
                 else:
-                    item.future.set_exception(error)
+                    item.future.set_exception(error or RuntimeError("batch function returned no rows"))
             offset += size
 
     def _arm_timer(self, when: float) -> None:

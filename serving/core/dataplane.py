@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,6 +44,7 @@ from serving.core.preprocess import (
     open_image,
     tensor_to_input,
 )
+from serving.core.receipt import Receipt
 from serving.core.types import (
     BlockMaps,
     ClassifyRequest,
@@ -85,7 +86,7 @@ def unless_all_failed(count: int) -> Callable[[dict[int, str]], None]:
     return check
 
 
-async def run_together(work: dict[str, Awaitable[Any]]) -> dict[str, Any]:
+async def run_together(work: dict[str, Coroutine[Any, Any, Any]]) -> dict[str, Any]:
     """Every awaitable's result by name; the first failure cancels the others (an explanation whose
     graph call failed must not go on submitting its occlusion copies)."""
     if len(work) == 1:  # the usual case (cam alone): no task to make
@@ -93,7 +94,7 @@ async def run_together(work: dict[str, Awaitable[Any]]) -> dict[str, Any]:
         return {name: await awaitable}
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = {name: group.create_task(job) for name, job in work.items()}  # type: ignore[arg-type]
+            tasks = {name: group.create_task(job) for name, job in work.items()}
     except BaseExceptionGroup as failed:
         raise failed.exceptions[0] from None  # the domain error itself, for the error table
     return {name: task.result() for name, task in tasks.items()}
@@ -133,6 +134,7 @@ class DataPlane:
             lambda: self._prepare(model, request.images),
             unless_all_failed(count),
             request.deadline,
+            request.receipt,
         )
         indices, values = top_k(probabilities, k)
         scores, flags = abstain(probabilities, model.contract.abstain_threshold)
@@ -179,6 +181,7 @@ class DataPlane:
             lambda: self._prepare(model, request.images),
             unless_all_failed(count),
             request.deadline,
+            request.receipt,
             run,
             1 + (grid.copies if grid else 0),
         )
@@ -215,24 +218,26 @@ class DataPlane:
     ) -> list[ImageExplanation]:
         """The usable rows' explanations. The explain graph (or the model) and the occlusion copies run
         at once; the copies at low priority, so classification traffic goes first."""
-        contract, deadline = model.contract, request.deadline
+        contract, deadline, receipt = model.contract, request.deadline, request.receipt
         graph = model.explain_graph
         # A float32 explain graph's probabilities are the model's own (verified at export); a reduced
         # precision model gets its top-k from the model itself, as Classify would.
         use_graph = graph is not None and (CAM in methods or request.activations)
         own_probabilities = not use_graph or contract.extra.get("precision", "fp32") != "fp32"
-        work: dict[str, Awaitable[Any]] = {}
+        work: dict[str, Coroutine[Any, Any, Any]] = {}
         if use_graph:
-            work["graph"] = model.explain_rows(rows, deadline, request.activations)
+            work["graph"] = model.explain_rows(rows, deadline, request.activations, receipt)
         if own_probabilities:
-            work["probabilities"] = model.infer(rows, deadline)
+            work["probabilities"] = model.infer(rows, deadline, receipt=receipt)
         if grid is not None:
             copies = np.empty((len(rows) * grid.copies, *rows.shape[1:]), dtype=rows.dtype)
             for i, row in enumerate(rows):
                 occluded_copies(row, contract, grid, copies[i * grid.copies : (i + 1) * grid.copies])
-            work["copies"] = self._infer_copies(model, copies, deadline)
+            work["copies"] = self._infer_copies(model, copies, deadline, receipt)
         results = await run_together(work)
-        outputs, probabilities = results.get("graph"), results.get("probabilities")
+        # The graph's outputs are there whenever CAM or activations were asked for.
+        outputs: Any = results.get("graph")
+        probabilities = results.get("probabilities")
         if probabilities is None:
             probabilities = outputs.probabilities
         targets = (
@@ -275,12 +280,14 @@ class DataPlane:
         return explanations
 
     @staticmethod
-    async def _infer_copies(model: ServedModel, copies: np.ndarray, deadline: float | None) -> np.ndarray:
+    async def _infer_copies(
+        model: ServedModel, copies: np.ndarray, deadline: float | None, receipt: Receipt | None
+    ) -> np.ndarray:
         """Occlusion copies at low priority, a quarter of the queue's bound at a time: a request's copies
         may outnumber what the queue holds, and others' explanations need room beside them."""
         chunk = max(model.batcher.config.max_batch_size, model.batcher.config.max_queue_rows // 4)
         outputs = [
-            await model.infer(copies[start : start + chunk], deadline, PRIORITY_LOW)
+            await model.infer(copies[start : start + chunk], deadline, PRIORITY_LOW, receipt)
             for start in range(0, len(copies), chunk)
         ]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
@@ -311,7 +318,7 @@ class DataPlane:
             count = len(inputs)
 
             async def prepare() -> tuple[np.ndarray, dict[int, str]]:
-                return await self._prepare(model, inputs)  # type: ignore[arg-type]
+                return await self._prepare(model, inputs)
 
         def check(errors: dict[int, str]) -> None:
             if errors:
@@ -319,7 +326,7 @@ class DataPlane:
                 more = f" ({len(errors) - 1} more unusable)" if len(errors) > 1 else ""
                 raise InvalidInput(f"input {shown(name)} image {first}: {errors[first]}{more}")
 
-        probabilities, _ = await self._run(model, count, prepare, check, request.deadline)
+        probabilities, _ = await self._run(model, count, prepare, check, request.deadline, request.receipt)
         scores, flags = abstain(probabilities, model.contract.abstain_threshold)
         return PredictResult(model.name, model.version, model.contract.labels, probabilities, scores, flags)
 
@@ -330,6 +337,7 @@ class DataPlane:
         prepare: Callable[[], Awaitable[tuple[np.ndarray, dict[int, str]]]],
         check: Callable[[dict[int, str]], None],
         deadline: float | None,
+        receipt: Receipt | None,
         infer: Callable[[np.ndarray], Awaitable[Any]] | None = None,
         rows_per_image: int = 1,
     ) -> tuple[Any, dict[int, str]]:
@@ -337,8 +345,11 @@ class DataPlane:
 
         Returns the probabilities of the usable rows (or what `infer` makes of them) and {index: error}
         for the others. `rows_per_image`: input rows each image will hold in memory (an explanation's
-        occlusion copies count against the budget too).
+        occlusion copies count against the budget too). `receipt` learns the model version, the decode,
+        and (from the batcher) the queue wait, the model calls and the batch sizes.
         """
+        if receipt is not None:
+            receipt.answered_by(model.name, model.version)
         if count <= 0:
             raise InvalidInput("request holds no images")
         if count > self.limits.max_images:
@@ -351,13 +362,17 @@ class DataPlane:
         try:
             started = time.perf_counter()
             rows, errors = await prepare()
-            model.stats.decode.observe(time.perf_counter() - started)
+            decoded = time.perf_counter() - started
+            model.stats.decode.observe(decoded)
+            if receipt is not None:
+                receipt.decoded(started, decoded)
             check(errors)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed while the images were decoded")
             if errors:
                 rows = rows[[i for i in range(count) if i not in errors]]
-            probabilities = await (model.infer(rows, deadline) if infer is None else infer(rows))
+            work = model.infer(rows, deadline, receipt=receipt) if infer is None else infer(rows)
+            probabilities = await work
         except DeadlineExceeded:
             model.stats.expired += 1
             raise
@@ -407,8 +422,8 @@ class DataPlane:
             except ImageError as exc:
                 errors[index] = str(exc)
         if pixels > self.limits.max_request_pixels:
-            for _, image in opened:
-                image.close()
+            for _, header in opened:
+                header.close()
             raise InvalidInput(
                 f"the request's images hold {pixels} pixels in all; the limit per request is "
                 f"{self.limits.max_request_pixels}: send fewer or smaller images per request"

@@ -29,6 +29,7 @@ from serving.core.contract import (
 )
 from serving.core.explain import CAM, EXPLAIN_FILE, OCCLUSION, ExplainGraph, ExplainOutputs
 from serving.core.postprocess import softmax
+from serving.core.receipt import Receipt
 from serving.core.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def load_contract(model_path: Path, runtime: ModelRuntime) -> ModelContract:
             )
         contract = dataclasses.replace(contract, labels=tuple(str(i) for i in range(runtime.num_classes)))
     if runtime.input_dtype == np.uint8 and (
-        not contract.raw_pixels or any(f != round(f) for f in contract.fill)
+        not contract.raw_pixels or any(f != round(f) for f in contract.fit.fill)
     ):
         raise ContractError(
             f"{model_path}: a uint8 input takes the pixels as they are: scale must be 1, mean 0, std 1 "
@@ -181,10 +182,14 @@ class ServedModel:
         return output
 
     async def infer(
-        self, rows: np.ndarray, deadline: float | None = None, priority: int = PRIORITY_HIGH
+        self,
+        rows: np.ndarray,
+        deadline: float | None = None,
+        priority: int = PRIORITY_HIGH,
+        receipt: Receipt | None = None,
     ) -> np.ndarray:
         """Probabilities of `rows`, batched with every other caller's rows."""
-        return await self.batcher.submit(rows, deadline, priority)
+        return await self.batcher.submit(rows, deadline, priority, receipt)
 
     @property
     def explain_methods(self) -> tuple[str, ...]:
@@ -192,13 +197,18 @@ class ServedModel:
         return (CAM, OCCLUSION) if self.explain_graph is not None else (OCCLUSION,)
 
     async def explain_rows(
-        self, rows: np.ndarray, deadline: float | None = None, blocks: bool = False
+        self,
+        rows: np.ndarray,
+        deadline: float | None = None,
+        blocks: bool = False,
+        receipt: Receipt | None = None,
     ) -> ExplainOutputs:
         """The explain graph's outputs for `rows` (block maps only if asked), batched with other
         explanations' rows."""
         if self.explain_graph is None:
             raise RuntimeError(f"{self.name} version {self.version} has no explain graph")
-        return self.explain_graph.unpack(await self.explain_batchers[blocks].submit(rows, deadline))
+        batcher = self.explain_batchers[blocks]
+        return self.explain_graph.unpack(await batcher.submit(rows, deadline, receipt=receipt))
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.core.receipt import Receipt
+
 
 @dataclass(frozen=True, slots=True)
 class RawTensor:
@@ -43,6 +45,7 @@ class ClassifyRequest:
     version: int = 0  # 0: the newest ready version
     top_k: int | None = None  # None: the server's default
     deadline: float | None = None  # on time.monotonic()'s clock
+    receipt: Receipt | None = None  # where the server's time went (the edge reads it back)
 
 
 @dataclass(slots=True)
@@ -57,6 +60,7 @@ class PredictRequest:
     version: int = 0
     deadline: float | None = None
     input_name: str = "images"
+    receipt: Receipt | None = None  # where the server's time went (the edge reads it back)
 
 
 @dataclass(slots=True)
@@ -134,6 +138,7 @@ class ExplainRequest:
     activation_grids: bool = False  # … and each block as one PNG grid, drawn as the run report draws it
     patch: int | None = None  # occlusion patch side in input pixels; None: chosen from the input size
     stride: int | None = None
+    receipt: Receipt | None = None  # where the server's time went (the edge reads it back)
 
 
 @dataclass(slots=True)

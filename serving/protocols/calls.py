@@ -97,7 +97,8 @@ class CallStats:
             self.failed(reading, request, failure or "UNKNOWN")
 
 
-# Set by the call gate around a stream call: how answer_stream counts each message.
-STREAM: contextvars.ContextVar[tuple[Reading, CallStats] | None] = contextvars.ContextVar(
+# Set by the call gate around a stream call: how answer_stream reads each message (its receipt) and
+# counts it (stats: None with the metrics off).
+STREAM: contextvars.ContextVar[tuple[Reading, CallStats | None] | None] = contextvars.ContextVar(
     "convserve_stream", default=None
 )

@@ -16,6 +16,7 @@ import numpy as np
 from protos.convserve.v1 import convserve_pb2 as pb
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from serving.core.dataplane import DataPlane
+from serving.core.receipt import Receipt
 from serving.core.types import (
     ClassifyRequest,
     ClassifyResult,
@@ -27,6 +28,7 @@ from serving.core.types import (
 from serving.models.registry import ModelRegistry, ModelVersion
 from serving.protocols.admission import Admission
 from serving.protocols.calls import Reading
+from serving.protocols.receipts import current
 from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -84,6 +86,7 @@ def to_request(message: pb.ClassifyRequest, deadline: float | None) -> ClassifyR
         version=message.version,
         top_k=message.top_k if message.HasField("top_k") else None,
         deadline=deadline,
+        receipt=current(),
     )
 
 
@@ -119,6 +122,9 @@ def to_response(message: pb.ClassifyRequest, result: ClassifyResult) -> pb.Class
             score=scores[row],
         )
         row += 1
+    receipt = current()
+    if receipt is not None:
+        response.receipt.CopyFrom(receipt_message(receipt))
     return response
 
 
@@ -138,6 +144,22 @@ def to_explain_request(
         activation_grids=message.activation_grids,
         patch=message.occlusion_patch if message.HasField("occlusion_patch") else None,
         stride=message.occlusion_stride if message.HasField("occlusion_stride") else None,
+        receipt=current(),
+    )
+
+
+def receipt_message(receipt: Receipt) -> pb.Receipt:
+    """The receipt, sealed now: its total ends as the answer is built."""
+    stages = receipt.seal().stages_ms()
+    return pb.Receipt(
+        decode_ms=stages["decode"],
+        queue_ms=stages["queue"],
+        compute_ms=stages["compute"],
+        other_ms=stages["other"],
+        total_ms=stages["total"],
+        batch_sizes=receipt.batch_sizes,
+        batches=receipt.batches,
+        trace_id=receipt.trace_id,
     )
 
 
@@ -178,6 +200,9 @@ def to_explain_response(message: pb.ExplainRequest, result: ExplainResult) -> pb
                 for b in explanation.blocks
             ],
         )
+    receipt = current()
+    if receipt is not None:
+        response.receipt.CopyFrom(receipt_message(receipt))
     return response
 
 
@@ -212,8 +237,8 @@ def model_info(registry: ModelRegistry, entry: ModelVersion) -> pb.ModelInfo:
             mean=c.mean,
             std=c.std,
             shape=c.image_shape,
-            channel_order=c.channel_order,
-            resize=c.resize,
+            channel_order=c.fit.channel_order,
+            resize=c.fit.resize,
         )
     )
     info.labels.extend(c.labels)
@@ -274,6 +299,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             error_response,
             self.admission,
             f"/{SERVICE_NAME}/ClassifyStream",
+            peer=context.peer(),
         ):
             yield response
 

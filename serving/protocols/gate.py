@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from typing import Any
 
@@ -41,6 +40,7 @@ from serving.core.errors import InvalidInput
 from serving.protocols.admission import Admission
 from serving.protocols.auth import OPEN_PREFIXES, TokenCheck
 from serving.protocols.calls import STREAM, CallStats, Reading
+from serving.protocols.receipts import TRACEPARENT, begin, current, ended, listeners
 from serving.protocols.status import log_limited, status_of
 
 Behavior = Callable[..., Any]
@@ -57,19 +57,18 @@ def rebuild(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Beh
     """The same handler with its behavior wrapped; with `raw` the wrapper gets unparsed bytes."""
     deserializer = None if raw else handler.request_deserializer
     serializer = handler.response_serializer
+    # A handler holds exactly one behavior, the one its two streaming flags name.
+    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    if behavior is None:
+        raise ValueError("a gRPC method handler without a behavior")
+    wrapped = wrap(behavior, handler.response_streaming)
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream, True), deserializer, serializer
-        )
+        return grpc.stream_stream_rpc_method_handler(wrapped, deserializer, serializer)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary, False), deserializer, serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(wrapped, deserializer, serializer)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap(handler.unary_stream, True), deserializer, serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), deserializer, serializer)
+        return grpc.unary_stream_rpc_method_handler(wrapped, deserializer, serializer)
+    return grpc.unary_unary_rpc_method_handler(wrapped, deserializer, serializer)
 
 
 async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
@@ -88,7 +87,10 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str
             error,
         )
     code, message = status_of(error, method)
+    receipt = current()
     try:
+        if receipt is not None:  # a failed data call's receipt too: where its time went
+            context.set_trailing_metadata(receipt.seal().metadata())
         await context.abort(code, message)
     except grpc.aio.AbortError:
         raise
@@ -146,7 +148,7 @@ class CallGate(grpc.GenericRpcHandler):
         self.admission = admission
         self.data_methods = frozenset(data_methods)
         self.stats = stats
-        self.readings = dict(readings or {}) if stats is not None else {}
+        self.readings = dict(readings or {})  # the receipts' protocol and images, and the counts
         self.tokens = tokens
         self._services: list[grpc.GenericRpcHandler] = []
         # method -> its wrapped handler. Only methods the server has are kept: a name a client made up
@@ -190,7 +192,7 @@ class CallGate(grpc.GenericRpcHandler):
         assert self.tokens is not None
         denial = self.tokens.denial(handler, code)
         reading = self.readings.get(method) if handler is not None else None
-        if reading is None or handler.response_streaming:
+        if reading is None or self.stats is None or handler.response_streaming:
             return denial
         counted = self._refusals.get((method, code))
         if counted is None:
@@ -248,6 +250,13 @@ def plain_behavior(inner: Behavior, prepare: Callable[[Any], Any], method: str) 
     return sync_behavior
 
 
+def traceparent_of(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == TRACEPARENT:
+            return value if isinstance(value, str) else None
+    return None
+
+
 def data_behavior(
     inner: Behavior,
     prepare: Callable[[Any], Any],
@@ -256,7 +265,10 @@ def data_behavior(
     reading: Reading | None,
     stats: CallStats | None,
 ) -> Behavior:
-    """A unary data-plane call: parse, admission, status, and (metrics on) its count."""
+    """A unary data-plane call: its receipt (trailing metadata, the access log, tracing), parse,
+    admission, status, and (metrics on) its count."""
+    protocol = reading.protocol if reading is not None else ""
+    name = method.rpartition("/")[2]
 
     async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -268,26 +280,31 @@ def data_behavior(
         except Exception as error:
             await abort(context, error, method)
 
-    if reading is None or stats is None:
-        return admitted
-
-    async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        receipt = begin(traceparent_of(context))
         try:
             response = await admitted(request, context)
         except BaseException as error:
             status = ended_with(error, context)
-            try:
-                message = reading.parse(request)  # only now: a failure's labels
-            except Exception:
-                message = None
-            stats.failed(reading, message, status)
+            if reading is not None and stats is not None:
+                try:
+                    message = reading.parse(request)  # only now: a failure's labels
+                except Exception:
+                    message = None
+                stats.failed(reading, message, status)
+            ended(protocol, name, status, 0, context.peer() if listeners else "", receipt)
             raise
-        model, version, images = reading.answered(response)  # a unary answer is always one
-        stats.answered(reading.protocol, model, version, images, time.perf_counter() - started)
+        context.set_trailing_metadata(receipt.seal().metadata())
+        images = 0
+        answer = reading.answered(response) if reading is not None else None
+        if answer is not None:  # a unary answer always is one
+            model, version, images = answer
+            if stats is not None:
+                stats.answered(protocol, model, version, images, receipt.total)
+        ended(protocol, name, "OK", images, context.peer() if listeners else "", receipt)
         return response
 
-    return counted
+    return behavior
 
 
 def stream_behavior(
@@ -300,7 +317,7 @@ def stream_behavior(
 ) -> Behavior:
     """A streamed answer: parse each message, status; a data stream is admitted once (its messages
     count as work one by one, in `streams.answer_stream`, which also counts them)."""
-    counter = (reading, stats) if reading is not None and stats is not None else None
+    counter = (reading, stats) if reading is not None else None
 
     async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
         try:
@@ -309,6 +326,7 @@ def stream_behavior(
                 await admission.refuse_if_draining()
             if counter is not None:
                 STREAM.set(counter)
+                begin(traceparent_of(context))  # the stream's trace: each message's receipt continues it
             async for response in inner(prepare(request), context):
                 yield response
         except Exception as error:

@@ -36,12 +36,14 @@ from starlette.responses import JSONResponse, Response
 
 from serving.core.dataplane import DataPlane
 from serving.core.errors import DeadlineExceeded, InvalidInput, TooLarge, shown
+from serving.core.receipt import Receipt
 from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry
 from serving.protocols.admission import Admission
 from serving.protocols.auth import TokenFile, check_bearer
 from serving.protocols.calls import CallStats, Reading
 from serving.protocols.inference_codec import RequestLedger
+from serving.protocols.receipts import TRACEPARENT, begin, ended, listeners
 from serving.protocols.status import http_status_of
 
 PROTOCOL = "http"  # the metrics' protocol label
@@ -57,6 +59,7 @@ class Call:
     for (the metrics' labels) and what answered (model, version, images)."""
 
     deadline: float | None
+    receipt: Receipt
     asked: tuple[str, int] | None = None
     answered: tuple[str, str, int] | None = None
 
@@ -129,8 +132,8 @@ class HttpEdge:
         """A Starlette endpoint: auth, admission, deadline, errors and counting around `handler`."""
 
         async def endpoint(request: Request) -> Response:
-            started = time.perf_counter()
-            call = Call(None)
+            receipt = begin(request.headers.get(TRACEPARENT))
+            call = Call(None, receipt)
             where = f"HTTP {request.method} {request.url.path[:200]}"
             try:
                 if not open_route and self.tokens is not None:
@@ -147,16 +150,30 @@ class HttpEdge:
                 status, code, message = http_status_of(error, where)
                 if data and self.calls is not None:
                     self.calls.failed(READING, call.asked, code)
-                return error_response(status, message, isinstance(error, TooLarge) or self.admission.draining)
-            took = time.perf_counter() - started
+                close = isinstance(error, TooLarge) or self.admission.draining
+                return self._receipted(error_response(status, message, close), request, receipt, 0)
             if self.calls is not None and call.answered is not None:
                 model, version, images = call.answered
-                self.calls.answered(PROTOCOL, model, version, images, took)
-            # The server's own time for the request, which browsers' developer tools (and the web page) show.
-            response.headers["server-timing"] = f"total;dur={took * 1000:.2f}"
-            return self._closing_if_draining(response)
+                self.calls.answered(PROTOCOL, model, version, images, receipt.seal().total)
+            images = call.answered[2] if call.answered is not None else 0
+            return self._closing_if_draining(self._receipted(response, request, receipt, images))
 
         return endpoint
+
+    @staticmethod
+    def _receipted(response: Response, request: Request, receipt: Receipt, images: int) -> Response:
+        """The receipt as `Server-Timing` (browsers' developer tools and the web page show it) and the
+        trace id; then the request's record to the access log and tracing."""
+        headers = response.headers
+        headers["server-timing"] = receipt.seal().server_timing()
+        headers["convserve-trace-id"] = receipt.trace_id
+        if listeners:
+            route = request.scope.get("route")
+            method = f"{request.method} {route.path if route is not None else request.url.path[:200]}"
+            client = request.client
+            peer = f"{client.host}:{client.port}" if client is not None else ""
+            ended(PROTOCOL, method, str(response.status_code), images, peer, receipt)
+        return response
 
     def _closing_if_draining(self, response: Response) -> Response:
         """While the server drains, every answer closes its connection: the client reconnects elsewhere."""

@@ -16,7 +16,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from google.protobuf import descriptor as pb_descriptor
@@ -27,9 +27,15 @@ from protos.inference import model_config_pb2 as mc
 from serving.core.errors import InvalidInput, shown
 from serving.core.model import ServedModel
 from serving.core.postprocess import top_k
+from serving.core.receipt import Receipt
 from serving.core.types import PredictResult, RawBatch
 from serving.core.version import VERSION
 from serving.models.registry import ModelRegistry
+
+if TYPE_CHECKING:  # a message's DESCRIPTOR is the upb (C) descriptor at run time; the stubs type both
+    from google._upb._message import FieldDescriptor as UpbFieldDescriptor
+
+    FieldDescriptor = pb_descriptor.FieldDescriptor | UpbFieldDescriptor
 
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 SERVER_NAME = "convserve"
@@ -63,8 +69,9 @@ def kserve_dtype(dtype: np.dtype) -> str:
     return KSERVE_NAME.get(dtype.newbyteorder("="), "BYTES")
 
 
-def config_dtype(name: str) -> int:
-    return mc.DataType.Value("TYPE_STRING" if name == "BYTES" else f"TYPE_{name}")
+def config_dtype(name: str) -> mc.DataType:
+    # The generated stub's EnumTypeWrapper.Value says int; the value is a DataType member.
+    return cast("mc.DataType", mc.DataType.Value("TYPE_STRING" if name == "BYTES" else f"TYPE_{name}"))
 
 
 def parse_version(version: str) -> int:
@@ -209,6 +216,18 @@ def abstain_parameters(result: PredictResult) -> dict[str, str]:
     }
 
 
+def receipt_parameters(receipt: Receipt | None) -> dict[str, float | str]:
+    """The request's receipt as response parameters (sealed now): `decode_ms`, `queue_ms`, `compute_ms`,
+    `other_ms` and `total_ms` (doubles; the first four add up to the total), `batch_sizes` ("8" or
+    "32,32") and `trace_id` (strings)."""
+    if receipt is None:
+        return {}
+    fields = receipt.seal().fields()
+    fields.pop("model", None)  # the response names its model and version already
+    fields.pop("model_version", None)
+    return fields
+
+
 def model_metadata(model: ServedModel, registry: ModelRegistry) -> dict[str, Any]:
     """ModelMetadataResponse as the REST form's JSON; the gRPC form parses it into its message."""
     return {
@@ -266,7 +285,7 @@ def model_config(model: ServedModel, sha256: str = "", loaded_at: str = "") -> m
 def calibration_facts(model: ServedModel) -> dict[str, str]:
     """abstain_threshold (when set), temperature, ece_before, ece_after, abstain_score (when written)."""
     contract = model.contract
-    facts = {
+    facts: dict[str, str] = {
         k: contract.extra[k]
         for k in ("temperature", "ece_before", "ece_after", "abstain_score")
         if k in contract.extra
@@ -377,7 +396,7 @@ def proto_json(message: Message, defaults: bool = True, base64_bytes: bool = Fal
     return out
 
 
-def _json_value(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: bool, b64: bool) -> Any:
+def _json_value(descriptor: FieldDescriptor, value: Any, defaults: bool, b64: bool) -> Any:
     if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
         value_field = descriptor.message_type.fields_by_name["value"]
         return {key: _scalar(value_field, item, defaults, b64) for key, item in value.items()}
@@ -386,10 +405,11 @@ def _json_value(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults:
     return _scalar(descriptor, value, defaults, b64)
 
 
-def _scalar(descriptor: pb_descriptor.FieldDescriptor, value: Any, defaults: bool, b64: bool) -> Any:
+def _scalar(descriptor: FieldDescriptor, value: Any, defaults: bool, b64: bool) -> Any:
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_MESSAGE:
         return proto_json(value, defaults, b64)
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_ENUM:
+        assert descriptor.enum_type is not None  # an enum field always has its enum's descriptor
         return descriptor.enum_type.values_by_number[value].name
     if descriptor.type == pb_descriptor.FieldDescriptor.TYPE_BYTES:
         return base64.b64encode(value).decode("ascii") if b64 else value.decode("latin-1")

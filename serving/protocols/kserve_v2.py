@@ -54,8 +54,10 @@ from serving.protocols.inference_codec import (
     model_metadata,
     model_statistics,
     parse_version,
+    receipt_parameters,
     served_input,
 )
+from serving.protocols.receipts import current
 from serving.protocols.streams import answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -232,6 +234,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             stream_error,
             self.admission,
             f"/{SERVICE_NAME}/ModelStreamInfer",
+            peer=context.peer(),
         ):
             yield response
 
@@ -254,6 +257,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model.version,
                 deadline,
                 request.inputs[index].name,
+                current(),
             )
             result = await self.dataplane.predict(predict)
             response = to_response(request, result, classify)
@@ -317,6 +321,11 @@ def to_response(request: pb.ModelInferRequest, result: PredictResult, k: int | N
     # the binary data extension's.
     for key, text in abstain_parameters(result).items():
         response.parameters[key].string_param = text
+    for key, value in receipt_parameters(current()).items():
+        if isinstance(value, str):
+            response.parameters[key].string_param = value
+        else:
+            response.parameters[key].double_param = value
     return response
 
 

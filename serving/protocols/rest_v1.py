@@ -114,7 +114,8 @@ def routes(edge: HttpEdge) -> list[Route]:
         top_k = top_k_of(request)
         body = await edge.body(request)
         images = await images_of(request, body, edge.dataplane.limits.max_images)
-        result = await edge.dataplane.classify(ClassifyRequest(images, name, version, top_k, call.deadline))
+        classify = ClassifyRequest(images, name, version, top_k, call.deadline, call.receipt)
+        result = await edge.dataplane.classify(classify)
         call.answered = (result.model, str(result.version), result.count)
         message = pb.ClassifyRequest(model=name, version=version)
         # Only the fields set, as protobuf's JSON mapping writes them: an image's error has no empty lists.

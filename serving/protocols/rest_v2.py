@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.core.errors import InvalidInput, shown
+from serving.core.receipt import Receipt
 from serving.core.types import PredictRequest, PredictResult
 from serving.models.registry import VersionState
 from serving.protocols.http_edge import Call, HttpEdge, parse_json
@@ -46,6 +47,7 @@ from serving.protocols.inference_codec import (
     model_statistics,
     parse_version,
     proto_json,
+    receipt_parameters,
     served_input,
 )
 
@@ -165,7 +167,12 @@ def requested_output(header: dict[str, Any]) -> tuple[int | None, bool]:
 
 
 def infer_response(
-    header: dict[str, Any], result: PredictResult, k: int | None, binary: bool, ignored: bool = False
+    header: dict[str, Any],
+    result: PredictResult,
+    k: int | None,
+    binary: bool,
+    ignored: bool = False,
+    receipt: Receipt | None = None,
 ) -> Response:
     answer: dict[str, Any] = {"model_name": result.model, "model_version": str(result.version)}
     if isinstance(header.get("id"), str):
@@ -184,7 +191,7 @@ def infer_response(
         data = [e.decode() for e in elements]
     # On the response, not the output: perf_analyzer reads an output's parameters as the binary data
     # extension's and fails on any without binary_data_size.
-    parameters: dict[str, Any] = abstain_parameters(result)
+    parameters: dict[str, Any] = abstain_parameters(result) | receipt_parameters(receipt)
     if parameters:
         answer.setdefault("parameters", {}).update(parameters)
     if not binary:
@@ -287,14 +294,16 @@ def routes(edge: HttpEdge) -> list[Route]:
             tensor = tensors[served_input([t.name for t in tensors], model)]
             k, binary_output = requested_output(header)
             inputs = decode_input(tensor, model)
-            predict = PredictRequest(inputs, model.name, model.version, call.deadline, tensor.name)
+            predict = PredictRequest(
+                inputs, model.name, model.version, call.deadline, tensor.name, call.receipt
+            )
             result = await edge.dataplane.predict(predict)
         except BaseException:
             edge.ledger.failed(key, started)
             raise
         edge.ledger.succeeded(key, started)
         call.answered = (result.model, str(result.version), int(np.shape(result.probabilities)[0]))
-        return infer_response(header, result, k, binary_output, ignored=len(tensors) > 1)
+        return infer_response(header, result, k, binary_output, len(tensors) > 1, call.receipt)
 
     r = edge.route
     model_routes: list[Route] = []

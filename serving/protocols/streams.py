@@ -12,7 +12,6 @@ with that status.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -21,6 +20,7 @@ import grpc
 from serving.core.errors import Unavailable
 from serving.protocols.admission import Admission
 from serving.protocols.calls import STREAM
+from serving.protocols.receipts import current, ended, listeners, message_receipt
 from serving.protocols.status import status_of
 
 Request = TypeVar("Request")
@@ -35,13 +35,17 @@ async def answer_stream(
     admission: Admission,
     method: str,
     inflight: int = STREAM_INFLIGHT,
+    peer: str = "",
 ) -> AsyncIterator[Response]:
-    """`answer` gives a request's response; `fail(request, code, message)` the one for a failure."""
+    """`answer` gives a request's response; `fail(request, code, message)` the one for a failure;
+    `peer` (the client's address) goes to the access log with each message."""
     responses: asyncio.Queue[Response | None] = asyncio.Queue()
     slots = asyncio.Semaphore(inflight)
     tasks: set[asyncio.Task] = set()
 
-    counted = STREAM.get()  # (reading, stats) when the metrics count this call
+    counted = STREAM.get()  # (reading, stats or None) for the data methods
+    stream_receipt = current()  # the stream's: its trace id is every message's
+    name = method.rpartition("/")[2]
 
     async def respond(request: Request) -> tuple[Response, str | None]:
         """Exactly one response per request, whatever happens to it, and its failure's code name."""
@@ -56,10 +60,17 @@ async def answer_stream(
 
     async def answer_one(request: Request) -> None:
         try:
-            started = time.perf_counter()
+            receipt = message_receipt(stream_receipt)
             response, failure = await respond(request)
             if counted is not None:
-                counted[1].record(counted[0], request, response, failure, time.perf_counter() - started)
+                reading, stats = counted
+                receipt.seal()
+                if stats is not None:
+                    stats.record(reading, request, response, failure, receipt.total)
+                if listeners:
+                    answer = reading.answered(response) if failure is None else None
+                    images = answer[2] if answer is not None else 0
+                    ended(reading.protocol, name, failure or "OK", images, peer, receipt)
             responses.put_nowait(response)
         finally:
             slots.release()

@@ -275,6 +275,15 @@ function renderBlocks(image) {
   }
 }
 
+// The answer's receipt: where the server's time went, and the batches the image ran in.
+function receiptText(receipt) {
+  if (!receipt) return "";
+  const ms = (value) => `${Number(value || 0).toFixed(1)} ms`;
+  const sizes = (receipt.batch_sizes || []).join(", ");
+  return ` (decode ${ms(receipt.decode_ms)}, queue ${ms(receipt.queue_ms)}, compute ` +
+    `${ms(receipt.compute_ms)}, other ${ms(receipt.other_ms)}; batches of ${sizes || "—"})`;
+}
+
 function render(answer, timing, elapsed) {
   const image = answer.images[0];
   if (image.result && image.result.error) {
@@ -291,8 +300,9 @@ function render(answer, timing, elapsed) {
   $("seen-caption").textContent = `As the model sees it: ${height} × ${width}, after the server's resize`;
   renderClasses(image);
   const server = /total;dur=([\d.]+)/.exec(timing || "");
-  $("timings").textContent = `Server: ${server ? `${Number(server[1]).toFixed(1)} ms` : "—"}; ` +
-    `round trip in this browser: ${elapsed.toFixed(1)} ms (model ${answer.model} version ${answer.version}).`;
+  $("timings").textContent = `Server: ${server ? `${Number(server[1]).toFixed(1)} ms` : "—"}` +
+    `${receiptText(answer.receipt)}; round trip in this browser: ${elapsed.toFixed(1)} ms ` +
+    `(model ${answer.model} version ${answer.version}).`;
   $("explained").textContent = `Why “${image.label}” (class ${image.class_index}):`;
   $("result").hidden = false;
   renderWhy();

@@ -62,19 +62,41 @@ class ImageResult(_message.Message):
     score: float
     def __init__(self, class_index: _Optional[_Iterable[int]] = ..., label: _Optional[_Iterable[str]] = ..., probability: _Optional[_Iterable[float]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., abstain: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
 
+class Receipt(_message.Message):
+    __slots__ = ("decode_ms", "queue_ms", "compute_ms", "other_ms", "total_ms", "batch_sizes", "batches", "trace_id")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    OTHER_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    queue_ms: float
+    compute_ms: float
+    other_ms: float
+    total_ms: float
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    batches: int
+    trace_id: str
+    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., other_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., batches: _Optional[int] = ..., trace_id: _Optional[str] = ...) -> None: ...
+
 class ClassifyResponse(_message.Message):
-    __slots__ = ("id", "model", "version", "results", "error")
+    __slots__ = ("id", "model", "version", "results", "error", "receipt")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     version: int
     results: _containers.RepeatedCompositeFieldContainer[ImageResult]
     error: Error
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    receipt: Receipt
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -287,20 +309,22 @@ class OcclusionSettings(_message.Message):
     def __init__(self, patch: _Optional[int] = ..., stride: _Optional[int] = ..., copies: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("id", "model", "version", "methods", "images", "occlusion")
+    __slots__ = ("id", "model", "version", "methods", "images", "occlusion", "receipt")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     OCCLUSION_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     version: int
     methods: _containers.RepeatedScalarFieldContainer[str]
     images: _containers.RepeatedCompositeFieldContainer[ImageExplanation]
     occlusion: OcclusionSettings
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[_Union[ImageExplanation, _Mapping]]] = ..., occlusion: _Optional[_Union[OcclusionSettings, _Mapping]] = ...) -> None: ...
+    receipt: Receipt
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., images: _Optional[_Iterable[_Union[ImageExplanation, _Mapping]]] = ..., occlusion: _Optional[_Union[OcclusionSettings, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
 
 class EchoMessage(_message.Message):
     __slots__ = ("payload",)

@@ -1,0 +1,185 @@
+"""A receipt for one request: where the server's time went, and which batches its rows ran in.
+
+Every edge starts one when a request arrives and hands it to the data plane in the request; the data
+plane adds the decode, the batcher the queue wait, the model calls and the size of every batch the
+request's rows ran in (several when it was split). The edge seals it when its answer is ready and
+sends it back (gRPC trailing metadata, the Open Inference Protocol's response parameters, HTTP
+`Server-Timing`, the access log, the trace's spans).
+
+The stages are wall-clock segments on one clock (`time.perf_counter`), one after the other, so they
+add up: decode, then queue (first row handed over → its first batch starts), then compute (first batch
+starts → last batch done: the model calls, with the hand-off to their worker thread), and `other`, the
+rest of the total (parsing, checks, top-k, building the answer). A request whose work runs in several
+batches at once (an explanation: graph and occlusion copies) counts each stage once, from its first
+start to its last end.
+
+Cheap on purpose, since it is always on: a few clock reads and attribute writes per request, nothing
+formatted until the edge asks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import quote
+
+METADATA_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")  # left as they are
+MAX_BATCH_SIZES = 32  # batch sizes listed per receipt; an explanation's copies can run in hundreds
+
+# Called once per batch with the receipts of its requests (tracing links a batch to each of them);
+# None unless tracing is on (`serving.tracing`).
+BatchObserver = Callable[[Sequence["Receipt"], int, float, float], None]
+
+
+class Receipt:
+    """Times in seconds on `time.perf_counter`'s clock; `trace_id` as 32 hex digits, or ""."""
+
+    __slots__ = (
+        "batch_sizes",
+        "batches",
+        "decode_at",
+        "decode_s",
+        "enqueued",
+        "first_batch",
+        "last_done",
+        "model",
+        "parent_span_id",
+        "span",
+        "started",
+        "total_s",
+        "trace_id",
+        "version",
+    )
+
+    def __init__(self, started: float | None = None, trace_id: str = "", parent_span_id: str = "") -> None:
+        self.started = time.perf_counter() if started is None else started
+        self.trace_id = trace_id
+        self.parent_span_id = parent_span_id
+        self.span: Any = None  # the request's tracing span, when tracing is on
+        self.decode_s = 0.0
+        self.decode_at: float | None = None  # when the (first) decode began
+        self.enqueued: float | None = None
+        self.first_batch: float | None = None
+        self.last_done: float | None = None
+        self.batches = 0
+        self.batch_sizes: list[int] = []
+        self.model = ""
+        self.version = 0
+        self.total_s: float | None = None
+
+    # Recorded along the request path -----------------------------------------------------------
+
+    def decoded(self, started: float, seconds: float) -> None:
+        if self.decode_at is None:
+            self.decode_at = started
+        self.decode_s += seconds
+
+    def handed_over(self, now: float) -> None:
+        """Rows of this request reached a batcher."""
+        if self.enqueued is None:
+            self.enqueued = now
+
+    def batch_started(self, rows: int, now: float) -> None:
+        if self.first_batch is None or now < self.first_batch:  # batches in flight can finish out of order
+            self.first_batch = now
+        self.batches += 1
+        if len(self.batch_sizes) < MAX_BATCH_SIZES:
+            self.batch_sizes.append(rows)
+
+    def batch_done(self, now: float) -> None:
+        if self.last_done is None or now > self.last_done:
+            self.last_done = now
+
+    def answered_by(self, model: str, version: int) -> None:
+        self.model, self.version = model, version
+
+    def seal(self) -> Receipt:
+        """Fixes the total (once: the first edge step that needs the figures seals them)."""
+        if self.total_s is None:
+            self.total_s = time.perf_counter() - self.started
+        return self
+
+    # The figures -------------------------------------------------------------------------------
+
+    @property
+    def queue_s(self) -> float:
+        if self.enqueued is None or self.first_batch is None:
+            return 0.0
+        return max(0.0, self.first_batch - self.enqueued)
+
+    @property
+    def compute_s(self) -> float:
+        if self.first_batch is None or self.last_done is None:
+            return 0.0
+        return max(0.0, self.last_done - self.first_batch)
+
+    @property
+    def total(self) -> float:
+        return self.seal().total_s  # type: ignore[return-value]  # seal() sets it
+
+    @property
+    def other_s(self) -> float:
+        return max(0.0, self.total - self.decode_s - self.queue_s - self.compute_s)
+
+    def stages_ms(self) -> dict[str, float]:
+        """decode, queue, compute, other and total, in milliseconds; the first four add up to total."""
+        total = self.total
+        decode, queue, compute = self.decode_s, self.queue_s, self.compute_s
+        return {
+            "decode": decode * 1e3,
+            "queue": queue * 1e3,
+            "compute": compute * 1e3,
+            "other": max(0.0, total - decode - queue - compute) * 1e3,
+            "total": total * 1e3,
+        }
+
+    def batch_text(self) -> str:
+        """The batch sizes, comma-separated ("8" or "32,32"); "+N" names batches left off the list."""
+        text = ",".join(map(str, self.batch_sizes))
+        more = self.batches - len(self.batch_sizes)
+        return f"{text},+{more}" if more > 0 else text
+
+    def server_timing(self) -> str:
+        """The HTTP `Server-Timing` value (also the gRPC trailing metadata's `server-timing`)."""
+        parts = [f"{name};dur={ms:.3f}" for name, ms in self.stages_ms().items()]
+        if self.batches:  # spaces, not commas, in the description: naive readers split the header on commas
+            parts.append(f'batch;desc="{self.batch_text().replace(",", " ")}"')
+        return ", ".join(parts)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC trailing metadata."""
+        pairs = [("server-timing", self.server_timing())]
+        if self.batches:
+            pairs.append(("convserve-batch-sizes", self.batch_text()))
+        if self.model:
+            # A gRPC metadata value is printable ASCII, or gRPC fails the call: a model's folder name may
+            # hold anything else, so that is percent-encoded.
+            model = quote(self.model, safe=METADATA_SAFE)
+            pairs.append(("convserve-model-version", f"{model}/{self.version}"))
+        if self.trace_id:
+            pairs.append(("convserve-trace-id", self.trace_id))
+        return tuple(pairs)
+
+    def fields(self) -> dict[str, Any]:
+        """The receipt as plain values (JSON bodies, the Open Inference Protocol's parameters, logs)."""
+        fields: dict[str, Any] = {f"{name}_ms": round(ms, 3) for name, ms in self.stages_ms().items()}
+        fields["batch_sizes"] = self.batch_text()
+        if self.model:
+            fields["model"] = self.model
+            fields["model_version"] = self.version
+        if self.trace_id:
+            fields["trace_id"] = self.trace_id
+        return fields
+
+
+def batch_ran(receipts: Sequence[Receipt], rows: int, started: float, done: float) -> None:
+    """Every request's receipt learns of a batch its rows ran in (the batcher calls this)."""
+    for receipt in receipts:
+        receipt.batch_started(rows, started)
+        receipt.batch_done(done)
+    if observer is not None and receipts:
+        observer(receipts, rows, started, done)
+
+
+observer: BatchObserver | None = None  # set by `serving.tracing` while tracing is on
