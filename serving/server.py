@@ -24,6 +24,7 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2_grpc as kserve_grpc
+from serving import access_log
 from serving.config import ServerConfig
 from serving.core.batching import BatchingConfig
 from serving.core.budget import MIB, InputBudget
@@ -148,7 +150,8 @@ class Server:
         self.metrics: MetricsEndpoint | None = None
         # The services are added to the gate, which serves them (see `gate`).
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, gate)
+        # The gate stands in for the server (it takes the generic handlers); the stub asks for a Server.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, gate)  # type: ignore[arg-type]
         pb_grpc.add_ClassifierServicer_to_server(
             convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), gate
         )
@@ -196,6 +199,7 @@ class Server:
         self.port = 0
         self.http_port = 0
         self._trimmer: asyncio.Task | None = None
+        self._tracing: Any = None  # serving.tracing.Tracing, with --otlp-endpoint
         self._arrivals_seen = 0
         self._started = False
         self._serving = False
@@ -210,6 +214,7 @@ class Server:
     async def start(self) -> int:
         """Listens (NOT_SERVING), loads and warms every model, turns SERVING; returns the bound port."""
         config = self.config
+        self._observe()
         await set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{config.host}:{config.port}"
         credentials = server_credentials(config)
@@ -272,6 +277,26 @@ class Server:
             log.error("no model version could be loaded: health stays NOT_SERVING")
         return self.port
 
+    def _observe(self) -> None:
+        """The receipts' listeners this server's flags ask for: the access log, the OTLP spans."""
+        if self.config.access_log:
+            access_log.install()
+        if self.config.otlp_endpoint:
+            from serving import tracing
+
+            self._tracing = tracing.install(tracing.otlp_processor(self.config.otlp_endpoint))
+            log.info("tracing: OTLP spans to %s", self.config.otlp_endpoint)
+
+    async def _unobserve(self, timeout_s: float) -> None:
+        """Listeners off (an in-process server leaves none behind); the spans still queued are sent."""
+        if self.config.access_log:
+            access_log.uninstall()
+        if self._tracing is not None:
+            from serving import tracing
+
+            await asyncio.to_thread(tracing.uninstall, self._tracing, max(0.1, timeout_s))
+            self._tracing = None
+
     async def _update_health(self) -> None:
         """SERVING while any version is READY (models come and go with --model-control poll/explicit)."""
         if not self._started or self.admission.draining:
@@ -328,6 +353,7 @@ class Server:
         self.decode_pool.shutdown(wait=True)
         if self.metrics is not None:  # scraped until the end: the versions show UNLOADED last
             await asyncio.to_thread(self.metrics.stop)
+        await self._unobserve(end - time.monotonic())
         log.info("stopped after %.2fs", time.monotonic() - started)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import ServerConfig
+from serving.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,7 @@ def run_worker(values: dict[str, Any], index: int, parent: int) -> None:
     """A worker process's entry point (spawned: a fresh interpreter, nothing inherited but arguments)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the server installs its own handlers
     die_with_parent(parent)
-    logging.basicConfig(
-        level=values["log_level"],
-        format=f"%(asctime)s worker {index + 1} %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(values["log_level"], values["log_format"], worker=index + 1)
     from serving.server import run_server
 
     raise SystemExit(run_server(ServerConfig(**values)))
