@@ -81,7 +81,7 @@ def take_snapshot(registry: ModelRegistry, budget: InputBudget, calls: CallStats
         if model is not None:
             stats = model.stats
             copy.stats = BatchStats(
-                requests=stats.requests,
+                submitted=stats.submitted,
                 items=stats.items,
                 batches=stats.batches,
                 rejected=stats.rejected,

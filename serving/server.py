@@ -51,7 +51,6 @@ from serving.protocols.calls import CallStats
 from serving.protocols.gate import CallGate
 from serving.protocols.grpc_logs import quiet_client_gone
 from serving.protocols.http_edge import HttpEdge
-from serving.protocols.inference_codec import RequestLedger
 from serving.transport import connection_options, describe_security, server_credentials
 
 log = logging.getLogger(__name__)
@@ -133,10 +132,11 @@ class Server:
             self.registry, self.decode_pool, limits_of(config), InputBudget(config.input_budget_mb * MIB)
         )
         self.admission = Admission()
-        # One gate does what every call needs (see `gate`): with metrics on, every
-        # data-plane request is counted (refusals for a missing or wrong token included); a call
-        # without a valid token is refused before it is parsed or admitted.
-        self.calls = CallStats(self.registry) if config.metrics_port else None
+        # One gate does what every call needs (see `gate`): every data-plane request is counted in
+        # the request ledger (refusals for a missing or wrong token included), which the metrics,
+        # GetModel and ModelStatistics all read; a call without a valid token is refused before it
+        # is parsed or admitted.
+        self.calls = CallStats(self.registry)
         tokens = TokenFile(config.auth_token_file) if config.auth_token_file else None
         gate = CallGate(
             self.admission,
@@ -153,7 +153,8 @@ class Server:
         # The gate stands in for the server (it takes the generic handlers); the stub asks for a Server.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, gate)  # type: ignore[arg-type]
         pb_grpc.add_ClassifierServicer_to_server(
-            convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission), gate
+            convserve_v1.ClassifierServicer(self.dataplane, self.registry, self.admission, self.calls),
+            gate,
         )
         # What --model-control says: load at start, poll the repository, or load/unload on request.
         self.lifecycle = ModelLifecycle(
@@ -165,11 +166,10 @@ class Server:
             on_change=self._update_health,
         )
         # The Open Inference Protocol on the same port, over the same data plane and batchers; its REST
-        # form (--http-port) shares them and the request ledger its statistics report.
-        ledger = RequestLedger()
+        # form (--http-port) shares them, and the request ledger its statistics report.
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             kserve_v2.InferenceServicer(
-                self.dataplane, self.registry, self.admission, self.lifecycle, ledger
+                self.dataplane, self.registry, self.admission, self.lifecycle, self.calls
             ),
             gate,
         )
@@ -180,10 +180,9 @@ class Server:
                 self.registry,
                 self.admission,
                 self.lifecycle,
-                ledger,
+                self.calls,
                 config.max_message_mb * MIB,
                 tokens,
-                self.calls,
             )
             self.http = HttpServer(config, edge)
         services = list(SERVICES)

@@ -85,7 +85,7 @@ def test_every_caller_gets_its_own_rows_in_order(counts, gaps, max_batch, delay_
         await asyncio.gather(*(caller(i) for i in range(len(counts))))
         await batcher.close()
         assert batcher.stats.items == sum(counts)
-        assert batcher.stats.requests == len(counts)
+        assert batcher.stats.submitted == len(counts)
         assert sum(size * n for size, n in batcher.stats.batch_sizes.items()) == sum(counts)
 
     asyncio.run(scenario())
@@ -301,7 +301,7 @@ def test_a_fast_model_runs_lone_callers_at_once_and_shares_a_tick_among_callers_
         assert model.sizes[-2:] == [1, 1]
         for caller, rows in zip([*range(10, 18), *range(20, 28)], answers, strict=True):
             np.testing.assert_array_equal(rows, rows_for(caller, 1) * 10 + 1)
-        assert batcher.stats.queued == batcher.stats.requests == 22  # a wait (of 0) for each
+        assert batcher.stats.queued == batcher.stats.submitted == 22  # a wait (of 0) for each
 
     asyncio.run(scenario())
 

@@ -216,6 +216,16 @@ def test_a_known_load_is_counted_exactly(server_factory, two_versions: Path, dig
         if s.name == "convserve_requests_total"
     }
     assert counted == codes
+    # One request ledger, three views: GetModel, ModelStatistics and convserve_requests_total agree
+    # exactly on the version's requests over both protocols, answered and failed.
+    mine = {(p, c): n for (p, m, v, c), n in codes.items() if (m, v) == ("digits", "1")}
+    answered = sum(n for (_, c), n in mine.items() if c == "OK")
+    failed = sum(n for (_, c), n in mine.items() if c != "OK")
+    assert (answered, failed) == (9 + 6, 3 + 1 + 1 + 1)
+    assert (info.stats.requests, info.stats.failed) == (answered, failed)
+    inference = statistics.inference_stats
+    assert (inference.success.count, inference.fail.count) == (answered, failed)
+    assert inference.success.ns > 0 and inference.fail.ns > 0 and statistics.last_inference > 0
     assert scrape.get("convserve_images_total", protocol=V1, model="digits", version="1") == 5 * 3 + 2 + 3 * 2
     assert scrape.get("convserve_images_total", protocol=V2, model="digits", version="1") == 4 * 2 + 2
     for protocol in (V1, V2):

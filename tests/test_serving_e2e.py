@@ -396,7 +396,7 @@ def test_deadline_exceeded_drops_the_rows_before_the_model(tmp_path, server_fact
     before = stats()
     with ThreadPoolExecutor(8) as pool:
         first = [pool.submit(stub.Classify, busy, timeout=120) for _ in range(8)]
-        while stats().requests - before.requests < 8:  # the busy calls are queued
+        while stats().submitted - before.submitted < 8:  # the busy calls are queued
             time.sleep(0.005)
         expect_status(lambda: stub.Classify(late, timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED, "")
         assert all(len(call.result().results) == rows for call in first)
@@ -405,7 +405,7 @@ def test_deadline_exceeded_drops_the_rows_before_the_model(tmp_path, server_fact
         if time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    assert after.requests - before.requests == 9, "the late call reached the batcher"
+    assert after.submitted - before.submitted == 9, "the late call reached the batcher"
     assert after.expired - before.expired == 1
     assert after.dropped_rows - before.dropped_rows == 1  # the late call's row was dropped ...
     assert after.items - before.items == 8 * rows  # ... and the model never saw it
@@ -424,11 +424,11 @@ def test_sigterm_finishes_calls_in_flight_then_refuses(model_repo, digit_samples
     )
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     info = raw_stub(server.address).GetModel
-    before = info(pb.GetModelRequest(name="digits")).stats.requests
+    before = info(pb.GetModelRequest(name="digits")).stats.submitted
     with ThreadPoolExecutor(24) as pool:
         calls = [pool.submit(stub.Classify, request, timeout=60) for _ in range(24)]
         # Every call has reached the batcher: all 24 are admitted when the signal comes.
-        while info(pb.GetModelRequest(name="digits")).stats.requests - before < 24:
+        while info(pb.GetModelRequest(name="digits")).stats.submitted - before < 24:
             time.sleep(0.01)
         assert not all(c.done() for c in calls), "the calls finished before the signal: make them heavier"
         server.process.send_signal(15)

@@ -97,7 +97,7 @@ class BatchStats:
     refused or timed out before they reached the batcher); `dropped_rows` counts rows taken off the
     queue without running because their deadline passed or their caller went away."""
 
-    requests: int = 0
+    submitted: int = 0  # calls into the batcher: one per classification, several per explanation
     items: int = 0
     batches: int = 0
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
@@ -217,7 +217,7 @@ class DynamicBatcher:
                 loop.call_soon(self._end_tick)
                 return self._run_now(rows, count, deadline, now, receipt)
         self._queued_rows += count
-        self.stats.requests += 1
+        self.stats.submitted += 1
         if not self._dispatch_pending:
             # Dispatch at the end of this loop tick: callers already runnable enqueue first and share
             # the batch, with no wait added.
@@ -246,7 +246,7 @@ class DynamicBatcher:
         """Low-priority rows always queue (they never run ahead of a tick's high callers)."""
         self._queued_rows += count
         self._low_rows += count
-        self.stats.requests += 1
+        self.stats.submitted += 1
         futures = []
         step = self.config.low_rows_per_batch
         for start in range(0, count, step):
@@ -271,7 +271,7 @@ class DynamicBatcher:
         Where they do come together (an HTTP server parses many connections' requests in one tick),
         a second caller in the tick turns this off until a tick's batch holds a lone caller again.
         """
-        self.stats.requests += 1
+        self.stats.submitted += 1
         self.stats.queue_wait.observe(0.0)
         if deadline is not None and now >= deadline:
             self.stats.dropped_rows += count

@@ -27,7 +27,7 @@ from serving.core.types import (
 )
 from serving.models.registry import ModelRegistry, ModelVersion
 from serving.protocols.admission import Admission
-from serving.protocols.calls import Reading
+from serving.protocols.calls import CallStats, Reading
 from serving.protocols.receipts import current
 from serving.protocols.streams import answer_stream
 
@@ -206,8 +206,9 @@ def to_explain_response(message: pb.ExplainRequest, result: ExplainResult) -> pb
     return response
 
 
-def model_info(registry: ModelRegistry, entry: ModelVersion) -> pb.ModelInfo:
-    """One version as `GetModel` and `ListModels` (and the REST model routes) describe it."""
+def model_info(registry: ModelRegistry, entry: ModelVersion, calls: CallStats) -> pb.ModelInfo:
+    """One version as `GetModel` and `ListModels` (and the REST model routes) describe it; its request
+    counts from the request ledger, `calls`."""
     versions = registry.versions(entry.name)
     info = pb.ModelInfo(
         name=entry.name,
@@ -250,9 +251,12 @@ def model_info(registry: ModelRegistry, entry: ModelVersion) -> pb.ModelInfo:
             max_queue_size=batching.max_queue_rows,
         )
     )
+    requests = calls.of_version(entry.name, entry.version)
     info.stats.CopyFrom(
         pb.ModelStats(
-            requests=stats.requests,
+            requests=requests.ok,
+            failed=requests.failed,
+            submitted=stats.submitted,
             items=stats.items,
             batches=stats.batches,
             batch_sizes=dict(stats.batch_sizes),
@@ -271,10 +275,13 @@ def model_info(registry: ModelRegistry, entry: ModelVersion) -> pb.ModelInfo:
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, dataplane: DataPlane, registry: ModelRegistry, admission: Admission) -> None:
+    def __init__(
+        self, dataplane: DataPlane, registry: ModelRegistry, admission: Admission, calls: CallStats
+    ) -> None:
         self.dataplane = dataplane
         self.registry = registry
         self.admission = admission
+        self.calls = calls  # the request ledger, which GetModel reports
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -311,11 +318,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> pb.ListModelsResponse:
         registry = self.registry
         return pb.ListModelsResponse(
-            models=[model_info(registry, registry.entry(name, 0)) for name in registry.names()]
+            models=[model_info(registry, registry.entry(name, 0), self.calls) for name in registry.names()]
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return model_info(self.registry, self.registry.entry(request.name, request.version))
+        return model_info(self.registry, self.registry.entry(request.name, request.version), self.calls)
 
 
 class BenchServicer(pb_grpc.BenchServicer):

@@ -266,7 +266,7 @@ def data_behavior(
     stats: CallStats | None,
 ) -> Behavior:
     """A unary data-plane call: its receipt (trailing metadata, the access log, tracing), parse,
-    admission, status, and (metrics on) its count."""
+    admission, status, and its count in the request ledger."""
     protocol = reading.protocol if reading is not None else ""
     name = method.rpartition("/")[2]
 
@@ -291,7 +291,7 @@ def data_behavior(
                     message = reading.parse(request)  # only now: a failure's labels
                 except Exception:
                     message = None
-                stats.failed(reading, message, status)
+                stats.failed(reading, message, status, receipt.seal().total)
             ended(protocol, name, status, 0, context.peer() if listeners else "", receipt)
             raise
         context.set_trailing_metadata(receipt.seal().metadata())

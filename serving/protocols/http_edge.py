@@ -42,7 +42,6 @@ from serving.models.registry import ModelRegistry
 from serving.protocols.admission import Admission
 from serving.protocols.auth import TokenFile, check_bearer
 from serving.protocols.calls import CallStats, Reading
-from serving.protocols.inference_codec import RequestLedger
 from serving.protocols.receipts import TRACEPARENT, begin, ended, listeners
 from serving.protocols.status import http_status_of
 
@@ -113,16 +112,14 @@ class HttpEdge:
         registry: ModelRegistry,
         admission: Admission,
         lifecycle: ModelLifecycle,
-        ledger: RequestLedger,
+        calls: CallStats,
         max_body_bytes: int,
         tokens: TokenFile | None = None,
-        calls: CallStats | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.registry = registry
         self.admission = admission
         self.lifecycle = lifecycle
-        self.ledger = ledger
         self.max_body_bytes = max_body_bytes
         self.max_json_bytes = json_limit(max_body_bytes)
         self.tokens = tokens
@@ -148,11 +145,11 @@ class HttpEdge:
                     response = await self._within_deadline(handler(request, call), call)
             except Exception as error:
                 status, code, message = http_status_of(error, where)
-                if data and self.calls is not None:
-                    self.calls.failed(READING, call.asked, code)
+                if data:
+                    self.calls.failed(READING, call.asked, code, receipt.seal().total)
                 close = isinstance(error, TooLarge) or self.admission.draining
                 return self._receipted(error_response(status, message, close), request, receipt, 0)
-            if self.calls is not None and call.answered is not None:
+            if call.answered is not None:
                 model, version, images = call.answered
                 self.calls.answered(PROTOCOL, model, version, images, receipt.seal().total)
             images = call.answered[2] if call.answered is not None else 0

@@ -13,9 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -31,6 +30,7 @@ from serving.core.receipt import Receipt
 from serving.core.types import PredictResult, RawBatch
 from serving.core.version import VERSION
 from serving.models.registry import ModelRegistry
+from serving.protocols.calls import CallStats
 
 if TYPE_CHECKING:  # a message's DESCRIPTOR is the upb (C) descriptor at run time; the stubs type both
     from google._upb._message import FieldDescriptor as UpbFieldDescriptor
@@ -295,60 +295,21 @@ def calibration_facts(model: ServedModel) -> dict[str, str]:
     return facts
 
 
-@dataclass(slots=True)
-class Counter:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
-
-
-@dataclass(slots=True)
-class RequestStats:
-    """Per model version: the inference requests answered (Triton's success and fail)."""
-
-    success: Counter = field(default_factory=Counter)
-    fail: Counter = field(default_factory=Counter)
-    last_inference_ms: int = 0
-
-
-class RequestLedger:
-    """Inference requests per (model, version), over both forms of the protocol."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], RequestStats] = {}
-
-    def get(self, key: tuple[str, int]) -> RequestStats:
-        stats = self.requests.get(key)
-        if stats is None:
-            stats = self.requests[key] = RequestStats()
-        return stats
-
-    def succeeded(self, key: tuple[str, int], started_ns: int) -> None:
-        stats = self.get(key)
-        stats.success.add(time.perf_counter_ns() - started_ns)
-        stats.last_inference_ms = int(time.time() * 1000)
-
-    def failed(self, key: tuple[str, int] | None, started_ns: int) -> None:
-        if key is not None:
-            self.get(key).fail.add(time.perf_counter_ns() - started_ns)
-
-
-def model_statistics(model: ServedModel, ledger: RequestLedger) -> pb.ModelStatistics:
+def model_statistics(model: ServedModel, calls: CallStats) -> pb.ModelStatistics:
+    """Triton's statistics of one version: its requests over every protocol, from the request ledger
+    (the figures GetModel and convserve_requests_total report), and its batches from the batcher."""
     stats = model.stats
-    requests = ledger.requests.get((model.name, model.version)) or RequestStats()
+    requests = calls.of_version(model.name, model.version)
     Duration = pb.StatisticDuration
     return pb.ModelStatistics(
         name=model.name,
         version=str(model.version),
-        last_inference=requests.last_inference_ms,
+        last_inference=requests.last_ms,
         inference_count=stats.items,
         execution_count=stats.batches,
         inference_stats=pb.InferStatistics(
-            success=Duration(count=requests.success.count, ns=requests.success.ns),
-            fail=Duration(count=requests.fail.count, ns=requests.fail.ns),
+            success=Duration(count=requests.ok, ns=round(requests.ok_s * 1e9)),
+            fail=Duration(count=requests.failed, ns=round(requests.failed_s * 1e9)),
             queue=Duration(count=stats.queued, ns=stats.queue_ns),
             # Stacking and the model call are timed together, as compute_infer; input and output
             # carry the same count (perf_analyzer requires it) and no time of their own.

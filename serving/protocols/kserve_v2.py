@@ -17,7 +17,6 @@ naming the input and the image); `convserve.v1` has per-image errors.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -32,7 +31,7 @@ from serving.core.types import PredictRequest, PredictResult, RawBatch
 from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry, VersionState
 from serving.protocols.admission import Admission
-from serving.protocols.calls import Reading
+from serving.protocols.calls import CallStats, Reading
 from serving.protocols.convserve_v1 import deadline_of
 from serving.protocols.inference_codec import (
     DTYPES,
@@ -43,7 +42,6 @@ from serving.protocols.inference_codec import (
     SERVER_NAME,
     SERVER_VERSION,
     InputTensor,
-    RequestLedger,
     abstain_parameters,
     classification_k,
     classification_strings,
@@ -113,13 +111,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         registry: ModelRegistry,
         admission: Admission,
         lifecycle: ModelLifecycle,
-        ledger: RequestLedger | None = None,
+        calls: CallStats,
     ) -> None:
         self.dataplane = dataplane
         self.registry = registry
         self.admission = admission
         self.lifecycle = lifecycle
-        self.ledger = ledger or RequestLedger()  # shared with the REST form: one set of statistics
+        self.calls = calls  # the request ledger, which ModelStatistics reports
 
     # Health and metadata -------------------------------------------------------------------------
 
@@ -169,7 +167,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     def _statistics(self, model: ServedModel) -> pb.ModelStatistics:
-        return model_statistics(model, self.ledger)
+        return model_statistics(model, self.calls)
 
     # Model repository extension ---------------------------------------------------------------
 
@@ -244,29 +242,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        started = time.perf_counter_ns()
-        key: tuple[str, int] | None = None
-        try:
-            model = self.registry.resolve(request.model_name, parse_version(request.model_version))
-            key = (model.name, model.version)
-            classify = requested_outputs(request)
-            index = served_input([tensor.name for tensor in request.inputs], model)
-            predict = PredictRequest(
-                to_inputs(request, model, index),
-                model.name,
-                model.version,
-                deadline,
-                request.inputs[index].name,
-                current(),
-            )
-            result = await self.dataplane.predict(predict)
-            response = to_response(request, result, classify)
-            if len(request.inputs) > 1:
-                response.parameters[IGNORED].string_param = ENCODED_INPUT
-        except Exception:
-            self.ledger.failed(key, started)
-            raise
-        self.ledger.succeeded(key, started)
+        model = self.registry.resolve(request.model_name, parse_version(request.model_version))
+        classify = requested_outputs(request)
+        index = served_input([tensor.name for tensor in request.inputs], model)
+        predict = PredictRequest(
+            to_inputs(request, model, index),
+            model.name,
+            model.version,
+            deadline,
+            request.inputs[index].name,
+            current(),
+        )
+        result = await self.dataplane.predict(predict)
+        response = to_response(request, result, classify)
+        if len(request.inputs) > 1:
+            response.parameters[IGNORED].string_param = ENCODED_INPUT
         return response
 
 

@@ -135,13 +135,13 @@ def routes(edge: HttpEdge) -> list[Route]:
 
     async def list_models(request: Request, call: Call) -> Response:
         registry = edge.registry
-        infos = [model_info(registry, registry.entry(name, 0)) for name in registry.names()]
+        infos = [model_info(registry, registry.entry(name, 0), edge.calls) for name in registry.names()]
         return JSONResponse(proto_json(pb.ListModelsResponse(models=infos), defaults=False))
 
     async def get_model(request: Request, call: Call) -> Response:
         version = parse_version(request.path_params.get("version", ""))
         entry = edge.registry.entry(request.path_params["model"], version)
-        return JSONResponse(proto_json(model_info(edge.registry, entry), defaults=False))
+        return JSONResponse(proto_json(model_info(edge.registry, entry, edge.calls), defaults=False))
 
     endpoint = edge.route(classify, data=True)
     explain_endpoint = edge.route(explain, data=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from typing import Any
 
 import numpy as np
@@ -237,7 +236,7 @@ def routes(edge: HttpEdge) -> list[Route]:
     async def stats(request: Request, call: Call) -> Response:
         name = request.path_params.get("model")
         entries = [registry.entry(name, version_of(request))] if name else registry.entries()
-        models = [model_statistics(e.model, edge.ledger) for e in entries if e.model is not None]
+        models = [model_statistics(e.model, edge.calls) for e in entries if e.model is not None]
         return JSONResponse({"model_stats": [proto_json(m) for m in models]})
 
     async def repository_index(request: Request, call: Call) -> Response:
@@ -285,23 +284,13 @@ def routes(edge: HttpEdge) -> list[Route]:
             json_part, binary = body[: int(length_text)], body[int(length_text) :]
         header = _object(parse_json(json_part, edge.max_json_bytes), "the inference request")
         call.deadline_from_us(_parameters(header, "the request").get("timeout"))
-        started = time.perf_counter_ns()
-        key: tuple[str, int] | None = None
-        try:
-            model = registry.resolve(name, version)
-            key = (model.name, model.version)
-            tensors = read_inputs(header, binary)
-            tensor = tensors[served_input([t.name for t in tensors], model)]
-            k, binary_output = requested_output(header)
-            inputs = decode_input(tensor, model)
-            predict = PredictRequest(
-                inputs, model.name, model.version, call.deadline, tensor.name, call.receipt
-            )
-            result = await edge.dataplane.predict(predict)
-        except BaseException:
-            edge.ledger.failed(key, started)
-            raise
-        edge.ledger.succeeded(key, started)
+        model = registry.resolve(name, version)
+        tensors = read_inputs(header, binary)
+        tensor = tensors[served_input([t.name for t in tensors], model)]
+        k, binary_output = requested_output(header)
+        inputs = decode_input(tensor, model)
+        predict = PredictRequest(inputs, model.name, model.version, call.deadline, tensor.name, call.receipt)
+        result = await edge.dataplane.predict(predict)
         call.answered = (result.model, str(result.version), int(np.shape(result.probabilities)[0]))
         return infer_response(header, result, k, binary_output, len(tensors) > 1, call.receipt)
 

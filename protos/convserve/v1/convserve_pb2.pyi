@@ -155,7 +155,7 @@ class BatchingSettings(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("requests", "items", "batches", "batch_sizes", "rejected", "expired", "dropped_rows")
+    __slots__ = ("requests", "items", "batches", "batch_sizes", "rejected", "expired", "dropped_rows", "failed", "submitted")
     class BatchSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,8 @@ class ModelStats(_message.Message):
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     requests: int
     items: int
     batches: int
@@ -177,7 +179,9 @@ class ModelStats(_message.Message):
     rejected: int
     expired: int
     dropped_rows: int
-    def __init__(self, requests: _Optional[int] = ..., items: _Optional[int] = ..., batches: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., rejected: _Optional[int] = ..., expired: _Optional[int] = ..., dropped_rows: _Optional[int] = ...) -> None: ...
+    failed: int
+    submitted: int
+    def __init__(self, requests: _Optional[int] = ..., items: _Optional[int] = ..., batches: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., rejected: _Optional[int] = ..., expired: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., failed: _Optional[int] = ..., submitted: _Optional[int] = ...) -> None: ...
 
 class VersionState(_message.Message):
     __slots__ = ("version", "state", "reason")
