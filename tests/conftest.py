@@ -42,11 +42,17 @@ def digit_samples(digits_run: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_conv_model(
-    path: Path, side: int = 320, classes: int = 10, seed: int = 0, channels: int = 8, stride: int = 2
+    path: Path,
+    side: int = 320,
+    classes: int = 10,
+    seed: int = 0,
+    channels: int = 8,
+    stride: int = 2,
+    depth: int = 1,
 ) -> Path:
-    """A real ONNX CNN of about a millisecond per 3 x side x side image (more with more `channels` or a
-    smaller `stride`): conv -> ReLU -> global average pooling -> fully connected -> softmax, with random
-    weights and the convserve contract."""
+    """A real ONNX CNN of about a millisecond per 3 x side x side image (more with more `channels`, a
+    smaller `stride` or a larger `depth`): `depth` times conv -> ReLU, then global average pooling ->
+    fully connected -> softmax, with random weights and the convserve contract."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -60,8 +66,17 @@ def build_conv_model(
     ]
     nodes = [
         helper.make_node("Conv", ["image", "conv_w"], ["c"], strides=[stride, stride], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Relu", ["c"], ["r0"]),
+    ]
+    for layer in range(1, depth):  # channels -> channels, same size: compute without new inputs
+        name = f"conv{layer}_w"
+        weights.append(
+            numpy_helper.from_array(rng.normal(0, 0.1, (channels, channels, 3, 3)).astype(np.float32), name)
+        )
+        nodes.append(helper.make_node("Conv", [f"r{layer - 1}", name], [f"c{layer}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{layer}"], [f"r{layer}"]))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [f"r{depth - 1}"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),

@@ -204,7 +204,7 @@ def test_one_batch_span_links_to_every_request_it_served(spans, threaded_server,
     """An 8-row request keeps a slow model busy; a gRPC call and an HTTP request of one row each arrive
     meanwhile, wait, and run together: a batch of 2 is one of each, and its span links to both."""
     repo = tmp_path / "slow-models"
-    build_conv_model(repo / "slow" / "1" / "model.onnx", side=320, channels=32, stride=1)
+    build_conv_model(repo / "slow" / "1" / "model.onnx", side=320, channels=32, stride=1, depth=8)
     flags = ("--max-batch-size", "8", "--max-delay-ms", "5000", "--inline-below-ms", "0")
     server = threaded_server(repo, *with_http(*flags))
     rng = np.random.default_rng(0)
@@ -219,13 +219,25 @@ def test_one_batch_span_links_to_every_request_it_served(spans, threaded_server,
         with grpc.insecure_channel(server.address) as channel:
             kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=list(headers.items()))
 
+    batcher = server.server.registry.resolve("slow", 0).batcher
+
+    async def big_batch_running(before: int) -> None:
+        """Waits until the 8-row request has left the queue for its batch (a fixed sleep is too short
+        on a loaded machine: the one-row requests then arrive first and run alone)."""
+        for _ in range(1000):
+            if batcher.stats.submitted > before and batcher.queued_rows == 0:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("the 8-row request never reached the batcher")
+
     async def round_trip() -> tuple[int, int]:
         """Span ids of the gRPC and the HTTP client spans."""
         grpc_parent, grpc_headers = client_span()
         http_parent, http_headers = client_span()
         async with httpx.AsyncClient(timeout=60) as client:
+            before = batcher.stats.submitted
             busy = asyncio.create_task(asyncio.to_thread(grpc_infer, big, {}))
-            await asyncio.sleep(0.05)
+            await big_batch_running(before)
             over_http = client.post(
                 f"http://127.0.0.1:{server.server.http_port}/v2/models/slow/infer",
                 content=body + one.tobytes(),
