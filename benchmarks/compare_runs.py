@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.tools.bench import fmt, http_targets, targets
+from serving.tools.bench.summary import fmt
+from serving.tools.bench.targets import http_targets, targets
 
 
 def load(spec: str) -> tuple[str, dict]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.config import ServerConfig
 from serving.server import Server, install_uvloop
-from serving.tools.bench import LoadGenerator
+from serving.tools.bench.processes import LoadGenerator
 
 # (room, what in a function's file or name puts it there), first match wins.
 ROOMS: tuple[tuple[str, tuple[str, ...]], ...] = (
