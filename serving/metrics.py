@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from serving.core.batching import BatchStats
+from serving.core.batch_settings import BatchStats
 from serving.core.budget import InputBudget
 from serving.core.timing import Histogram
 from serving.models.registry import ModelRegistry, VersionState

@@ -34,7 +34,7 @@ from protos.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving import access_log
 from serving.config import ServerConfig
-from serving.core.batching import BatchingConfig
+from serving.core.batch_settings import BatchingConfig
 from serving.core.budget import MIB, InputBudget
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.runtime import RuntimeOptions

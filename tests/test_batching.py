@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from serving.core.batch_settings import BatchingConfig
 from serving.core.batching import (
     PRIORITY_LOW,
     BatcherClosedError,
-    BatchingConfig,
     DeadlineExceededError,
     DynamicBatcher,
     QueueFullError,

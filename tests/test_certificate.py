@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from serving.client.grpc_client import ClassifierClient
-from serving.core.batching import BatchingConfig
+from serving.core.batch_settings import BatchingConfig
 from serving.core.model import load_model
 from serving.core.runtime import ModelLoadError, RuntimeOptions
 

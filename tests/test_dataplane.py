@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.core.batching import BatchingConfig
+from serving.core.batch_settings import BatchingConfig
 from serving.core.budget import InputBudget
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.errors import DeadlineExceeded, InvalidInput, Overloaded, ServingError

@@ -508,7 +508,7 @@ def test_a_request_with_both_inputs_is_served_from_the_tensor(stub, digit_sample
 
 
 def test_reasons_show_paths_relative_to_the_repository(model_repo, tmp_path) -> None:
-    from serving.core.batching import BatchingConfig
+    from serving.core.batch_settings import BatchingConfig
     from serving.core.runtime import RuntimeOptions
     from serving.models.registry import ModelRegistry
 

@@ -100,3 +100,16 @@ def test_config_is_a_leaf_and_training_sees_only_the_contract() -> None:
         allowed = {"serving.core.contract", "serving.core.pictures", "serving.core.version"}
         assert serving <= allowed, f"{path.relative_to(ROOT)} imports {serving}"
     assert not {m for m in imports_of(SERVING / "core" / "version.py") if m.startswith("serving")}
+
+
+MAX_MODULE_LINES = 450
+
+
+def test_no_hand_written_module_holds_several_jobs_past_450_lines() -> None:
+    """One job per module: past this size a module has, so far every time, held two. The generated
+    protobuf stubs and the tests (one file per behaviour under test) are not counted."""
+    rooms = ("serving", "training", "scripts", "benchmarks", "protos")
+    modules = [p for room in rooms for p in (ROOT / room).rglob("*.py") if "_pb2" not in p.name]
+    assert len(modules) > 50
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in modules}
+    assert {path: n for path, n in sizes.items() if n > MAX_MODULE_LINES} == {}

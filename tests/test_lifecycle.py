@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.core.batching import BatchingConfig
+from serving.core.batch_settings import BatchingConfig
 from serving.core.errors import FailedPrecondition, NotFound, Unavailable
 from serving.core.runtime import RuntimeOptions
 from serving.models.lifecycle import ModelLifecycle

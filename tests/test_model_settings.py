@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.core.batching import BatchingConfig
+from serving.core.batch_settings import BatchingConfig
 from serving.core.runtime import RuntimeOptions
 from serving.models.settings import LoadOptions, ModelSettings, SettingsError, load_options
 

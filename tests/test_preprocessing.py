@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.core.batching import BatchingConfig
+from serving.core.batch_settings import BatchingConfig
 from serving.core.contract import ContractError, Fit, ModelContract, from_metadata, from_sidecar
 from serving.core.model import load_model
 from serving.core.pixels import fit_pixels, plan

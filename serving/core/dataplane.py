@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
 
 from serving.core import defaults
 from serving.core.batching import PRIORITY_LOW
 from serving.core.budget import MIB, InputBudget
 from serving.core.errors import DeadlineExceeded, InvalidInput, Overloaded, shown
 from serving.core.explain import CAM, EXPLAIN_FILE, METHODS, OCCLUSION, grid_png, input_pixels
+from serving.core.input_rows import input_rows
 from serving.core.model import ServedModel
 from serving.core.occlusion import (
     OcclusionGrid,
@@ -38,11 +38,7 @@ from serving.core.occlusion import (
 from serving.core.postprocess import abstain, top_k
 from serving.core.preprocess import (
     ImageError,
-    all_finite,
     batch_to_input,
-    decode_batch,
-    open_image,
-    tensor_to_input,
 )
 from serving.core.receipt import Receipt
 from serving.core.types import (
@@ -58,12 +54,10 @@ from serving.core.types import (
     PredictRequest,
     PredictResult,
     RawBatch,
-    RawTensor,
 )
 
 # A cancellation this close to the deadline is the client's own deadline passing (see _run).
 CLIENT_DEADLINE_LEAD_S = 0.05
-INLINE_DECODE_PIXELS = 4096  # a request whose images hold fewer pixels in all is decoded on the event loop
 
 
 @dataclass(frozen=True)
@@ -131,7 +125,7 @@ class DataPlane:
         probabilities, errors = await self._run(
             model,
             count,
-            lambda: self._prepare(model, request.images),
+            lambda: self._input_rows(model, request.images),
             unless_all_failed(count),
             request.deadline,
             request.receipt,
@@ -178,7 +172,7 @@ class DataPlane:
         explanations, errors = await self._run(
             model,
             count,
-            lambda: self._prepare(model, request.images),
+            lambda: self._input_rows(model, request.images),
             unless_all_failed(count),
             request.deadline,
             request.receipt,
@@ -318,7 +312,7 @@ class DataPlane:
             count = len(inputs)
 
             async def prepare() -> tuple[np.ndarray, dict[int, str]]:
-                return await self._prepare(model, inputs)
+                return await self._input_rows(model, inputs)
 
         def check(errors: dict[int, str]) -> None:
             if errors:
@@ -387,68 +381,15 @@ class DataPlane:
             reservation.release()
         return probabilities, errors
 
+    def _input_rows(
+        self, model: ServedModel, images: Sequence[ImageInput]
+    ) -> Coroutine[Any, Any, tuple[np.ndarray, dict[int, str]]]:
+        limits = self.limits
+        return input_rows(model, images, self.decode_pool, limits.max_pixels, limits.max_request_pixels)
+
     def _top_k(self, k: int | None) -> int:
         if k is None:
             return self.limits.default_top_k
         if k < 1:
             raise InvalidInput(f"top_k must be at least 1, got {k}")
         return k
-
-    async def _prepare(
-        self, model: ServedModel, images: Sequence[ImageInput]
-    ) -> tuple[np.ndarray, dict[int, str]]:
-        """Input rows for every image (in order) and {index: error} for those that cannot be used."""
-        if all(type(image) is RawTensor for image in images):
-            rows = self._exact_tensors(model, images)  # type: ignore[arg-type]
-            if rows is not None:
-                return rows, {}
-        contract = model.contract
-        errors: dict[int, str] = {}
-        rows = model.new_rows(len(images))
-        opened: list[tuple[int, Image.Image]] = []
-        pixels = 0
-        for index, image in enumerate(images):
-            try:
-                if isinstance(image, bytes):
-                    # Only the header is read here: sizes are checked before any pixel is decoded.
-                    opened.append((index, open_image(image, self.limits.max_pixels)))
-                    pixels += opened[-1][1].width * opened[-1][1].height
-                elif isinstance(image, RawTensor):
-                    rows[index] = tensor_to_input(
-                        image.shape, image.dtype, image.data, contract, model.input_dtype
-                    )
-                else:
-                    errors[index] = "image holds neither encoded bytes nor a tensor"
-            except ImageError as exc:
-                errors[index] = str(exc)
-        if pixels > self.limits.max_request_pixels:
-            for _, header in opened:
-                header.close()
-            raise InvalidInput(
-                f"the request's images hold {pixels} pixels in all; the limit per request is "
-                f"{self.limits.max_request_pixels}: send fewer or smaller images per request"
-            )
-        if opened and pixels <= INLINE_DECODE_PIXELS:
-            errors.update(decode_batch(opened, contract, rows))  # tiny images: a thread hop costs more
-        elif opened:
-            loop = asyncio.get_running_loop()
-            errors.update(await loop.run_in_executor(self.decode_pool, decode_batch, opened, contract, rows))
-        return rows, errors
-
-    @staticmethod
-    def _exact_tensors(model: ServedModel, tensors: Sequence[RawTensor]) -> np.ndarray | None:
-        """The common case, checked in bulk: one join, one zero-copy view of the whole batch.
-
-        None when any tensor needs a closer look (other shape, dtype or byte order, or a value that
-        is not finite): the per-image path then names the images at fault.
-        """
-        if len(tensors) == 1:  # the commonest request: no generator, no join
-            data = tensors[0].data
-            if not model.accepts_tensor(tensors[0].shape, tensors[0].dtype, len(data)):
-                return None
-        elif all(model.accepts_tensor(t.shape, t.dtype, len(t.data)) for t in tensors):
-            data = b"".join(t.data for t in tensors)
-        else:
-            return None
-        rows = np.frombuffer(data, dtype=model.input_dtype).reshape(len(tensors), *model.contract.image_shape)
-        return rows if all_finite(rows) else None

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.core.batching import PRIORITY_HIGH, BatchingConfig, BatchStats, DynamicBatcher
+from serving.core.batch_settings import BatchingConfig, BatchStats
+from serving.core.batching import PRIORITY_HIGH, DynamicBatcher
 from serving.core.certificate import CertificateCheck, check_certificate
 from serving.core.contract import (
     SIDECAR_NAME,

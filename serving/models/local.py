@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.core.batching import BatchingConfig
+from serving.core.batch_settings import BatchingConfig
 from serving.core.dataplane import DataPlane
 from serving.core.errors import NotFound
 from serving.core.model import MODEL_FILE

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from serving.core.batching import BatchingConfig
+from serving.core.batch_settings import BatchingConfig
 from serving.core.errors import InvalidInput, NotFound, Unavailable, shown
 from serving.core.model import ServedModel, load_model
 from serving.core.runtime import ModelLoadError, RuntimeOptions
