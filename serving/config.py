@@ -235,6 +235,7 @@ class ServerConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
+        """Flags that only make sense together: sizes, ports, workers."""
         if self.max_queue_size < self.max_batch_size:
             raise ValueError("max_queue_size must be at least max_batch_size")
         if self.metrics_port and self.metrics_port == self.port:
@@ -254,6 +255,11 @@ class ServerConfig(BaseSettings):
                     f"--workers {self.workers} need metrics ports {self.metrics_port}-{last}, free of "
                     "--port and --http-port and at most 65535"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _files_usable(self) -> ServerConfig:
+        """Every file a flag names is there and readable, and TLS's come in the pairs it needs."""
         if not self.models.is_dir():
             raise ValueError(f"models: {self.models} is not a directory")
         if (self.tls_cert is None) != (self.tls_key is None):

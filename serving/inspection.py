@@ -69,17 +69,10 @@ def producers(path: Path) -> dict[str, str]:
     return {out: node.op_type for node in graph.node for out in node.output}
 
 
-def starting_sidecar(session: ort.InferenceSession, ops: dict[str, str]) -> dict[str, Any]:
-    """A sidecar from what the graph says; every field it had to guess is named in `_guessed`."""
-    metadata = session.get_modelmeta().custom_metadata_map
-    if has_contract(metadata):
-        try:
-            return {**from_metadata(metadata).to_fields(), "_guessed": []}
-        except ContractError:
-            pass  # a broken contract: guess as for any other model
+def input_geometry(shape: list[Any]) -> tuple[str, int | None, int | None, int | None, list[str]]:
+    """Layout, channels, height and width from the input's shape, and the fields it had to guess
+    (a size the graph leaves symbolic, a layout with no 1- or 3-channel axis)."""
     guessed: list[str] = []
-    model_input = session.get_inputs()[0]
-    shape = list(model_input.shape)
     dims = [d if isinstance(d, int) else None for d in shape[1:]]
     layout = "NCHW"
     if len(dims) == 3 and dims[0] not in (1, 3) and dims[2] in (1, 3):
@@ -91,6 +84,19 @@ def starting_sidecar(session: ort.InferenceSession, ops: dict[str, str]) -> dict
         guessed.append("color_mode")
     if height is None or width is None:
         guessed += ["height", "width"]
+    return layout, channels, height, width, guessed
+
+
+def starting_sidecar(session: ort.InferenceSession, ops: dict[str, str]) -> dict[str, Any]:
+    """A sidecar from what the graph says; every field it had to guess is named in `_guessed`."""
+    metadata = session.get_modelmeta().custom_metadata_map
+    if has_contract(metadata):
+        try:
+            return {**from_metadata(metadata).to_fields(), "_guessed": []}
+        except ContractError:
+            pass  # a broken contract: guess as for any other model
+    model_input = session.get_inputs()[0]
+    layout, channels, height, width, guessed = input_geometry(list(model_input.shape))
     uint8 = model_input.type == "tensor(uint8)"
     outputs = session.get_outputs()
     # The classes: an output computed by a softmax, else the last (N, classes) one (heads come last).

@@ -207,8 +207,21 @@ def infer_response(
     )
 
 
+def split_body(body: bytes, length_text: str | None) -> tuple[bytes, bytes]:
+    """An inference request's JSON and its binary tensor data: the binary data extension puts the
+    JSON's length in `Inference-Header-Content-Length` and the tensors' bytes after it."""
+    if length_text is None:
+        return body, b""
+    if not length_text.isdigit() or int(length_text) > len(body):
+        raise InvalidInput(
+            f"header Inference-Header-Content-Length {shown(length_text)} is not a length within "
+            f"the body's {len(body)} bytes"
+        )
+    return body[: int(length_text)], body[int(length_text) :]
+
+
 def routes(edge: HttpEdge) -> list[Route]:
-    registry, lifecycle = edge.registry, edge.lifecycle
+    registry = edge.registry
 
     async def server_metadata(request: Request, call: Call) -> Response:
         return JSONResponse({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)})
@@ -239,49 +252,10 @@ def routes(edge: HttpEdge) -> list[Route]:
         models = [model_statistics(e.model, edge.calls) for e in entries if e.model is not None]
         return JSONResponse({"model_stats": [proto_json(m) for m in models]})
 
-    async def repository_index(request: Request, call: Call) -> Response:
-        body = await edge.body(request) if request.method == "POST" else b""
-        only_ready = False
-        if body.strip():
-            only_ready = bool(
-                _object(parse_json(body, edge.max_json_bytes), "the request body").get("ready", False)
-            )
-        return JSONResponse(
-            [
-                {"name": e.name, "version": str(e.version), "state": e.state.value, "reason": e.reason}
-                for e in registry.entries()
-                if not only_ready or e.state is VersionState.READY
-            ]
-        )
-
-    async def load(request: Request, call: Call) -> Response:
-        lifecycle.require_explicit("load")  # outside explicit mode: refused before anything else
-        body = await edge.body(request)
-        if body.strip() and _parameters(
-            _object(parse_json(body, edge.max_json_bytes), "the request body"), "the request"
-        ):
-            raise InvalidInput("load takes no parameters; put the files in the repository")
-        await lifecycle.load(request.path_params["model"])
-        return Response(status_code=200)
-
-    async def unload(request: Request, call: Call) -> Response:
-        await lifecycle.unload(request.path_params["model"])
-        return Response(status_code=200)
-
     async def infer(request: Request, call: Call) -> Response:
         name, version = request.path_params["model"], version_of(request)
         call.asked = (name, version)
-        body = await edge.body(request)
-        length_text = request.headers.get(HEADER_LENGTH)
-        if length_text is None:
-            json_part, binary = body, b""
-        else:
-            if not length_text.isdigit() or int(length_text) > len(body):
-                raise InvalidInput(
-                    f"header Inference-Header-Content-Length {shown(length_text)} is not a length within "
-                    f"the body's {len(body)} bytes"
-                )
-            json_part, binary = body[: int(length_text)], body[int(length_text) :]
+        json_part, binary = split_body(await edge.body(request), request.headers.get(HEADER_LENGTH))
         header = _object(parse_json(json_part, edge.max_json_bytes), "the inference request")
         call.deadline_from_us(_parameters(header, "the request").get("timeout"))
         model = registry.resolve(name, version)
@@ -311,6 +285,43 @@ def routes(edge: HttpEdge) -> list[Route]:
         Route("/v2/health/ready", r(ready, open_route=True), methods=["GET"]),
         Route("/v2/models/stats", r(stats), methods=["GET"]),
         *model_routes,
+        *repository_routes(edge),
+    ]
+
+
+def repository_routes(edge: HttpEdge) -> list[Route]:
+    """The model repository extension: the index, and load and unload (`--model-control explicit`)."""
+    registry, lifecycle = edge.registry, edge.lifecycle
+
+    async def repository_index(request: Request, call: Call) -> Response:
+        body = await edge.body(request) if request.method == "POST" else b""
+        only_ready = bool(body.strip()) and bool(
+            _object(parse_json(body, edge.max_json_bytes), "the request body").get("ready", False)
+        )
+        return JSONResponse(
+            [
+                {"name": e.name, "version": str(e.version), "state": e.state.value, "reason": e.reason}
+                for e in registry.entries()
+                if not only_ready or e.state is VersionState.READY
+            ]
+        )
+
+    async def load(request: Request, call: Call) -> Response:
+        lifecycle.require_explicit("load")  # outside explicit mode: refused before anything else
+        body = await edge.body(request)
+        if body.strip() and _parameters(
+            _object(parse_json(body, edge.max_json_bytes), "the request body"), "the request"
+        ):
+            raise InvalidInput("load takes no parameters; put the files in the repository")
+        await lifecycle.load(request.path_params["model"])
+        return Response(status_code=200)
+
+    async def unload(request: Request, call: Call) -> Response:
+        await lifecycle.unload(request.path_params["model"])
+        return Response(status_code=200)
+
+    r = edge.route
+    return [
         Route("/v2/repository/index", r(repository_index), methods=["GET", "POST"]),
         Route("/v2/repository/models/{model}/load", r(load), methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", r(unload), methods=["POST"]),

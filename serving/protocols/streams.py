@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from serving.core.errors import Unavailable
+from serving.core.receipt import Receipt
 from serving.protocols.admission import Admission
-from serving.protocols.calls import STREAM
+from serving.protocols.calls import STREAM, CallStats, Reading
 from serving.protocols.receipts import current, ended, listeners, message_receipt
 from serving.protocols.status import status_of
 
@@ -63,14 +64,7 @@ async def answer_stream(
             receipt = message_receipt(stream_receipt)
             response, failure = await respond(request)
             if counted is not None:
-                reading, stats = counted
-                receipt.seal()
-                if stats is not None:
-                    stats.record(reading, request, response, failure, receipt.total)
-                if listeners:
-                    answer = reading.answered(response) if failure is None else None
-                    images = answer[2] if answer is not None else 0
-                    ended(reading.protocol, name, failure or "OK", images, peer, receipt)
+                record_message(counted, name, peer, request, response, failure, receipt)
             responses.put_nowait(response)
         finally:
             slots.release()
@@ -102,3 +96,24 @@ async def answer_stream(
         reader.cancel()
         for task in list(tasks):
             task.cancel()
+
+
+def record_message(
+    counted: tuple[Reading, CallStats | None],
+    method: str,
+    peer: str,
+    request: Any,
+    response: Any,
+    failure: str | None,
+    receipt: Receipt,
+) -> None:
+    """One message of a data stream is a request of its own: counted in the ledger with its status,
+    and its receipt handed to the access log and the spans."""
+    reading, stats = counted
+    receipt.seal()
+    if stats is not None:
+        stats.record(reading, request, response, failure, receipt.total)
+    if listeners:
+        answer = reading.answered(response) if failure is None else None
+        images = answer[2] if answer is not None else 0
+        ended(reading.protocol, method, failure or "OK", images, peer, receipt)
