@@ -231,16 +231,11 @@ def test_text_access_lines_escape_what_a_client_or_a_name_could_break(
     assert "method='Classify'" in access[0] and "images=1" in access[0] and "trace_id='" in access[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a gRPC call refused for its token is turned away by the call gate before a receipt "
-    "begins (HTTP logs its 403): no access event yet",
-)
 def test_a_grpc_call_refused_for_its_token_has_an_access_event(repo: Path, tmp_path: Path, pngs) -> None:
     flags = ("--log-format", "json", "--access-log", "--auth-token-file", str(token_file(tmp_path)))
     server = start_server(repo, tmp_path / "refused", *flags)
     try:
-        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as raised:
             pb_grpc.ClassifierStub(channel).Classify(
                 pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=pngs[0])]),
                 metadata=bearer(WRONG),
@@ -248,9 +243,15 @@ def test_a_grpc_call_refused_for_its_token_has_an_access_event(repo: Path, tmp_p
             )
     finally:
         server.stop()
+    refusal = raised.value
+    assert refusal.code() == grpc.StatusCode.PERMISSION_DENIED
+    trailing = dict(refusal.trailing_metadata())  # the refusal's receipt, as any failed call has one
     events = [json.loads(line) for line in server.log().splitlines()]
     access = [e for e in events if e["logger"] == "convserve.access"]
     assert [access_key(e) for e in access] == [("convserve_v1", "Classify", "PERMISSION_DENIED")]
+    assert f'trace;desc="{access[0]["trace_id"]}"' in trailing["server-timing"]
+    assert "total;dur=" in trailing["server-timing"]
+    assert TOKEN not in server.log() and WRONG not in server.log()
 
 
 def test_a_json_record_keeps_its_traceback_and_extras_on_one_line() -> None:

@@ -188,7 +188,8 @@ class CallGate(grpc.GenericRpcHandler):
         return None
 
     def _refused(self, handler: Any, method: str, code: grpc.StatusCode) -> Any:
-        """The token check's aborting handler, counted when the method is one the metrics count."""
+        """The token check's aborting handler; for a method the ledger counts, the refusal is counted
+        and has its receipt (trailing metadata, the access log, a span) like any failed call."""
         assert self.tokens is not None
         denial = self.tokens.denial(handler, code)
         reading = self.readings.get(method) if handler is not None else None
@@ -199,12 +200,17 @@ class CallGate(grpc.GenericRpcHandler):
             stats = self.stats
             assert stats is not None
             deny = denial.stream_unary
+            name = method.rpartition("/")[2]
 
             async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                receipt = begin(traceparent_of(context))
+                context.set_trailing_metadata(receipt.seal().metadata())  # the abort sends them
                 try:
                     return await deny(request, context)
                 except BaseException as error:
-                    stats.failed(reading, None, ended_with(error, context))  # never parsed: no model
+                    status = ended_with(error, context)
+                    stats.failed(reading, None, status, receipt.total)  # never parsed: no model
+                    ended(reading.protocol, name, status, 0, context.peer() if listeners else "", receipt)
                     raise
 
             counted = self._refusals[(method, code)] = grpc.stream_unary_rpc_method_handler(refuse)
