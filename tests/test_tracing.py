@@ -89,12 +89,18 @@ def hex_trace(span: ReadableSpan) -> str:
     return format(span.context.trace_id, "032x")
 
 
+def trace_id_of(call: grpc.Call) -> str:
+    """The trace id in a gRPC answer's receipt (`trace;desc="..."` in its `server-timing`)."""
+    timing = dict(call.trailing_metadata())["server-timing"]
+    return timing.split('trace;desc="', 1)[1].split('"', 1)[0]
+
+
 def call_convserve_v1(server, pngs, headers: dict[str, str]) -> tuple[str, int]:
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         request = pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=png) for png in pngs[:2]])
         _, call = stub.Classify.with_call(request, metadata=list(headers.items()))
-    return dict(call.trailing_metadata())["convserve-trace-id"], 2
+    return trace_id_of(call), 2
 
 
 def call_kserve_v2(server, pngs, headers: dict[str, str]) -> tuple[str, int]:
@@ -104,7 +110,7 @@ def call_kserve_v2(server, pngs, headers: dict[str, str]) -> tuple[str, int]:
     with grpc.insecure_channel(server.address) as channel:
         stub = kpb_grpc.GRPCInferenceServiceStub(channel)
         _, call = stub.ModelInfer.with_call(request, metadata=list(headers.items()))
-    return dict(call.trailing_metadata())["convserve-trace-id"], 1
+    return trace_id_of(call), 1
 
 
 def call_rest(server, pngs, headers: dict[str, str]) -> tuple[str, int]:
