@@ -13,12 +13,12 @@ them, with the receipt's start and end times:
 
 Spans whose times are all known when they are written need none of the SDK's machinery for a live
 span (a lock, a sampler call and attribute checks per span: about 25 µs each here, the whole budget of
-a small request): they are made finished, as the SDK's `ReadableSpan`, and handed to the
-`SpanProcessor` (about 3 µs each). The sampler (`OTEL_TRACES_SAMPLER`, default: always, and a client's
-sampled span's children too) decides once per request; a batch is written when one of its requests is.
-The request's ids are drawn when first needed (a batch links to it before it ends): `receipt.span`
-holds its `SpanContext`. The processor is a `BatchSpanProcessor` with the OTLP/HTTP exporter in the
-server, and what a test gives `install` (the SDK's in-memory exporter).
+a small request): they are made finished, as the SDK's `ReadableSpan`, and a request's spans are handed
+to the processor in one call (`serving.span_export.SpanBatcher`). The sampler (`OTEL_TRACES_SAMPLER`;
+by default always, and a client's sampled span's children too, which needs no call) decides once per
+request; a batch is written when one of its requests is. The request's ids are drawn when first needed
+(a batch links to it before it ends): `receipt.span` holds its `SpanContext`. The processor is a
+`SpanBatcher` with the OTLP/HTTP exporter in the server, and what a test gives `install`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
@@ -42,6 +42,7 @@ from serving.core.receipt import Receipt
 from serving.protocols import receipts
 from serving.protocols.receipts import Ended
 from serving.protocols.status import RateLimitedLog
+from serving.span_export import SpanBatcher
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)
@@ -60,7 +61,7 @@ def otlp_processor(endpoint: str) -> SpanProcessor:
     collector is slow or down, its queue fills and spans are dropped, never a request slowed."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S))
+    return SpanBatcher(OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S))
 
 
 def failed(status: str) -> bool:
@@ -86,6 +87,10 @@ class Tracing:
         self.processor = processor
         self.resource = self.provider.resource
         self.sampler = self.provider.sampler
+        # The default sampler samples every request (a client's span is taken as sampled): no call.
+        self.always = self.sampler.get_description() == DEFAULT_ON.get_description()
+        hand_many = getattr(processor, "on_end_many", None)
+        self.hand: Callable[[Sequence[ReadableSpan]], None] = hand_many or self._one_by_one
         self.ids = self.provider.id_generator
         # Receipts read time.perf_counter; spans want ns since the epoch. One offset, taken once.
         self.offset_ns = time.time_ns() - time.perf_counter_ns()
@@ -93,24 +98,24 @@ class Tracing:
     def ns(self, seconds: float) -> int:
         return int(seconds * 1e9) + self.offset_ns
 
-    def emit(
-        self, name: str, context: SpanContext, parent: SpanContext | None, start: int, end: int, **more: Any
-    ) -> None:
-        self.processor.on_end(
-            ReadableSpan(
-                name,
-                context,
-                parent,
-                self.resource,
-                start_time=start,
-                end_time=end,
-                instrumentation_scope=SCOPE,
-                **more,
-            )
-        )
+    def _one_by_one(self, spans: Sequence[ReadableSpan]) -> None:
+        for span in spans:
+            self.processor.on_end(span)
 
-    def child(self, parent: SpanContext) -> SpanContext:
-        return SpanContext(parent.trace_id, self.ids.generate_span_id(), False, parent.trace_flags)
+    def span(
+        self, name: str, context: SpanContext, parent: SpanContext | None, start: int, end: int, **more: Any
+    ) -> ReadableSpan:
+        scope = SCOPE
+        return ReadableSpan(
+            name,
+            context,
+            parent,
+            self.resource,
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=scope,
+            **more,
+        )
 
     # The request's span -------------------------------------------------------------------------
 
@@ -121,9 +126,11 @@ class Tracing:
         client = self.client_context(receipt)
         trace_id = client.trace_id if client is not None else int(receipt.trace_id or "0", 16)
         trace_id = trace_id or self.ids.generate_trace_id()
-        parent = trace.set_span_in_context(NonRecordingSpan(client)) if client is not None else Context()
-        decision = self.sampler.should_sample(parent, trace_id, "request", SpanKind.SERVER)
-        flags = SAMPLED if decision.decision.is_sampled() else NOT_SAMPLED
+        flags = SAMPLED
+        if not self.always:
+            parent = trace.set_span_in_context(NonRecordingSpan(client)) if client is not None else Context()
+            decision = self.sampler.should_sample(parent, trace_id, "request", SpanKind.SERVER)
+            flags = SAMPLED if decision.decision.is_sampled() else NOT_SAMPLED
         receipt.span = SpanContext(trace_id, self.ids.generate_span_id(), False, flags)
         return receipt.span
 
@@ -150,12 +157,24 @@ class Tracing:
         if not context.trace_flags.sampled:
             return
         end = receipt.started + receipt.total
-        for name, start, stop, attributes in stages(receipt, end):
-            self.emit(
-                name, self.child(context), context, self.ns(start), self.ns(stop), attributes=attributes
+        # The stages' spans, written out inline: at seven spans a request, each call saved is ~1 µs.
+        trace_id, flags, new_id = context.trace_id, context.trace_flags, self.ids.generate_span_id
+        offset, resource = self.offset_ns, self.resource
+        spans = [
+            ReadableSpan(
+                name,
+                SpanContext(trace_id, new_id(), False, flags),
+                context,
+                resource,
+                attributes=attributes,
+                start_time=int(start * 1e9) + offset,
+                end_time=int(stop * 1e9) + offset,
+                instrumentation_scope=SCOPE,
             )
+            for name, start, stop, attributes in stages(receipt, end)
+        ]
         status = Status(StatusCode.ERROR, record.status) if failed(record.status) else UNSET
-        self.emit(
+        request = self.span(
             span_name(record),
             context,
             self.client_context(receipt),
@@ -165,6 +184,8 @@ class Tracing:
             kind=SpanKind.SERVER,
             status=status,
         )
+        spans.append(request)
+        self.hand(spans)
 
     # Batches --------------------------------------------------------------------------------------
 
@@ -183,9 +204,8 @@ class Tracing:
                 "convserve.model_version": first.version,
             }
             context = SpanContext(self.ids.generate_trace_id(), self.ids.generate_span_id(), False, SAMPLED)
-            self.emit(
-                "batch", context, None, self.ns(started), self.ns(done), attributes=attributes, links=links
-            )
+            start, end = self.ns(started), self.ns(done)
+            self.hand((self.span("batch", context, None, start, end, attributes=attributes, links=links),))
         except Exception as error:  # never into the batcher: its callers still get their rows
             trouble("batch-span", logging.WARNING, "a batch's span could not be recorded", exc_info=error)
 

@@ -1,0 +1,77 @@
+"""Two running servers, the same load, in alternating rounds: what one change costs, with the machine's
+drift shared by both sides.
+
+    python benchmarks/ab_servers.py A=127.0.0.1:18571 B=127.0.0.1:18572 [--model digits]
+        [--scenario "unary c1 tensor" ...] [--rounds 10] [--duration 3] [--out FILE.md]
+
+Each round runs every scenario once against A, then against B, then B, then A (so neither side is
+always first): the load generator (`serving.tools.loadgen`, as the bench uses it) in its own process,
+the servers idle while the other is measured. The table has each side's median images/s and p50, and
+the median over rounds of the per-round ratio B/A — steadier than the ratio of medians on a machine
+whose speed drifts between minutes. Start the servers with the same flags but the one under test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serving.tools.bench.processes import LoadGenerator
+from serving.tools.bench.scenarios import scenarios
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sides", nargs=2, metavar="NAME=HOST:PORT")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--scenario", action="append", default=None)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    sides = [tuple(side.split("=", 1)) for side in args.sides]
+    wanted = args.scenario or ["unary c1 tensor", "unary c64 tensor"]
+    chosen = [s for s in scenarios() if s.name in wanted]
+    results: dict[tuple[str, str], list[dict]] = {(s.name, n): [] for s in chosen for n, _ in sides}
+    load = LoadGenerator()
+    try:
+        for index in range(args.rounds):
+            order = sides if index % 2 == 0 else sides[::-1]
+            for scenario in chosen:
+                for name, address in order:
+                    result = load.run(scenario.command(address, args.model, args.duration))
+                    results[scenario.name, name].append(result)
+            print(f"round {index + 1}/{args.rounds}", file=sys.stderr)
+    finally:
+        load.close()
+    (a, _), (b, _) = sides
+    lines = [
+        "Command: `python " + shlex.join(sys.argv) + "`",
+        "",
+        f"| scenario | {a} images/s | {b} images/s | {a} p50 ms | {b} p50 ms "
+        f"| {b} / {a} (median of rounds) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario in chosen:
+        ra, rb = results[scenario.name, a], results[scenario.name, b]
+        ratios = [y["images_per_s"] / x["images_per_s"] for x, y in zip(ra, rb, strict=True)]
+        ips = [statistics.median(r["images_per_s"] for r in side) for side in (ra, rb)]
+        p50 = [statistics.median(r["p50_ms"] for r in side) for side in (ra, rb)]
+        lines.append(
+            f"| {scenario.name} | {ips[0]:.0f} | {ips[1]:.0f} | {p50[0]:.2f} | {p50[1]:.2f} | "
+            f"{statistics.median(ratios):.3f} [{min(ratios):.3f}–{max(ratios):.3f}] |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Finished spans to an exporter (OTLP) from a background thread, a request's spans in one hand-over.
+
+The SDK's `BatchSpanProcessor` takes spans one at a time (`on_end`: about 2 µs each, and a request
+has seven), which on a small model is 3 % of the images/s by itself. `SpanBatcher` takes a request's
+spans in one call (`on_end_many`: a deque append) and exports them in batches every `delay_s`, or
+sooner once `wake_after` requests wait. When the exporter falls behind (a collector slow or down),
+requests past `max_requests` lose their spans, counted in `dropped`, never a request slowed.
+
+Imported with `serving.tracing` only (the `otel` extra).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from serving.protocols.status import RateLimitedLog
+
+log = logging.getLogger(__name__)
+trouble = RateLimitedLog(log)
+
+
+class SpanBatcher(SpanProcessor):
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        delay_s: float = 1.0,
+        batch_size: int = 512,
+        wake_after: int = 256,
+        max_requests: int = 4096,
+    ) -> None:
+        self.exporter = exporter
+        self.delay_s, self.batch_size = delay_s, batch_size
+        self.wake_after, self.max_requests = wake_after, max_requests
+        # deque appends and pops are atomic: the event loop appends, the thread pops, no lock.
+        self._queue: collections.deque[Sequence[ReadableSpan]] = collections.deque()
+        self._wake = threading.Event()
+        self._idle = threading.Event()  # set whenever the thread has emptied the queue
+        self._stopping = False
+        self.dropped = 0  # spans lost to a full queue
+        self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
+        self._thread.start()
+
+    # The SpanProcessor interface: spans one at a time still work (the SDK's own tracer).
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.on_end_many((span,))
+
+    def on_end_many(self, spans: Sequence[ReadableSpan]) -> None:
+        """A request's spans, in one call from the event loop."""
+        queue = self._queue
+        if self._stopping or len(queue) >= self.max_requests:
+            self.dropped += len(spans)
+            return
+        queue.append(spans)
+        if len(queue) == self.wake_after:
+            self._wake.set()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """True once everything queued before the call has been handed to the exporter."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        while self._queue and time.monotonic() < deadline:
+            self._idle.clear()
+            self._wake.set()
+            self._idle.wait(max(0.0, min(0.05, deadline - time.monotonic())))
+        return not self._queue
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self.exporter.shutdown()
+
+    # The thread -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.delay_s)
+            self._wake.clear()
+            self._export_queued()
+            self._idle.set()
+            if self._stopping:
+                self._export_queued()  # what came in meanwhile
+                return
+
+    def _export_queued(self) -> None:
+        queue = self._queue
+        while queue:
+            batch: list[ReadableSpan] = []
+            while queue and len(batch) < self.batch_size:
+                batch.extend(queue.popleft())
+            try:
+                self.exporter.export(batch)
+            except Exception as error:  # an exporter that raises must not end the thread
+                trouble("export", logging.WARNING, "spans could not be exported", exc_info=error)
