@@ -37,6 +37,7 @@ from protos.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving import tracing
 from serving.core import receipt as receipt_module
 from serving.protocols import receipts
+from serving.span_export import SpanBatcher
 from serving.tools.launch import free_port
 from tests.conftest import build_conv_model, encode, start_server
 
@@ -321,3 +322,57 @@ def test_otlp_endpoint_exports_the_spans_to_a_collector(model_repo: Path, tmp_pa
     assert request.trace_id.hex() == answered_trace == format(parent.get_span_context().trace_id, "032x")
     assert request.parent_span_id == parent.get_span_context().span_id.to_bytes(8, "big")
     assert "tracing: OTLP spans to" in server.log()
+
+
+# The span batcher (the server's processor) --------------------------------------------------------
+
+
+def finished_spans(count: int) -> list[ReadableSpan]:
+    with_ids = [CLIENT.start_span(f"s{i}") for i in range(count)]
+    for span in with_ids:
+        span.end()
+    return with_ids  # SDK spans are ReadableSpans
+
+
+class FailingOnce(InMemorySpanExporter):
+    """Raises on its first export (a collector's hiccup), then keeps spans as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def export(self, spans):
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("collector down")
+        return super().export(spans)
+
+
+def test_the_span_batcher_exports_every_request_in_batches_and_the_rest_at_shutdown() -> None:
+    exporter = InMemorySpanExporter()
+    batcher = SpanBatcher(exporter, delay_s=60, batch_size=4, wake_after=1000)  # only flushes export
+    requests = [finished_spans(3) for _ in range(5)]
+    for spans_of_request in requests[:3]:
+        batcher.on_end_many(spans_of_request)
+    assert exporter.get_finished_spans() == ()  # nothing exported before a wake
+    assert batcher.force_flush(5000)
+    assert [s.name for s in exporter.get_finished_spans()] == [s.name for r in requests[:3] for s in r]
+    batcher.on_end_many(requests[3])
+    batcher.on_end(requests[4][0])  # the SDK's one-at-a-time interface still works
+    batcher.shutdown()  # what is queued goes out before the thread ends
+    assert len(exporter.get_finished_spans()) == 9 + 3 + 1
+    batcher.on_end_many(requests[4])  # after shutdown: dropped, counted
+    assert batcher.dropped == 3
+
+
+def test_the_span_batcher_drops_past_its_bound_and_survives_a_failing_exporter() -> None:
+    exporter = FailingOnce()
+    batcher = SpanBatcher(exporter, delay_s=60, wake_after=1000, max_requests=2)
+    for _ in range(4):
+        batcher.on_end_many(finished_spans(2))
+    assert batcher.dropped == 4  # two requests of two spans past the bound, never a wait
+    assert batcher.force_flush(5000)  # this export raises: logged, the thread goes on
+    batcher.on_end_many(finished_spans(2))
+    assert batcher.force_flush(5000)
+    batcher.shutdown()
+    assert exporter.failed and len(exporter.get_finished_spans()) == 2
