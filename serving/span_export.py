@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from collections.abc import Sequence
 
 from opentelemetry.context import Context
@@ -42,7 +41,8 @@ class SpanBatcher(SpanProcessor):
         # deque appends and pops are atomic: the event loop appends, the thread pops, no lock.
         self._queue: collections.deque[Sequence[ReadableSpan]] = collections.deque()
         self._wake = threading.Event()
-        self._idle = threading.Event()  # set whenever the thread has emptied the queue
+        # Held for a whole export pass: a flush that gets it knows no popped batch is still on its way.
+        self._exporting = threading.Lock()
         self._stopping = False
         self.dropped = 0  # spans lost to a full queue
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
@@ -66,13 +66,15 @@ class SpanBatcher(SpanProcessor):
             self._wake.set()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """True once everything queued before the call has been handed to the exporter."""
-        deadline = time.monotonic() + timeout_millis / 1000
-        while self._queue and time.monotonic() < deadline:
-            self._idle.clear()
-            self._wake.set()
-            self._idle.wait(max(0.0, min(0.05, deadline - time.monotonic())))
-        return not self._queue
+        """True once everything queued before the call has been exported (here, in the caller's
+        thread, unless the export thread is in the middle of a pass: then once that pass is done)."""
+        if not self._exporting.acquire(timeout=timeout_millis / 1000):
+            return False
+        try:
+            self._export_queued()
+        finally:
+            self._exporting.release()
+        return True
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -86,10 +88,10 @@ class SpanBatcher(SpanProcessor):
         while True:
             self._wake.wait(self.delay_s)
             self._wake.clear()
-            self._export_queued()
-            self._idle.set()
-            if self._stopping:
-                self._export_queued()  # what came in meanwhile
+            stopping = self._stopping  # read first: what came in before it was set is exported below
+            with self._exporting:
+                self._export_queued()
+            if stopping:
                 return
 
     def _export_queued(self) -> None:

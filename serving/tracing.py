@@ -105,7 +105,6 @@ class Tracing:
     def span(
         self, name: str, context: SpanContext, parent: SpanContext | None, start: int, end: int, **more: Any
     ) -> ReadableSpan:
-        scope = SCOPE
         return ReadableSpan(
             name,
             context,
@@ -113,7 +112,7 @@ class Tracing:
             self.resource,
             start_time=start,
             end_time=end,
-            instrumentation_scope=scope,
+            instrumentation_scope=SCOPE,
             **more,
         )
 

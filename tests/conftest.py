@@ -225,3 +225,14 @@ def threaded_server() -> Iterator:
     yield factory
     for server in started:
         server.close()
+
+
+def timing(text: str) -> dict[str, float]:
+    """A receipt's `Server-Timing` (the HTTP header, or the gRPC trailing entry) as {name: dur}, or
+    {name: desc} for batch, version and trace."""
+    out: dict[str, float | str] = {}
+    for part in text.split(","):
+        name, _, rest = part.strip().partition(";")
+        key, _, value = rest.partition("=")
+        out[name] = float(value) if key == "dur" else value.strip('"')
+    return out  # type: ignore[return-value]

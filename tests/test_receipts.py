@@ -24,21 +24,11 @@ from serving.core.batch_settings import BatchingConfig
 from serving.core.batching import DynamicBatcher
 from serving.core.receipt import Receipt
 from serving.protocols.receipts import parse_traceparent
-from tests.conftest import encode, start_server
+from tests.conftest import encode, start_server, timing
 
 STAGES = ("decode", "queue", "compute", "other")
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
-
-
-def timing(text: str) -> dict[str, float]:
-    """`Server-Timing` as {name: dur}, or {name: desc} for batch, version and trace."""
-    out: dict[str, float | str] = {}
-    for part in text.split(","):
-        name, _, rest = part.strip().partition(";")
-        key, _, value = rest.partition("=")
-        out[name] = float(value) if key == "dur" else value.strip('"')
-    return out  # type: ignore[return-value]
 
 
 def assert_adds_up(stages: dict[str, float]) -> None:

@@ -39,7 +39,7 @@ from serving.core import receipt as receipt_module
 from serving.protocols import receipts
 from serving.span_export import SpanBatcher
 from serving.tools.launch import free_port
-from tests.conftest import build_conv_model, encode, start_server
+from tests.conftest import build_conv_model, encode, start_server, timing
 
 STAGES = ["receive", "decode", "queue", "compute", "respond"]
 CLIENT = TracerProvider().get_tracer("test-client")  # the client's own spans, with their own ids
@@ -92,8 +92,7 @@ def hex_trace(span: ReadableSpan) -> str:
 
 def trace_id_of(call: grpc.Call) -> str:
     """The trace id in a gRPC answer's receipt (`trace;desc="..."` in its `server-timing`)."""
-    timing = dict(call.trailing_metadata())["server-timing"]
-    return timing.split('trace;desc="', 1)[1].split('"', 1)[0]
+    return timing(dict(call.trailing_metadata())["server-timing"])["trace"]
 
 
 def call_convserve_v1(server, pngs, headers: dict[str, str]) -> tuple[str, int]:

@@ -19,6 +19,7 @@ formatted until the edge asks.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -146,17 +147,15 @@ class Receipt:
         """The whole receipt as one `Server-Timing` value: the HTTP header, and the one gRPC trailing
         metadata entry. The stages as `dur`, then the batch sizes, the version that answered and the
         trace id as `desc` (spaces, not commas, between batch sizes: naive readers split on commas)."""
-        total = self.total
-        decode, queue, compute = self.decode_s, self.queue_s, self.compute_s
-        other = max(0.0, total - decode - queue - compute)
+        ms = self.stages_ms()
         text = (
-            f"decode;dur={decode * 1e3:.3f}, queue;dur={queue * 1e3:.3f}, compute;dur={compute * 1e3:.3f}, "
-            f"other;dur={other * 1e3:.3f}, total;dur={total * 1e3:.3f}"
+            f"decode;dur={ms['decode']:.3f}, queue;dur={ms['queue']:.3f}, compute;dur={ms['compute']:.3f}, "
+            f"other;dur={ms['other']:.3f}, total;dur={ms['total']:.3f}"
         )
         if self.batches:
             text += f', batch;desc="{self.batch_text().replace(",", " ")}"'
         if self.model:
-            text += f', version;desc="{quote(self.model, safe=DESC_SAFE)}/{self.version}"'
+            text += f', version;desc="{desc_text(self.model)}/{self.version}"'
         if self.trace_id:
             text += f', trace;desc="{self.trace_id}"'
         return text
@@ -177,6 +176,13 @@ class Receipt:
         if self.trace_id:
             fields["trace_id"] = self.trace_id
         return fields
+
+
+@functools.lru_cache(maxsize=256)
+def desc_text(name: str) -> str:
+    """A model's name as a `desc` may hold it (see DESC_SAFE). Only names of served models reach it,
+    and every answer repeats one: encoded once each."""
+    return quote(name, safe=DESC_SAFE)
 
 
 def batch_ran(receipts: Sequence[Receipt], rows: int, started: float, done: float) -> None:
