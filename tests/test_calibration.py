@@ -15,7 +15,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from training.calibration import auroc, ece, fit_temperature, keep_threshold, reliability, softmax
+from training.calibration import (
+    auroc,
+    choose_score,
+    ece,
+    energy_score,
+    fit_temperature,
+    keep_threshold,
+    msp,
+    outliers,
+    reliability,
+    softmax,
+)
 from training.export import EXPLAIN_FILE, MODEL_FILE, export_run, logits_of
 from training.train import VAL_SPLIT, load_run, to_tensor
 
@@ -24,9 +35,13 @@ def metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def graph_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
+def graph_outputs(path: Path, images: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: to_tensor(images).numpy()})[0]
+    return session.run(None, {session.get_inputs()[0].name: to_tensor(images).numpy()})
+
+
+def graph_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
+    return graph_outputs(path, images)[0]
 
 
 def test_fit_recovers_a_known_temperature() -> None:
@@ -82,6 +97,68 @@ def test_graphs_give_softmax_of_logits_over_t_and_keep_the_argmax(digits_run: Pa
     explained = graph_probabilities(version / EXPLAIN_FILE, images)
     np.testing.assert_allclose(explained, served, atol=1e-6, rtol=0)
     assert metadata(version / EXPLAIN_FILE)["convserve.temperature"] == f"{temperature:.9g}"
+
+
+def test_energy_output_is_t_logsumexp_of_logits_over_t(digits_run: Path, model_repo: Path) -> None:
+    """The session's export chose the energy score (see the next test): its `score` output is
+    T·logsumexp(z / T) of the network's logits, image by image, and the threshold keeps 99 % of the
+    validation images' energy."""
+    path = model_repo / "digits" / "1" / MODEL_FILE
+    meta = metadata(path)
+    assert meta["convserve.abstain_score"] == "energy"
+    assert meta["convserve.score_output"] == "score"
+    temperature = float(meta["convserve.temperature"])
+    _, net = load_run(digits_run)
+    images = np.load(digits_run / "test_split.npz")["images"]
+    probabilities, score = graph_outputs(path, images)
+    want = energy_score(logits_of(net, images), temperature)
+    np.testing.assert_allclose(score, want, rtol=1e-5)
+    np.testing.assert_allclose(probabilities, softmax(logits_of(net, images), temperature), atol=1e-6)
+    val = np.load(digits_run / VAL_SPLIT)
+    kept = energy_score(logits_of(net, val["images"]), temperature) >= float(
+        meta["convserve.abstain_threshold"]
+    )
+    assert 0.985 <= kept.mean() <= 1.0
+
+
+def test_auto_keeps_the_score_that_separates_outliers_better(digits_run: Path, model_repo: Path) -> None:
+    """The choice, recomputed: AUROC of validation images against noise and inverted validation images,
+    for both scores; the export wrote those figures and kept the larger."""
+    meta = metadata(model_repo / "digits" / "1" / MODEL_FILE)
+    temperature = float(meta["convserve.temperature"])
+    _, net = load_run(digits_run)
+    val = np.load(digits_run / VAL_SPLIT)["images"]
+    val_logits, outlier_logits = logits_of(net, val), logits_of(net, outliers(val))
+    by_msp = auroc(msp(val_logits, temperature), msp(outlier_logits, temperature))
+    by_energy = auroc(energy_score(val_logits, temperature), energy_score(outlier_logits, temperature))
+    print(f"digits: outlier AUROC max probability {by_msp:.4f}, energy {by_energy:.4f}")
+    assert float(meta["convserve.abstain_auroc_msp"]) == pytest.approx(by_msp, abs=1e-4)
+    assert float(meta["convserve.abstain_auroc_energy"]) == pytest.approx(by_energy, abs=1e-4)
+    assert meta["convserve.abstain_score"] == ("energy" if by_energy > by_msp else "msp")
+
+
+def test_choose_score_follows_the_auroc() -> None:
+    rng = np.random.default_rng(0)
+    # In-distribution: one large logit; outliers: a smaller one. The max probability is 1.0 in float64
+    # for both (a tie, AUROC 0.5); the energy, about the peak itself, tells them apart.
+    inside = rng.normal(0, 0.1, (500, 10))
+    inside[:, 0] += rng.uniform(50, 60, 500)
+    outside = rng.normal(0, 0.1, (500, 10))
+    outside[:, 0] += rng.uniform(40, 48, 500)
+    assert choose_score(inside, outside, 1.0).kind == "energy"
+    # All logits scaled alike, the peaks equal: only the margin differs, which the max probability sees
+    # and the energy (dominated by the shared peak) barely does.
+    inside = np.zeros((500, 10))
+    inside[:, 0] = 10.0
+    inside[:, 1] = rng.uniform(0, 4, 500)
+    outside = np.zeros((500, 10))
+    outside[:, 0] = 10.0
+    outside[:, 1] = rng.uniform(8, 10, 500)
+    choice = choose_score(inside, outside, 1.0)
+    assert choice.auroc_msp > choice.auroc_energy and choice.kind == "msp"
+    assert choose_score(inside, outside, 1.0, "energy").kind == "energy"  # asked for: kept
+    with pytest.raises(ValueError):
+        choose_score(inside, None, 1.0)
 
 
 def test_calibrate_off_keeps_the_plain_softmax(digits_run: Path, tmp_path: Path) -> None:

@@ -62,8 +62,9 @@ def test_export_writes_fixtures_the_server_reproduces(model_repo: Path, server_f
         info = client.get_model(MODEL)
     assert info.state == "READY"
     assert info.preprocessing == "passed: 4 fixtures"
-    assert 0 < info.abstain_threshold < 1
+    assert info.abstain_threshold > 0  # an energy score here (tests/test_abstain.py): not a probability
     assert {"temperature", "ece_before", "ece_after", "abstain_score"} <= set(info.metadata)
+    assert info.metadata["abstain_score"] == "energy"
 
 
 def test_a_fixture_one_pixel_off_refuses_the_version(copied: Path, server_factory) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from serving.core.batch_settings import BatchingConfig
 from serving.core.contract import (
     ContractError,
     Fit,
@@ -18,6 +22,9 @@ from serving.core.contract import (
     from_sidecar,
     has_contract,
 )
+from serving.core.model import load_model
+from serving.core.postprocess import abstain
+from serving.core.runtime import ModelLoadError, RuntimeOptions
 
 
 def test_metadata_round_trip() -> None:
@@ -78,3 +85,55 @@ def test_fit_image_handles_every_mode(mode: str) -> None:
     fitted = fit_image(image, "L", 8, 6)
     assert fitted.mode == "L" and fitted.size == (6, 8)
     assert abs(int(np.asarray(fitted).mean()) - 200) <= 2
+
+
+def test_a_threshold_off_the_probability_scale_needs_a_score_output() -> None:
+    fit = Fit("L", 8, 8)
+    with pytest.raises(ContractError, match="score_output"):
+        ModelContract(labels=("a", "b"), fit=fit, abstain_threshold=4.2)
+    contract = ModelContract(labels=("a", "b"), fit=fit, abstain_threshold=4.2, score_output="score")
+    assert from_metadata(contract.to_metadata()) == contract
+    with pytest.raises(ContractError, match="finite"):
+        ModelContract(labels=("a", "b"), fit=fit, abstain_threshold=float("inf"), score_output="score")
+
+
+def without_metadata(source: Path, target: Path, sidecar: dict) -> Path:
+    """`source` copied as a model exported elsewhere: no convserve metadata, a model.json beside it."""
+    proto = onnx.load(str(source))
+    del proto.metadata_props[:]
+    target.mkdir(parents=True)
+    onnx.save(proto, str(target / "model.onnx"))
+    (target / "model.json").write_text(json.dumps(sidecar))
+    return target / "model.onnx"
+
+
+def test_a_sidecar_names_the_score_output_the_server_abstains_on(
+    model_repo: Path, digit_samples: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """The session's export has a `score` output (the energy score); served through a model.json
+    that names it, the answers' scores are that output and the flags compare it with the threshold."""
+    images, _ = digit_samples
+    sidecar = {"color_mode": "L", "height": 8, "width": 8, "abstain_threshold": 4.0, "score_output": "score"}
+    path = without_metadata(model_repo / "digits" / "1" / "model.onnx", tmp_path / "m" / "1", sidecar)
+    options = RuntimeOptions(device="cpu", intra_op_threads=1)
+    model = load_model("m", 1, path, options, BatchingConfig())
+    try:
+        noise = np.random.default_rng(0).integers(0, 256, size=(50, 1, 8, 8))
+        rows = (np.concatenate([images[:50], noise]).astype(np.float32) / 255.0).astype(model.input_dtype)
+        probabilities, scores = model.answers(model.predict(rows))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        want_probabilities, want_scores = session.run(None, {"image": rows})
+        np.testing.assert_array_equal(probabilities, want_probabilities)
+        np.testing.assert_array_equal(scores, want_scores)
+        served, flags = abstain(probabilities, model.contract.abstain_threshold, scores)
+        np.testing.assert_array_equal(served, want_scores)
+        assert (flags == (want_scores < np.float32(4.0))).all()
+        assert flags[50:].sum() > flags[:50].sum()  # noise is flagged, digits mostly not
+    finally:
+        asyncio.run(model.close())
+    wrong = without_metadata(path, tmp_path / "w" / "1", {**sidecar, "score_output": "energy"})
+    with pytest.raises(ModelLoadError, match="score_output: no output named 'energy'"):
+        load_model("w", 1, wrong, options, BatchingConfig())
+    wide = without_metadata(path, tmp_path / "p" / "1", {**sidecar, "score_output": "probabilities"})
+    with pytest.raises(ModelLoadError, match="one score per image"):
+        load_model("p", 1, wide, options, BatchingConfig())

@@ -284,7 +284,7 @@ def test_rgb_filters_are_colour_tiles_scaled_per_filter() -> None:
 def test_calibration_section_shows_what_export_will_do(report: Report, digits_run: Path) -> None:
     """The reliability diagram and the figures are export's own calibration of this run, and the
     abstain score separates noise from the test digits better than chance."""
-    from training.calibration import calibrate
+    from training.calibration import calibrate, outliers
     from training.export import logits_of
     from training.train import VAL_SPLIT, load_run
 
@@ -292,13 +292,19 @@ def test_calibration_section_shows_what_export_will_do(report: Report, digits_ru
     _, net = load_run(digits_run)
     val, test = np.load(digits_run / VAL_SPLIT), np.load(digits_run / "test_split.npz")
     expected = calibrate(
-        logits_of(net, val["images"]), val["labels"], logits_of(net, test["images"]), test["labels"]
+        logits_of(net, val["images"]),
+        val["labels"],
+        logits_of(net, test["images"]),
+        test["labels"],
+        outlier_logits=logits_of(net, outliers(val["images"])),
     )
     got = report.honesty.calibration
     assert got.temperature == pytest.approx(expected.temperature)
     assert (got.ece_before, got.ece_after) == pytest.approx((expected.ece_before, expected.ece_after))
+    assert got.score == expected.score  # the abstain score export will serve, and why
     page = report.path.read_text()
     assert f"goes from {expected.ece_before:.4f} to {expected.ece_after:.4f}" in page
+    assert f"when its {expected.score_name} is below {expected.threshold:.4f}" in page
     assert report.honesty.reliability_png.exists() and report.honesty.reliability_png in report.images
     figures = {name: (msp_auroc, flagged) for name, _, msp_auroc, _, flagged in report.honesty.ood}
     assert set(figures) == {"uniform noise", "inverted test images"}

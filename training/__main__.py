@@ -120,6 +120,14 @@ def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
         "ECE before and after and the abstain threshold are measured either way",
     )
     export.add_argument(
+        "--abstain-score",
+        choices=["auto", "msp", "energy"],
+        default="auto",
+        help="the score an answer abstains below: the top probability (msp), the energy score (a second "
+        "graph output, `score`), or auto: whichever better separates validation images from uniform "
+        "noise and inverted validation images",
+    )
+    export.add_argument(
         "--dataset",
         default=None,
         help="the run's dataset spec, for runs that did not keep their validation split (val_split.npz)",
@@ -237,14 +245,16 @@ def run_export(args: argparse.Namespace) -> int:
         explain=args.explain == "on",
         calibrate_temperature=args.calibrate == "on",
         dataset=args.dataset,
+        abstain_score=args.abstain_score,
     )
     print(f"exported {report.path} ({report.precision}, {report.path.stat().st_size:,} bytes)")
     if report.reduced is not None:
         print("  the float32 graph, verified before conversion:")
     for check in report.parity:
+        score = f", score relative |diff| = {check.score_rel_diff:.2e}" if check.score_rel_diff else ""
         print(
             f"  batch {check.batch_size:3d}: max |onnxruntime - torch| = {check.max_abs_diff:.2e}, "
-            f"top-1 identical: {check.top1_identical}"
+            f"top-1 identical: {check.top1_identical}{score}"
         )
     print(f"  test accuracy: torch {report.torch_test_accuracy:.4f}, onnx {report.onnx_test_accuracy:.4f}")
     if report.reduced is not None:

@@ -3,14 +3,17 @@
 Temperature scaling (Guo et al., ICML 2017): one scalar T > 0 divides the logits before the softmax,
 fitted on the validation split by minimising the negative log-likelihood; the argmax cannot move.
 ECE: 15 equal-width confidence bins, |accuracy - mean confidence| weighted by the bin's share.
-Abstain: the max softmax probability (Hendrycks & Gimpel, ICLR 2017) of the calibrated softmax, with
-a threshold keeping `KEEP` of the validation images; the energy score (Liu et al., NeurIPS 2020) is
-measured beside it (`ood_figures`), not served (docs/guides/calibration.md says why).
+Abstain: a score per image, high for images like the training data, with a threshold keeping `KEEP`
+of the validation images. Two are measured, both on the calibrated logits: the max softmax probability
+(Hendrycks & Gimpel, ICLR 2017) and the energy score (Liu et al., NeurIPS 2020); `choose_score` keeps
+the one that better separates the validation images from made-up outliers (uniform noise and the
+inverted validation images: nothing the test split measures, nothing downloaded).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,6 +21,10 @@ import torch
 ECE_BINS = 15
 KEEP = 0.99  # share of validation images the abstain threshold keeps
 T_RANGE = (0.05, 20.0)
+AbstainScore = Literal["msp", "energy"]
+SCORE_CHOICES = ("auto", "msp", "energy")  # export's --abstain-score
+OUTLIER_SEED = 1  # not the seed of training/ood.py's noise, which reports on test images
+OUTLIER_NOISE = 1000  # at most this many noise images
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -107,6 +114,46 @@ def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
 
 
+def abstain_scores(logits: np.ndarray, temperature: float, kind: AbstainScore) -> np.ndarray:
+    return energy_score(logits, temperature) if kind == "energy" else msp(logits, temperature)
+
+
+def outliers(images: np.ndarray, seed: int = OUTLIER_SEED) -> np.ndarray:
+    """Images unlike the training data, made from nothing but `images`' shape and pixels: uniform
+    noise and the images inverted. What `choose_score` compares the two scores on."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, size=(min(OUTLIER_NOISE, len(images)), *images.shape[1:]), dtype=np.uint8)
+    return np.concatenate([noise, 255 - images])
+
+
+@dataclass(frozen=True)
+class ScoreChoice:
+    kind: AbstainScore
+    auroc_msp: float  # validation images against `outliers`; NaN when not measured
+    auroc_energy: float
+
+
+def choose_score(
+    val_logits: np.ndarray, outlier_logits: np.ndarray | None, temperature: float, asked: str = "auto"
+) -> ScoreChoice:
+    """The abstain score `asked` for, or with "auto" the one with the higher AUROC of the validation
+    images against the outliers (a tie keeps the max probability: it needs no second graph output)."""
+    if asked not in SCORE_CHOICES:
+        raise ValueError(f"abstain score must be one of {SCORE_CHOICES}, got {asked!r}")
+    if outlier_logits is None:
+        if asked == "auto":
+            raise ValueError("choosing the abstain score needs outliers' logits")
+        return ScoreChoice(asked, float("nan"), float("nan"))  # type: ignore[arg-type]
+    by_kind = {
+        kind: auroc(
+            abstain_scores(val_logits, temperature, kind), abstain_scores(outlier_logits, temperature, kind)
+        )
+        for kind in ("msp", "energy")
+    }
+    kind = asked if asked != "auto" else ("energy" if by_kind["energy"] > by_kind["msp"] else "msp")
+    return ScoreChoice(kind, by_kind["msp"], by_kind["energy"])  # type: ignore[arg-type]
+
+
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """P(score of an in-distribution image > score of an OOD one), ties counted half (Mann-Whitney U)."""
     scores = np.concatenate([in_scores, out_scores])
@@ -135,24 +182,41 @@ class Calibration:
     ece_after: float  # test split, fitted T
     val_nll_before: float
     val_nll_after: float
-    threshold: float  # abstain below this max softmax probability (calibrated)
+    threshold: float  # abstain below this score (calibrated)
     kept: float  # share of validation images at or above the threshold
     reliability_before: Reliability
     reliability_after: Reliability
+    score: ScoreChoice  # which abstain score, and why
 
     def metadata(self) -> dict[str, str]:
-        return {
+        facts = {
             "temperature": f"{self.temperature:.9g}",
             "ece_before": f"{self.ece_before:.6f}",
             "ece_after": f"{self.ece_after:.6f}",
-            "abstain_score": "msp",
+            "abstain_score": self.score.kind,
         }
+        if not np.isnan(self.score.auroc_msp):
+            facts["abstain_auroc_msp"] = f"{self.score.auroc_msp:.4f}"
+            facts["abstain_auroc_energy"] = f"{self.score.auroc_energy:.4f}"
+        return facts
+
+    @property
+    def score_name(self) -> str:
+        return "energy score" if self.score.kind == "energy" else "max probability"
 
     def summary(self) -> str:
+        choice = self.score
+        why = (
+            f" (validation vs noise and inverted images: AUROC max probability {choice.auroc_msp:.4f}, "
+            f"energy {choice.auroc_energy:.4f})"
+            if not np.isnan(choice.auroc_msp)
+            else ""
+        )
         return (
             f"temperature {self.temperature:.4f} (validation NLL {self.val_nll_before:.4f} → "
             f"{self.val_nll_after:.4f}); test ECE {self.ece_before:.4f} → {self.ece_after:.4f}; "
-            f"abstain below max probability {self.threshold:.4f} (keeps {self.kept:.1%} of validation images)"
+            f"abstain below {self.score_name} {self.threshold:.4f}{why}, keeping {self.kept:.1%} of "
+            "validation images"
         )
 
 
@@ -162,11 +226,14 @@ def calibrate(
     test_logits: np.ndarray,
     test_labels: np.ndarray,
     fit: bool = True,
+    outlier_logits: np.ndarray | None = None,
+    score: str = "auto",
 ) -> Calibration:
-    """Fits T on validation (or keeps T = 1 without `fit`), measures ECE on test, and sets the abstain
-    threshold on the validation images' calibrated max probability."""
+    """Fits T on validation (or keeps T = 1 without `fit`), measures ECE on test, chooses the abstain
+    score (`choose_score`) and sets its threshold on the validation images' calibrated scores."""
     temperature = fit_temperature(val_logits, val_labels) if fit else 1.0
-    scores = msp(val_logits, temperature)
+    choice = choose_score(val_logits, outlier_logits, temperature, score)
+    scores = abstain_scores(val_logits, temperature, choice.kind)
     threshold = keep_threshold(scores)
     return Calibration(
         temperature,
@@ -178,4 +245,5 @@ def calibrate(
         float((scores.astype(np.float32) >= np.float32(threshold)).mean()),
         reliability(softmax(test_logits), test_labels),
         reliability(softmax(test_logits, temperature), test_labels),
+        choice,
     )

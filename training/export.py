@@ -24,9 +24,9 @@ import onnxruntime as ort
 import torch
 
 from serving.core.contract import Fit, ModelContract
-from training.calibration import Calibration, calibrate
+from training.calibration import Calibration, calibrate, outliers
 from training.fixtures import write_fixtures
-from training.model import ConvNet, ProbabilitiesModel
+from training.model import ConvNet, EnergyScoredModel, ProbabilitiesModel
 from training.quantize import PRECISIONS, Precision, convert
 from training.train import CALIBRATION, METRICS, TEST_SPLIT, VAL_SPLIT, load_run, to_tensor
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 EXPLAIN_FILE = "explain.onnx"  # probabilities, Grad-CAM of every class, block maps: training/explain_graph.py
+SCORE_OUTPUT = "score"  # model.onnx's second output when the abstain score is the energy score
 PARITY_BATCH_SIZES = (1, 7, 64)
 MAX_ABS_DIFF = 1e-5
 OPSET = 18
@@ -53,6 +54,7 @@ class ParityCheck:
     batch_size: int
     max_abs_diff: float
     top1_identical: bool
+    score_rel_diff: float = 0.0  # the score output's largest |diff| / max(1, |score|), where there is one
 
 
 @dataclass(frozen=True)
@@ -101,14 +103,16 @@ def next_version(model_dir: Path) -> int:
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Writes the graph with a dynamic batch axis named `batch`."""
+    """Writes the graph with a dynamic batch axis named `batch`; an EnergyScoredModel's energy is a
+    second output, `score`."""
     batch = torch.export.Dim("batch", min=1, max=4096)
+    scored = isinstance(model, EnergyScoredModel)
     program = torch.onnx.export(
         model,
         (example,),
         dynamo=True,
         input_names=["image"],
-        output_names=["probabilities"],
+        output_names=["probabilities", SCORE_OUTPUT] if scored else ["probabilities"],
         dynamic_shapes={"x": {0: batch}},
         opset_version=OPSET,
         external_data=False,
@@ -134,19 +138,33 @@ def verify(
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
 
-    def run_both(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_all(batch: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every output (probabilities, then the score where there is one) of PyTorch and ONNX Runtime."""
         x = to_tensor(batch)
         with torch.no_grad():
-            expected = model(x).numpy()
-        return expected, session.run(None, {input_name: x.numpy()})[0]
+            expected = model(x)
+        outputs = expected if isinstance(expected, tuple) else (expected,)
+        return [o.numpy() for o in outputs], session.run(None, {input_name: x.numpy()})
+
+    def run_both(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        expected, got = run_all(batch)
+        return expected[0], got[0]
 
     parity = []
     for size in PARITY_BATCH_SIZES:
         batch = np.resize(images, (size, *images.shape[1:]))  # repeats test images when there are fewer
-        expected, got = run_both(batch)
+        (expected, *expected_score), (got, *got_score) = run_all(batch)
+        score_diff = 0.0
+        if expected_score:  # the energy is some tens: its float32 rounding is relative
+            want = expected_score[0]
+            have = got_score[0].reshape(want.shape)
+            score_diff = float((np.abs(want - have) / np.maximum(1.0, np.abs(want))).max())
         parity.append(
             ParityCheck(
-                size, float(np.abs(expected - got).max()), bool((expected.argmax(1) == got.argmax(1)).all())
+                size,
+                float(np.abs(expected - got).max()),
+                bool((expected.argmax(1) == got.argmax(1)).all()),
+                score_diff,
             )
         )
     torch_correct = onnx_correct = 0
@@ -164,9 +182,9 @@ def verify(
 def check_report(report: ExportReport) -> None:
     failures = [
         f"batch {p.batch_size}: max |diff| {p.max_abs_diff:.2e} (limit {MAX_ABS_DIFF:.0e}), top-1 identical "
-        f"{p.top1_identical}"
+        f"{p.top1_identical}, score relative diff {p.score_rel_diff:.2e}"
         for p in report.parity
-        if p.max_abs_diff > MAX_ABS_DIFF or not p.top1_identical
+        if p.max_abs_diff > MAX_ABS_DIFF or not p.top1_identical or p.score_rel_diff > MAX_ABS_DIFF
     ]
     if report.onnx_test_accuracy != report.torch_test_accuracy:
         failures.append(
@@ -234,13 +252,16 @@ def export_run(
     explain: bool = True,
     calibrate_temperature: bool = True,
     dataset: str | None = None,
+    abstain_score: str = "auto",
 ) -> ExportReport:
     """Exports a finished run into `repository/name/version/model.onnx` and verifies it; with `explain`,
     also `explain.onnx` beside it (training/explain_graph.py), verified too before the version appears.
     With `calibrate_temperature`, the softmax divides by a temperature fitted on the validation split
     (training/calibration.py); either way the abstain threshold and ECE are measured and written, and
     `fixtures/` (the preprocessing certificate, training/fixtures.py) is written beside the model.
-    `dataset`: the run's dataset spec, to recompute the validation split of runs that did not keep it."""
+    `dataset`: the run's dataset spec, to recompute the validation split of runs that did not keep it.
+    `abstain_score`: auto (the better separating of msp and energy, training/calibration.py), msp or
+    energy; with energy the graph has a second output, `score`, which the contract names."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     info, net = load_run(run_dir)
@@ -251,10 +272,12 @@ def export_run(
     test = np.load(run_dir / TEST_SPLIT)
     images, labels = test["images"], test["labels"]
     val_images, val_labels = validation_split(run_dir, dataset, labels)
-    fitted = calibrate(
-        logits_of(net, val_images), val_labels, logits_of(net, images), labels, fit=calibrate_temperature
+    fitted = fit_calibration(
+        net, val_images, val_labels, images, labels, calibrate_temperature, abstain_score
     )
-    model = ProbabilitiesModel(net, fitted.temperature).eval()
+    energy = fitted.score.kind == "energy"
+    graph = EnergyScoredModel if energy else ProbabilitiesModel
+    model: torch.nn.Module = graph(net, fitted.temperature).eval()
     contract = ModelContract(
         labels=tuple(info.class_names),
         fit=Fit(info.color_mode, info.height, info.width),  # type: ignore[arg-type]
@@ -262,6 +285,7 @@ def export_run(
         scale=1.0 / 255.0,
         output_kind="probabilities",
         abstain_threshold=fitted.threshold,
+        score_output=SCORE_OUTPUT if energy else None,
         extra={"dataset": info.dataset, "precision": precision, **fitted.metadata()},
     )
     # Written under a hidden name and renamed into place once verified, so a server polling the
@@ -305,6 +329,28 @@ def export_run(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return replace(report, path=target_dir / MODEL_FILE)
+
+
+def fit_calibration(
+    net: ConvNet,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    fit: bool = True,
+    abstain_score: str = "auto",
+) -> Calibration:
+    """What export calibrates and abstains with, as the run report and `ood` measure it too: T on
+    validation, ECE on test, the abstain score chosen against outliers made from validation images."""
+    return calibrate(
+        logits_of(net, val_images),
+        val_labels,
+        logits_of(net, test_images),
+        test_labels,
+        fit=fit,
+        outlier_logits=logits_of(net, outliers(val_images)),
+        score=abstain_score,
+    )
 
 
 def logits_of(net: ConvNet, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -96,9 +96,31 @@ class ProbabilitiesModel(nn.Module):
         return calibrated_softmax(self.net(x), self.temperature)
 
 
+class EnergyScoredModel(nn.Module):
+    """ProbabilitiesModel's graph with a second output, `score`: each image's energy score
+    T·logsumexp(logits / T), when export chose it as the abstain score (the probabilities cannot
+    give it back: they lose the logits' scale)."""
+
+    def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(x)
+        return calibrated_softmax(logits, self.temperature), calibrated_energy(logits, self.temperature)
+
+
 def calibrated_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(logits / T), written once for model.onnx and explain.onnx so both graphs compute the
     very same probabilities."""
     if temperature != 1.0:
         logits = logits / temperature
     return torch.softmax(logits, dim=1)
+
+
+def calibrated_energy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The negative free energy T·logsumexp(logits / T), one per image (Liu et al., NeurIPS 2020)."""
+    if temperature == 1.0:
+        return torch.logsumexp(logits, dim=1)
+    return temperature * torch.logsumexp(logits / temperature, dim=1)

@@ -1,10 +1,10 @@
 """How well the abstain score separates a run's own test images from images unlike its training data.
 
-For each out-of-distribution set: AUROC of the max softmax probability (the served score) and of the
-energy score (measured beside it), both on the calibrated logits, and the share of images the export's
-threshold flags (and of the run's own test images, the false alarms). Sets come from the run's size and
-colour mode: uniform noise, the inverted test images, and another dataset stretched to the run's size
-with the server's own resize (`image_pixels`).
+For each out-of-distribution set: AUROC of the max softmax probability and of the energy score, both on
+the calibrated logits, and the share of images the export's threshold flags on the score it serves
+(`served`: the one export chooses, training/calibration.py), and of the run's own test images (the
+false alarms). Sets come from the run's size and colour mode: uniform noise, the inverted test images,
+and another dataset stretched to the run's size with the server's own resize (`image_pixels`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from serving.core.contract import image_pixels
-from training.calibration import auroc, calibrate, energy_score, msp
+from training.calibration import abstain_scores, auroc, energy_score, msp
 from training.datasets import load_dataset
-from training.export import logits_of, validation_split
+from training.export import fit_calibration, logits_of, validation_split
 from training.train import TEST_SPLIT, load_run
 
 NOISE_IMAGES = 1000
@@ -31,6 +31,7 @@ class OodFigure:
     images: int
     auroc_msp: float
     auroc_energy: float
+    served: str  # the abstain score export serves for this run: msp or energy
     flagged: float  # share of the OOD images below the threshold
     test_flagged: float  # share of the run's own test images below it (false alarms)
 
@@ -56,29 +57,33 @@ def ood_sets(
     return sets
 
 
-def measure(run_dir: Path, others: dict[str, str], dataset: str | None = None) -> list[OodFigure]:
+def measure(
+    run_dir: Path, others: dict[str, str], dataset: str | None = None, abstain_score: str = "auto"
+) -> list[OodFigure]:
     """`others`: name -> dataset spec whose test images are out of distribution for this run."""
     info, net = load_run(run_dir)
     test = np.load(run_dir / TEST_SPLIT)
     val_images, val_labels = validation_split(run_dir, dataset, test["labels"])
     test_logits = logits_of(net, test["images"])
-    fitted = calibrate(logits_of(net, val_images), val_labels, test_logits, test["labels"])
-    t = fitted.temperature
+    fitted = fit_calibration(
+        net, val_images, val_labels, test["images"], test["labels"], abstain_score=abstain_score
+    )
+    t, served, threshold = fitted.temperature, fitted.score.kind, np.float32(fitted.threshold)
     in_msp, in_energy = msp(test_logits, t), energy_score(test_logits, t)
-    test_flagged = float((in_msp.astype(np.float32) < np.float32(fitted.threshold)).mean())
+    test_flagged = float((abstain_scores(test_logits, t, served).astype(np.float32) < threshold).mean())
     foreign = {name: load_dataset(spec).test.images for name, spec in others.items()}
     figures = []
     for name, images in ood_sets(test["images"], info.color_mode, foreign).items():
         logits = logits_of(net, images)
-        scores = msp(logits, t)
         figures.append(
             OodFigure(
                 run_dir.name,
                 name,
                 len(images),
-                auroc(in_msp, scores),
+                auroc(in_msp, msp(logits, t)),
                 auroc(in_energy, energy_score(logits, t)),
-                float((scores.astype(np.float32) < np.float32(fitted.threshold)).mean()),
+                served,
+                float((abstain_scores(logits, t, served).astype(np.float32) < threshold).mean()),
                 test_flagged,
             )
         )
@@ -91,16 +96,18 @@ def markdown(figures: list[OodFigure], command: str) -> str:
         "",
         f"Made by `{command}` (training/ood.py). AUROC: the chance that a test image scores higher than an "
         "out-of-distribution one (1 = perfectly separated, 0.5 = chance), for the max softmax probability "
-        "(served) and the energy score (measured only), both after temperature scaling. Flagged: the share "
-        "marked `abstain` by the threshold export writes (keeping 99 % of validation images); the last "
-        "column is the share of the run's own test images flagged.",
+        "(MSP) and the energy score, both after temperature scaling. Served: the score export chose for the "
+        "run (the better of the two on validation images against noise and inverted validation images). "
+        "Flagged: the share marked `abstain` by the served score's threshold (keeping 99 % of validation "
+        "images); the last column is the share of the run's own test images flagged.",
         "",
-        "| run | out-of-distribution set | images | AUROC (MSP) | AUROC (energy) | flagged | test flagged |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| run | out-of-distribution set | images | AUROC (MSP) | AUROC (energy) | served | flagged "
+        "| test flagged |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for f in figures:
         lines.append(
-            f"| {f.run} | {f.ood_set} | {f.images} | {f.auroc_msp:.4f} | {f.auroc_energy:.4f} | "
+            f"| {f.run} | {f.ood_set} | {f.images} | {f.auroc_msp:.4f} | {f.auroc_energy:.4f} | {f.served} | "
             f"{f.flagged:.1%} | {f.test_flagged:.1%} |"
         )
     return "\n".join(lines) + "\n"

@@ -251,28 +251,36 @@ def measure_honesty(
     """Calibration exactly as export fits it (validation split), the reliability diagram of the test
     split, and the abstain score against noise and the inverted test images (python -m training ood
     adds other datasets)."""
-    from training.calibration import auroc, calibrate, energy_score, msp
-    from training.export import logits_of
+    from training.calibration import abstain_scores, auroc, energy_score, msp
+    from training.export import fit_calibration, logits_of
     from training.ood import ood_sets
     from training.plots import plot_reliability
 
     val = np.load(run_dir / VAL_SPLIT)
     test_logits = logits_of(model, images)
-    fitted = calibrate(logits_of(model, val["images"]), val["labels"], test_logits, labels)
-    t = fitted.temperature
+    fitted = fit_calibration(model, val["images"], val["labels"], images, labels)
+    t, served = fitted.temperature, fitted.score.kind
     reliability_png = out_dir / RELIABILITY
     plot_reliability(fitted.reliability_before, fitted.reliability_after, t, reliability_png)
     in_msp, in_energy = msp(test_logits, t), energy_score(test_logits, t)
     threshold = np.float32(fitted.threshold)
+
+    def flagged(logits: np.ndarray) -> float:
+        return float((abstain_scores(logits, t, served).astype(np.float32) < threshold).mean())
+
     rows = []
     for name, ood_images in ood_sets(images, color_mode, {}).items():
         logits = logits_of(model, ood_images)
-        scores = msp(logits, t)
-        flagged = float((scores.astype(np.float32) < threshold).mean())
         rows.append(
-            (name, len(ood_images), auroc(in_msp, scores), auroc(in_energy, energy_score(logits, t)), flagged)
+            (
+                name,
+                len(ood_images),
+                auroc(in_msp, msp(logits, t)),
+                auroc(in_energy, energy_score(logits, t)),
+                flagged(logits),
+            )
         )
-    return Honesty(fitted, reliability_png, rows, float((in_msp.astype(np.float32) < threshold).mean()))
+    return Honesty(fitted, reliability_png, rows, flagged(test_logits))
 
 
 def honesty_html(honesty: Honesty, report: Report) -> list[str]:
@@ -282,8 +290,10 @@ def honesty_html(honesty: Honesty, report: Report) -> list[str]:
         f"divide the logits by a temperature T = {c.temperature:.4f} fitted on the validation split, so "
         "that a probability of 0.8 is right about 80 % of the time; the expected calibration error (15 "
         f"bins, test split) goes from {c.ece_before:.4f} to {c.ece_after:.4f}. The server marks an answer "
-        f"<i>abstain</i> when its top probability is below {c.threshold:.4f} (which keeps "
-        f"{c.kept * 100:.1f} % of validation images).</p>",
+        f"<i>abstain</i> when its {c.score_name} is below {c.threshold:.4f} (which keeps "
+        f"{c.kept * 100:.1f} % of validation images); of the two scores, the {c.score_name} separated the "
+        "validation images better from uniform noise and inverted validation images (AUROC: max probability "
+        f"{c.score.auroc_msp:.3f}, energy {c.score.auroc_energy:.3f}).</p>",
         figure(
             honesty.reliability_png,
             "Reliability diagrams of the test split: per confidence bin, the accuracy of its images; a "
@@ -291,7 +301,7 @@ def honesty_html(honesty: Honesty, report: Report) -> list[str]:
             report,
         ),
         "<table><tr><th>images unlike the training data</th><th class='num'>images</th>"
-        "<th class='num'>AUROC, max probability (served)</th><th class='num'>AUROC, energy</th>"
+        "<th class='num'>AUROC, max probability</th><th class='num'>AUROC, energy</th>"
         "<th class='num'>flagged</th></tr>",
         *(
             f"<tr><td>{html.escape(name)}</td><td class='num'>{count}</td>"

@@ -41,8 +41,8 @@ class Prediction:
 class ImageResult:
     predictions: list[Prediction]
     error: str | None = None
-    abstain: bool = False  # the top probability is below the model's abstain_threshold
-    score: float | None = None  # the top probability, the abstain score (None: an older server)
+    abstain: bool = False  # the score is below the model's abstain_threshold
+    score: float | None = None  # the abstain score: top probability or energy (None: an older server)
 
     @property
     def ok(self) -> bool:

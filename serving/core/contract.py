@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -46,7 +47,17 @@ RESIZE_MODES = ("stretch", "letterbox", "fit_height", "crop")
 ALIGNS = ("centre", "top-left")
 ROUNDINGS = ("round", "floor", "ceil")
 # Informational metadata our own exports write; the server reads nothing from them.
-INFO_KEYS = ("dataset", "precision", "reference", "temperature", "ece_before", "ece_after", "abstain_score")
+INFO_KEYS = (
+    "dataset",
+    "precision",
+    "reference",
+    "temperature",
+    "ece_before",
+    "ece_after",
+    "abstain_score",
+    "abstain_auroc_msp",
+    "abstain_auroc_energy",
+)
 
 
 class ContractError(ValueError):
@@ -141,8 +152,10 @@ class ModelContract:
     std: tuple[float, ...] = (1.0,)
     output_kind: OutputKind = "probabilities"
     output: str | None = None  # the output holding the classes; None: the graph's first
-    # Answers whose top probability is below this are marked abstain (None: never); see FIELD_MEANINGS.
+    # Answers whose abstain score is below this are marked abstain (None: never); see FIELD_MEANINGS.
     abstain_threshold: float | None = None
+    # The output holding each image's abstain score; None: the score is the top probability.
+    score_output: str | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -156,8 +169,15 @@ class ModelContract:
                 raise ContractError(f"{name} needs 1 or {channels} values, got {len(values)}")
         if any(s == 0 for s in self.std):
             raise ContractError("std must not contain 0")
-        if self.abstain_threshold is not None and not 0.0 <= self.abstain_threshold <= 1.0:
-            raise ContractError(f"abstain_threshold is a probability, 0-1; got {self.abstain_threshold}")
+        threshold = self.abstain_threshold
+        if threshold is not None and self.score_output is None and not 0.0 <= threshold <= 1.0:
+            raise ContractError(
+                f"abstain_threshold is a probability, 0-1, without a score_output; got {threshold}"
+            )
+        if threshold is not None and not math.isfinite(threshold):
+            raise ContractError(f"abstain_threshold must be a finite number; got {threshold}")
+        if self.score_output is not None and self.score_output == self.output:
+            raise ContractError(f"score_output {self.score_output!r} is the classes' output")
         top = 255.0 * self.scale
         if any(not -1e-9 <= m <= top * (1 + 1e-9) for m in self.mean):
             raise ContractError(
@@ -267,6 +287,7 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "output": str,
     "output_kind": str,
     "abstain_threshold": (int, float),
+    "score_output": str,
 }
 REQUIRED = ("color_mode", "height", "width")
 # What each field means, for the generated reference page (docs/reference/model-json.md); one per key.
@@ -300,9 +321,13 @@ FIELD_MEANINGS: dict[str, str] = {
     "std": "1 or C numbers, in the units of pixel × scale, as `mean`; none may be 0",
     "output": "which output holds the classes, for graphs with several (default: the first)",
     "output_kind": "softmax is applied to logits, exp to log-probabilities",
-    "abstain_threshold": "an answer whose top probability (max softmax probability) is below this is marked "
-    "`abstain: true` (default: none, never); `training export` writes the one keeping 99 % of validation "
-    "images (docs/guides/calibration.md)",
+    "abstain_threshold": "an answer whose abstain score is below this is marked `abstain: true` (default: "
+    "none, never); the score is the top probability (max softmax probability, so 0–1), or the "
+    "`score_output`'s value when one is named; `training export` writes the one keeping 99 % of "
+    "validation images (docs/guides/calibration.md)",
+    "score_output": "a graph output holding one abstain score per image, higher meaning more like the "
+    "training data (shape `[batch]` or `[batch, 1]`); `training export` names `score`, the energy score, "
+    "when it separates better than the top probability (default: none, the top probability is the score)",
 }
 
 

@@ -122,7 +122,7 @@ class DataPlane:
         k = self._top_k(request.top_k)
         count = len(request.images)
 
-        probabilities, errors = await self._run(
+        answers, errors = await self._run(
             model,
             count,
             lambda: self._input_rows(model, request.images),
@@ -130,8 +130,9 @@ class DataPlane:
             request.deadline,
             request.receipt,
         )
+        probabilities, given_scores = model.answers(answers)
         indices, values = top_k(probabilities, k)
-        scores, flags = abstain(probabilities, model.contract.abstain_threshold)
+        scores, flags = abstain(probabilities, model.contract.abstain_threshold, given_scores)
         return ClassifyResult(
             model.name, model.version, model.contract.labels, indices, values, count, errors, scores, flags
         )
@@ -215,9 +216,14 @@ class DataPlane:
         contract, deadline, receipt = model.contract, request.deadline, request.receipt
         graph = model.explain_graph
         # A float32 explain graph's probabilities are the model's own (verified at export); a reduced
-        # precision model gets its top-k from the model itself, as Classify would.
+        # precision model gets its top-k from the model itself, as Classify would, and so does one
+        # whose abstain score is a graph output the explain graph does not have.
         use_graph = graph is not None and (CAM in methods or request.activations)
-        own_probabilities = not use_graph or contract.extra.get("precision", "fp32") != "fp32"
+        own_probabilities = (
+            not use_graph
+            or contract.extra.get("precision", "fp32") != "fp32"
+            or contract.score_output is not None
+        )
         work: dict[str, Coroutine[Any, Any, Any]] = {}
         if use_graph:
             work["graph"] = model.explain_rows(rows, deadline, request.activations, receipt)
@@ -231,14 +237,16 @@ class DataPlane:
         results = await run_together(work)
         # The graph's outputs are there whenever CAM or activations were asked for.
         outputs: Any = results.get("graph")
-        probabilities = results.get("probabilities")
-        if probabilities is None:
+        given_scores = None
+        if "probabilities" in results:
+            probabilities, given_scores = model.answers(results["probabilities"])
+        else:
             probabilities = outputs.probabilities
         targets = (
             np.full(len(rows), request.target) if request.target is not None else probabilities.argmax(axis=1)
         )
         indices, values = top_k(probabilities, k)
-        scores, flags = abstain(probabilities, contract.abstain_threshold)
+        scores, flags = abstain(probabilities, contract.abstain_threshold, given_scores)
         labels = contract.labels
         explanations = []
         for i, row in enumerate(rows):
@@ -284,6 +292,7 @@ class DataPlane:
             await model.infer(copies[start : start + chunk], deadline, PRIORITY_LOW, receipt)
             for start in range(0, len(copies), chunk)
         ]
+        outputs = [model.answers(rows)[0] for rows in outputs]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     async def predict(self, request: PredictRequest) -> PredictResult:
@@ -320,8 +329,9 @@ class DataPlane:
                 more = f" ({len(errors) - 1} more unusable)" if len(errors) > 1 else ""
                 raise InvalidInput(f"input {shown(name)} image {first}: {errors[first]}{more}")
 
-        probabilities, _ = await self._run(model, count, prepare, check, request.deadline, request.receipt)
-        scores, flags = abstain(probabilities, model.contract.abstain_threshold)
+        answers, _ = await self._run(model, count, prepare, check, request.deadline, request.receipt)
+        probabilities, given_scores = model.answers(answers)
+        scores, flags = abstain(probabilities, model.contract.abstain_threshold, given_scores)
         return PredictResult(model.name, model.version, model.contract.labels, probabilities, scores, flags)
 
     async def _run(

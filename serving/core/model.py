@@ -52,6 +52,8 @@ def load_contract(model_path: Path, runtime: ModelRuntime) -> ModelContract:
             runtime.select_output(contract.output)
         except ModelLoadError as exc:
             raise ContractError(f"output: {exc}") from None
+    if contract.score_output is not None:
+        check_score_output(contract.score_output, runtime)
     if not contract.labels:
         if runtime.num_classes is None:
             raise ContractError(
@@ -76,6 +78,18 @@ def load_contract(model_path: Path, runtime: ModelRuntime) -> ModelContract:
     if runtime.num_classes is not None and runtime.num_classes != len(contract.labels):
         raise ContractError(f"{model_path}: {len(contract.labels)} labels for {runtime.num_classes} outputs")
     return contract
+
+
+def check_score_output(name: str, runtime: ModelRuntime) -> None:
+    """The contract's score output exists and holds one number per image."""
+    shapes = dict(runtime.outputs)
+    if name not in shapes:
+        raise ContractError(f"score_output: no output named {name!r}; the graph has {sorted(shapes)}")
+    shape = shapes[name]
+    if not 1 <= len(shape) <= 2 or (len(shape) == 2 and shape[1] != 1):
+        raise ContractError(
+            f"score_output {name!r} has shape {shape}; one score per image is [batch] or [batch, 1]"
+        )
 
 
 class ServedModel:
@@ -122,7 +136,9 @@ class ServedModel:
         """Refuses (ContractError) a version whose fixtures this server preprocesses or runs otherwise
         than training did, unless the runtime options allow drift: then it serves and says so."""
         check = check_certificate(
-            self.path, self.contract, lambda rows: self.predict(rows.astype(self.input_dtype))
+            self.path,
+            self.contract,
+            lambda rows: self.answers(self.predict(rows.astype(self.input_dtype)))[0],
         )
         if check is None or check.passed:
             return check
@@ -173,14 +189,33 @@ class ServedModel:
         return np.empty((count, *self.contract.image_shape), dtype=self.input_dtype)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """The batch function: one model call and, for logits models, one softmax over the batch."""
-        output = self.runtime.run(batch)
+        """The batch function: one model call and, for logits models, one softmax over the batch. Its
+        rows are the probabilities and, when the contract names a score output, one more column holding
+        that score: one array, so the batcher slices each caller's rows out of both at once."""
+        score_output = self.contract.score_output
+        if score_output is None:
+            return self._probabilities(self.runtime.run(batch))
+        output, scores = self.runtime.run_outputs(batch, [self.runtime.output_name, score_output])
+        probabilities = self._probabilities(output)
+        packed = np.empty((len(probabilities), probabilities.shape[1] + 1), dtype=np.float32)
+        packed[:, :-1] = probabilities
+        packed[:, -1] = scores.reshape(len(probabilities))
+        return packed
+
+    def _probabilities(self, output: np.ndarray) -> np.ndarray:
         kind = self.contract.output_kind
         if kind == "logits":
             return softmax(output.astype(np.float32, copy=False))
         if kind == "log-probabilities":
             return np.exp(output.astype(np.float32, copy=False))
         return output
+
+    def answers(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`predict`'s (or `infer`'s) rows as the probabilities and the score output's values (None
+        without one: the abstain score is then the top probability)."""
+        if self.contract.score_output is None:
+            return rows, None
+        return np.ascontiguousarray(rows[:, :-1]), rows[:, -1].copy()
 
     async def infer(
         self,
@@ -189,7 +224,7 @@ class ServedModel:
         priority: int = PRIORITY_HIGH,
         receipt: Receipt | None = None,
     ) -> np.ndarray:
-        """Probabilities of `rows`, batched with every other caller's rows."""
+        """`predict`'s rows for `rows` (`answers` splits them), batched with every other caller's rows."""
         return await self.batcher.submit(rows, deadline, priority, receipt)
 
     @property

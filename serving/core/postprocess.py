@@ -32,10 +32,15 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return indices, probabilities[np.arange(len(probabilities))[:, None], indices]
 
 
-def abstain(probabilities: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's confidence score (its max softmax probability) and whether it is below `threshold`
-    (the contract's abstain_threshold; None: never abstain). Compared in float32, as export set it."""
-    scores = probabilities.max(axis=1).astype(np.float32, copy=False)
+def abstain(
+    probabilities: np.ndarray, threshold: float | None, scores: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's abstain score (the model's score output where it has one, else its max softmax
+    probability) and whether it is below `threshold` (the contract's abstain_threshold; None: never
+    abstain). Compared in float32, as export set it."""
+    if scores is None:
+        scores = probabilities.max(axis=1)
+    scores = scores.astype(np.float32, copy=False)
     if threshold is None:
         return scores, np.zeros(len(scores), dtype=bool)
     return scores, scores < np.float32(threshold)

@@ -69,7 +69,7 @@ class PredictResult:
     version: int
     labels: Sequence[str]
     probabilities: np.ndarray  # (images, classes), float32
-    scores: np.ndarray | None = None  # (images,) max probability: the abstain score
+    scores: np.ndarray | None = None  # (images,) the abstain score: score output or max probability
     abstain: np.ndarray | None = None  # (images,) bool: score below the model's abstain_threshold
 
 

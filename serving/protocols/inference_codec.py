@@ -283,15 +283,25 @@ def model_config(model: ServedModel, sha256: str = "", loaded_at: str = "") -> m
 
 
 def calibration_facts(model: ServedModel) -> dict[str, str]:
-    """abstain_threshold (when set), temperature, ece_before, ece_after, abstain_score (when written)."""
+    """abstain_threshold and score_output (when set); temperature, ece_before, ece_after, abstain_score
+    and the AUROCs it was chosen by (when export wrote them)."""
     contract = model.contract
     facts: dict[str, str] = {
         k: contract.extra[k]
-        for k in ("temperature", "ece_before", "ece_after", "abstain_score")
+        for k in (
+            "temperature",
+            "ece_before",
+            "ece_after",
+            "abstain_score",
+            "abstain_auroc_msp",
+            "abstain_auroc_energy",
+        )
         if k in contract.extra
     }
     if contract.abstain_threshold is not None:
         facts["abstain_threshold"] = f"{contract.abstain_threshold:.9g}"
+    if contract.score_output is not None:
+        facts["score_output"] = contract.score_output
     return facts
 
 

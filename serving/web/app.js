@@ -235,7 +235,7 @@ function renderClasses(image) {
   const abstain = $("abstain");
   abstain.hidden = !result.abstain;
   abstain.textContent = result.abstain
-    ? `The model abstains: its confidence ${Number(result.score).toFixed(3)} is below the threshold set at ` +
+    ? `The model abstains: its score ${Number(result.score).toFixed(3)} is below the threshold set at ` +
       "export, so this image may be unlike anything it was trained on."
     : "";
 }
