@@ -150,6 +150,12 @@ def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
     ood.add_argument(
         "--out", type=Path, default=Path("benchmarks/OOD.md"), help="also writes .json beside it"
     )
+    ood.add_argument(
+        "--abstain-score",
+        choices=["auto", "msp", "energy"],
+        default="auto",
+        help="the served score whose threshold `flagged` applies, as export's option of that name",
+    )
     reference = commands.add_parser("reference", help="export a random-weight reference model for benchmarks")
     reference.add_argument("arch", choices=["digits", "resnet18", "resnet50"])
     reference.add_argument("--repository", type=Path, default=Path("benchmarks/models"))
@@ -294,7 +300,7 @@ def run_ood(args: argparse.Namespace, argv: list[str] | None) -> int:
         named = {
             other.split(":")[-1].rstrip("/").split("/")[-1]: other for other in others.split(",") if other
         }
-        figures += measure(Path(run_dir), named, own or None)
+        figures += measure(Path(run_dir), named, own or None, args.abstain_score)
     command = "python -m training " + shlex.join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(figures, command))
