@@ -134,6 +134,33 @@ def test_a_sidecar_names_the_score_output_the_server_abstains_on(
     wrong = without_metadata(path, tmp_path / "w" / "1", {**sidecar, "score_output": "energy"})
     with pytest.raises(ModelLoadError, match="score_output: no output named 'energy'"):
         load_model("w", 1, wrong, options, BatchingConfig())
-    wide = without_metadata(path, tmp_path / "p" / "1", {**sidecar, "score_output": "probabilities"})
-    with pytest.raises(ModelLoadError, match="one score per image"):
-        load_model("p", 1, wide, options, BatchingConfig())
+
+
+def test_a_score_output_must_be_another_output_holding_one_number_per_image(tmp_path: Path) -> None:
+    """A graph whose outputs are the classes (first) and a per-image map: naming either as the score
+    output is refused with the reason, at load."""
+    from onnx import TensorProto, helper
+
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    classes = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 64])
+    maps = helper.make_tensor_value_info("maps", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["image"], ["flat"]),
+            helper.make_node("Softmax", ["flat"], ["probabilities"], axis=1),
+            helper.make_node("Identity", ["image"], ["maps"]),
+        ],
+        "two-outputs",
+        [image],
+        [classes, maps],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = RuntimeOptions(device="cpu", intra_op_threads=1)
+    for score_output, reason in (("probabilities", "classes are read from"), ("maps", "one score per image")):
+        version = tmp_path / score_output / "1"
+        version.mkdir(parents=True)
+        onnx.save(model, str(version / "model.onnx"))
+        sidecar = {"color_mode": "L", "height": 8, "width": 8, "score_output": score_output}
+        (version / "model.json").write_text(json.dumps(sidecar))
+        with pytest.raises(ModelLoadError, match=reason):
+            load_model(score_output, 1, version / "model.onnx", options, BatchingConfig())

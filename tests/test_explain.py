@@ -385,3 +385,19 @@ def test_occlusion_drops_survive_a_probability_that_rounds_to_one() -> None:
     plain = np.array([0.6, 0.3, 0.1], dtype=np.float32)
     covered = np.array([[0.2, 0.5, 0.3]], dtype=np.float32)
     assert probability_drops(plain, covered, 0)[0] == pytest.approx(0.4, abs=1e-6)
+
+
+@pytest.mark.parametrize("methods", [["cam"], ["occlusion"], ["cam", "occlusion"]])
+def test_explanations_carry_the_abstain_score_classify_gives(digits, digit_samples, methods) -> None:
+    """The digits export serves the energy score, a model.onnx output the explain graph lacks: an
+    explanation's score and flag are still Classify's, image by image (noise among them, flagged)."""
+    images, _ = digit_samples
+    noise = np.random.default_rng(3).integers(0, 256, size=(6, 8, 8), dtype=np.uint8)
+    files = [encode(image) for image in [*images[:6, 0], *noise]]
+    classified = run(digits.dataplane.classify(ClassifyRequest(files)))
+    explained = run(digits.dataplane.explain(ExplainRequest(files, methods=methods)))
+    scores = [float(s) for s in classified.scores]
+    assert [e.score for e in explained.explanations] == pytest.approx(scores, rel=1e-6)
+    assert [e.abstain for e in explained.explanations] == classified.abstain.tolist()
+    assert max(scores) > 1.0  # the energy, not a probability
+    assert any(classified.abstain[6:])

@@ -124,3 +124,35 @@ def test_server_serves_fp16_and_int8_as_they_are(reduced, digit_samples, server_
                 expected_type = "FP16" if info.input.dtype == "float16" else "FP32"
                 assert request.inputs[0].datatype == expected_type
                 assert infer(request, timeout=30).outputs[0].shape == [4, 10]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_a_reduced_graph_sets_its_threshold_on_its_own_scores(
+    reduced, digits_run: Path, precision: str
+) -> None:
+    """The export serves the energy score (a second output); a smaller graph's energy drifts from
+    float32's, so its threshold keeps 99 % of the validation images under its own scores."""
+    from training.calibration import keep_threshold
+    from training.train import VAL_SPLIT
+
+    val = np.load(digits_run / VAL_SPLIT)["images"]
+
+    def served(path: Path) -> tuple[float, np.ndarray]:
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        spec = session.get_inputs()[0]
+        dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
+        _, scores = session.run(None, {spec.name: to_tensor(val).numpy().astype(dtype)})
+        return float(meta["convserve.abstain_threshold"]), scores.astype(np.float32).reshape(-1)
+
+    threshold, scores = served(reduced[precision].path)
+    float_threshold, float_scores = served(reduced["fp32"].path)
+    drift = float(np.abs(scores - float_scores).max())
+    print(
+        f"{precision}: energy differs from float32 by up to {drift:.4f}; "
+        f"threshold {threshold:.4f} vs {float_threshold:.4f}"
+    )
+    assert threshold == keep_threshold(scores)
+    assert 0.985 <= (scores >= np.float32(threshold)).mean() <= 1.0
+    calibration = reduced[precision].calibration
+    assert calibration is not None and calibration.threshold == threshold

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from serving.core.contract import Fit, ModelContract
-from training.calibration import Calibration, calibrate, outliers
+from training.calibration import Calibration, calibrate, keep_threshold, outliers
 from training.fixtures import write_fixtures
 from training.model import ConvNet, EnergyScoredModel, ProbabilitiesModel
 from training.quantize import PRECISIONS, Precision, convert
@@ -194,16 +194,31 @@ def check_report(report: ExportReport) -> None:
         raise VerificationError("ONNX export does not match PyTorch: " + "; ".join(failures))
 
 
-def run_session(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Probabilities as float32 for uint8 images, scaled as the server scales them and fed in the
-    graph's own input type (float16 or float)."""
+def run_session(
+    session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256, output: int = 0
+) -> np.ndarray:
+    """One output (the probabilities by default) as float32 for uint8 images, scaled as the server
+    scales them and fed in the graph's own input type (float16 or float)."""
     spec = session.get_inputs()[0]
     dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
     outputs = []
     for start in range(0, len(images), batch_size):
         x = to_tensor(images[start : start + batch_size]).numpy().astype(dtype)
-        outputs.append(session.run(None, {spec.name: x})[0].astype(np.float32))
+        outputs.append(session.run(None, {spec.name: x})[output].astype(np.float32))
     return np.concatenate(outputs)
+
+
+def served_threshold(path: Path, images: np.ndarray) -> tuple[float, float]:
+    """The abstain threshold keeping KEEP of `images` under the scores this very graph serves (its
+    `score` output, else its top probability), and the share it keeps. A fp16 or int8 graph's scores
+    drift from float32's (int8's energy by up to ~0.5 on digits), so its threshold is set on its own."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scored = len(session.get_outputs()) > 1
+    scores = (
+        run_session(session, images, output=1).reshape(-1) if scored else run_session(session, images).max(1)
+    )
+    threshold = keep_threshold(scores)
+    return threshold, float((scores >= np.float32(threshold)).mean())
 
 
 def verify_reduced(
@@ -302,6 +317,9 @@ def export_run(
             check_report(report)
             if precision != "fp32":
                 convert(float_path, path, precision, calibration_images(run_dir, precision))
+                threshold, kept = served_threshold(path, val_images)
+                contract = replace(contract, abstain_threshold=threshold)
+                fitted = replace(fitted, threshold=threshold, kept=kept)
                 write_metadata(path, contract.to_metadata())
                 reduced = verify_reduced(float_probabilities, path, precision, images, labels)
                 check_reduced(reduced)

@@ -96,8 +96,9 @@ def markdown(figures: list[OodFigure], command: str) -> str:
         "",
         f"Made by `{command}` (training/ood.py). AUROC: the chance that a test image scores higher than an "
         "out-of-distribution one (1 = perfectly separated, 0.5 = chance), for the max softmax probability "
-        "(MSP) and the energy score, both after temperature scaling. Served: the score export chose for the "
-        "run (the better of the two on validation images against noise and inverted validation images). "
+        "(MSP) and the energy score, both after temperature scaling. Served: the score whose threshold "
+        "`flagged` applies, export's (with `--abstain-score auto`, the default: the better of the two on "
+        "validation images against noise and inverted validation images; else the one the command names). "
         "Flagged: the share marked `abstain` by the served score's threshold (keeping 99 % of validation "
         "images); the last column is the share of the run's own test images flagged.",
         "",

@@ -347,7 +347,8 @@ class DataPlane:
     ) -> tuple[Any, dict[int, str]]:
         """The shared path: count → reserve input memory → prepare rows → check → batcher.
 
-        Returns the probabilities of the usable rows (or what `infer` makes of them) and {index: error}
+        Returns the model's rows for the usable images (`ServedModel.answers` splits them into
+        probabilities and scores; or what `infer` makes of them) and {index: error}
         for the others. `rows_per_image`: input rows each image will hold in memory (an explanation's
         occlusion copies count against the budget too). `receipt` learns the model version, the decode,
         and (from the batcher) the queue wait, the model calls and the batch sizes.

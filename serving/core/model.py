@@ -1,7 +1,8 @@
 """One loaded model version: its ONNX Runtime session(s), its contract and its own dynamic batcher.
 
 The model's facts come from its own files (ONNX metadata, or the `model.json` sidecar), never from
-special cases here. `ServedModel.infer` takes input rows and returns class probabilities; the data
+special cases here. `ServedModel.infer` takes input rows and returns their class probabilities (and
+abstain scores, where the graph has a score output: `ServedModel.answers` splits them); the data
 plane and the in-process tools (`score --local`, the bench's limit) call it.
 """
 
@@ -83,6 +84,8 @@ def load_contract(model_path: Path, runtime: ModelRuntime) -> ModelContract:
 def check_score_output(name: str, runtime: ModelRuntime) -> None:
     """The contract's score output exists and holds one number per image."""
     shapes = dict(runtime.outputs)
+    if name == runtime.output_name:
+        raise ContractError(f"score_output {name!r} is the output the classes are read from")
     if name not in shapes:
         raise ContractError(f"score_output: no output named {name!r}; the graph has {sorted(shapes)}")
     shape = shapes[name]
@@ -93,7 +96,7 @@ def check_score_output(name: str, runtime: ModelRuntime) -> None:
 
 
 class ServedModel:
-    """One model version: runtime, contract and batcher; rows in, probabilities out."""
+    """One model version: runtime, contract and batcher; rows in, probabilities (and scores) out."""
 
     def __init__(
         self, name: str, version: int, path: Path, runtime: ModelRuntime, batching: BatchingConfig
@@ -192,10 +195,13 @@ class ServedModel:
         """The batch function: one model call and, for logits models, one softmax over the batch. Its
         rows are the probabilities and, when the contract names a score output, one more column holding
         that score: one array, so the batcher slices each caller's rows out of both at once."""
+        return self._answer_rows(batch)
+
+    def _answer_rows(self, batch: np.ndarray, session: int | None = None) -> np.ndarray:
         score_output = self.contract.score_output
         if score_output is None:
-            return self._probabilities(self.runtime.run(batch))
-        output, scores = self.runtime.run_outputs(batch, [self.runtime.output_name, score_output])
+            return self._probabilities(self.runtime.run(batch, session))
+        output, scores = self.runtime.run_outputs(batch, [self.runtime.output_name, score_output], session)
         probabilities = self._probabilities(output)
         packed = np.empty((len(probabilities), probabilities.shape[1] + 1), dtype=np.float32)
         packed[:, :-1] = probabilities
@@ -270,7 +276,7 @@ class ServedModel:
         for size in sizes or self.runtime.warm_up_sizes(self.batching.max_batch_size):
             batch = np.zeros((size, *self.contract.image_shape), dtype=self.input_dtype)
             for session in range(self.runtime.instances):
-                self.runtime.run(batch, session)
+                self._answer_rows(batch, session)  # the very outputs live calls fetch
             if self.explain_graph is not None and size == 1:  # explanations come one image at a time
                 self.explain_graph.run_packed(batch)
 

@@ -95,7 +95,7 @@ class ClassifyResult:
     probabilities: np.ndarray  # (usable images, k)
     count: int  # images in the request
     errors: dict[int, str] = field(default_factory=dict)
-    # One per usable image, as `indices`: the max probability, and whether it is below the model's
+    # One per usable image, as `indices`: the abstain score, and whether it is below the model's
     # abstain_threshold (an image unlike the training data, or one the model is unsure of).
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     abstain: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))

@@ -268,8 +268,9 @@ def model_info(registry: ModelRegistry, entry: ModelVersion, calls: CallStats) -
     info.provider = model.runtime.provider
     info.explain_methods.extend(model.explain_methods)
     info.metadata.update(c.extra)
-    if c.score_output is not None:  # a model.json's score output, where no export wrote abstain_score
-        info.metadata.setdefault("abstain_score", f"output {c.score_output}")
+    if c.score_output is not None:  # the graph output the abstain score comes from
+        info.metadata["score_output"] = c.score_output
+        info.metadata.setdefault("abstain_score", f"output {c.score_output}")  # a model.json's
     if c.abstain_threshold is not None:
         info.abstain_threshold = c.abstain_threshold
     info.preprocessing = model.preprocessing
