@@ -411,12 +411,15 @@ def test_deadline_exceeded_drops_the_rows_before_the_model(tmp_path, server_fact
     assert after.items - before.items == 8 * rows  # ... and the model never saw it
 
 
-def test_sigterm_finishes_calls_in_flight_then_refuses(model_repo, digit_samples, server_factory) -> None:
-    server = server_factory(
-        model_repo, "--max-batch-size", "1", "--max-queue-size", "8192", "--grace-s", "30"
-    )
+def test_sigterm_finishes_calls_in_flight_then_refuses(digit_samples, server_factory, tmp_path) -> None:
+    # A model of about 2 ms a row, one row a batch: the 24 calls' 1,536 rows take seconds, so they are
+    # still in flight when the signal comes however late this loaded host lets the check run (with
+    # the digits model, 6,144 rows once all finished first).
+    repo = tmp_path / "slow-models"
+    build_conv_model(repo / "slow" / "1" / "model.onnx", side=64, channels=32, stride=1, depth=4)
+    server = server_factory(repo, "--max-batch-size", "1", "--max-queue-size", "8192", "--grace-s", "30")
     images, _ = digit_samples
-    request = make_request([encode(p) for p in images[:64]] * 4, "digits", top_k=1)
+    request = make_request([encode(p) for p in images[:64]], "slow", top_k=1)
     stub = raw_stub(server.address)
     expected = [r.class_index[0] for r in stub.Classify(request).results]
     watch = health_pb2_grpc.HealthStub(channel(server.address)).Watch(
@@ -424,11 +427,11 @@ def test_sigterm_finishes_calls_in_flight_then_refuses(model_repo, digit_samples
     )
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     info = raw_stub(server.address).GetModel
-    before = info(pb.GetModelRequest(name="digits")).stats.submitted
+    before = info(pb.GetModelRequest(name="slow")).stats.submitted
     with ThreadPoolExecutor(24) as pool:
         calls = [pool.submit(stub.Classify, request, timeout=60) for _ in range(24)]
         # Every call has reached the batcher: all 24 are admitted when the signal comes.
-        while info(pb.GetModelRequest(name="digits")).stats.submitted - before < 24:
+        while info(pb.GetModelRequest(name="slow")).stats.submitted - before < 24:
             time.sleep(0.01)
         assert not all(c.done() for c in calls), "the calls finished before the signal: make them heavier"
         server.process.send_signal(15)
