@@ -199,7 +199,7 @@ def model_repo_path(digits_run: Path, tmp_path: Path) -> Path:
 def test_ood_flags_with_the_score_export_serves(digits_run: Path) -> None:
     """`convserve ood`: the AUROCs of both scores, and `flagged` under the served score's threshold,
     as export would set it (auto: energy for this run; --abstain-score msp: the top probability)."""
-    from training.calibration import calibrate, keep_threshold
+    from training.calibration import keep_threshold
     from training.ood import measure, ood_sets
 
     auto = {f.ood_set: f for f in measure(digits_run, {})}
@@ -207,13 +207,7 @@ def test_ood_flags_with_the_score_export_serves(digits_run: Path) -> None:
     assert {f.served for f in auto.values()} == {"energy"} and {f.served for f in by_msp.values()} == {"msp"}
     _, net = load_run(digits_run)
     val, test = np.load(digits_run / VAL_SPLIT), np.load(digits_run / "test_split.npz")
-    t = calibrate(
-        logits_of(net, val["images"]),
-        val["labels"],
-        logits_of(net, test["images"]),
-        test["labels"],
-        score="msp",
-    ).temperature
+    t = fit_temperature(logits_of(net, val["images"]), val["labels"])
     noise = ood_sets(test["images"], "L", {})["uniform noise"]
     for kind, figures, score in (("msp", by_msp, msp), ("energy", auto, energy_score)):
         threshold = np.float32(keep_threshold(score(logits_of(net, val["images"]), t)))

@@ -132,6 +132,11 @@ class ScoreChoice:
     auroc_msp: float  # validation images against `outliers`; NaN when not measured
     auroc_energy: float
 
+    @property
+    def measured(self) -> bool:
+        """Whether the AUROCs were measured (not when the score was asked for without outliers)."""
+        return not np.isnan(self.auroc_msp)
+
 
 def choose_score(
     val_logits: np.ndarray, outlier_logits: np.ndarray | None, temperature: float, asked: str = "auto"
@@ -195,7 +200,7 @@ class Calibration:
             "ece_after": f"{self.ece_after:.6f}",
             "abstain_score": self.score.kind,
         }
-        if not np.isnan(self.score.auroc_msp):
+        if self.score.measured:
             facts["abstain_auroc_msp"] = f"{self.score.auroc_msp:.4f}"
             facts["abstain_auroc_energy"] = f"{self.score.auroc_energy:.4f}"
         return facts
@@ -209,7 +214,7 @@ class Calibration:
         why = (
             f" (validation vs noise and inverted images: AUROC max probability {choice.auroc_msp:.4f}, "
             f"energy {choice.auroc_energy:.4f})"
-            if not np.isnan(choice.auroc_msp)
+            if choice.measured
             else ""
         )
         return (

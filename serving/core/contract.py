@@ -46,11 +46,8 @@ OUTPUT_KINDS = ("probabilities", "logits", "log-probabilities")
 RESIZE_MODES = ("stretch", "letterbox", "fit_height", "crop")
 ALIGNS = ("centre", "top-left")
 ROUNDINGS = ("round", "floor", "ceil")
-# Informational metadata our own exports write; the server reads nothing from them.
-INFO_KEYS = (
-    "dataset",
-    "precision",
-    "reference",
+# What export measured calibrating and choosing the abstain score (training/calibration.py).
+CALIBRATION_KEYS = (
     "temperature",
     "ece_before",
     "ece_after",
@@ -58,6 +55,8 @@ INFO_KEYS = (
     "abstain_auroc_msp",
     "abstain_auroc_energy",
 )
+# Informational metadata our own exports write; the server reads nothing from them.
+INFO_KEYS = ("dataset", "precision", "reference", *CALIBRATION_KEYS)
 
 
 class ContractError(ValueError):

@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import model_config_pb2 as mc
+from serving.core.contract import CALIBRATION_KEYS
 from serving.core.errors import InvalidInput, shown
 from serving.core.model import ServedModel
 from serving.core.postprocess import top_k
@@ -286,18 +287,7 @@ def calibration_facts(model: ServedModel) -> dict[str, str]:
     """abstain_threshold and score_output (when set); temperature, ece_before, ece_after, abstain_score
     and the AUROCs it was chosen by (when export wrote them)."""
     contract = model.contract
-    facts: dict[str, str] = {
-        k: contract.extra[k]
-        for k in (
-            "temperature",
-            "ece_before",
-            "ece_after",
-            "abstain_score",
-            "abstain_auroc_msp",
-            "abstain_auroc_energy",
-        )
-        if k in contract.extra
-    }
+    facts = {k: contract.extra[k] for k in CALIBRATION_KEYS if k in contract.extra}
     if contract.abstain_threshold is not None:
         facts["abstain_threshold"] = f"{contract.abstain_threshold:.9g}"
     if contract.score_output is not None:
