@@ -2,9 +2,11 @@
 
 The SDK's `BatchSpanProcessor` takes spans one at a time (`on_end`: about 2 µs each, and a request
 has seven), which on a small model is 3 % of the images/s by itself. `SpanBatcher` takes a request's
-spans in one call (`on_end_many`: a deque append) and exports them in batches every `delay_s`, or
-sooner once `wake_after` requests wait. When the exporter falls behind (a collector slow or down),
-requests past `max_requests` lose their spans, counted in `dropped`, never a request slowed.
+spans in one call (`on_end_many`: a deque append), or what to build them from (`on_end_later`: the
+spans are made on its thread, just before their export, and the event loop only appends), and
+exports them in batches every `delay_s`, or sooner once `wake_after` requests wait. When the exporter
+falls behind (a collector slow or down), hand-overs past `max_requests` are lost, counted in
+`dropped`, never a request slowed.
 
 Imported with `serving.tracing` only (the `otel` extra).
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -24,6 +27,9 @@ from serving.protocols.status import RateLimitedLog
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)
+
+# Spans from what they are built of (a request's record, a batch's receipts): called on the thread.
+Build = Callable[[Any], Sequence[ReadableSpan]]
 
 
 class SpanBatcher(SpanProcessor):
@@ -38,13 +44,14 @@ class SpanBatcher(SpanProcessor):
         self.exporter = exporter
         self.delay_s, self.batch_size = delay_s, batch_size
         self.wake_after, self.max_requests = wake_after, max_requests
-        # deque appends and pops are atomic: the event loop appends, the thread pops, no lock.
-        self._queue: collections.deque[Sequence[ReadableSpan]] = collections.deque()
+        # deque appends and pops are atomic: the event loop appends, the thread pops, no lock. Each
+        # entry is (None, spans) or (build, what build makes the spans of).
+        self._queue: collections.deque[tuple[Build | None, Any]] = collections.deque()
         self._wake = threading.Event()
         # Held for a whole export pass: a flush that gets it knows no popped batch is still on its way.
         self._exporting = threading.Lock()
         self._stopping = False
-        self.dropped = 0  # spans lost to a full queue
+        self.dropped = 0  # hand-overs (a request's spans, a batch's) lost to a full queue
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
@@ -57,11 +64,16 @@ class SpanBatcher(SpanProcessor):
 
     def on_end_many(self, spans: Sequence[ReadableSpan]) -> None:
         """A request's spans, in one call from the event loop."""
+        self.on_end_later(None, spans)
+
+    def on_end_later(self, build: Build | None, what: Any) -> None:
+        """Spans to be made by `build(what)` on the export thread (`what` must not change after this
+        call); with `build` None, `what` are the spans."""
         queue = self._queue
         if self._stopping or len(queue) >= self.max_requests:
-            self.dropped += len(spans)
+            self.dropped += 1
             return
-        queue.append(spans)
+        queue.append((build, what))
         if len(queue) == self.wake_after:
             self._wake.set()
 
@@ -99,7 +111,16 @@ class SpanBatcher(SpanProcessor):
         while queue:
             batch: list[ReadableSpan] = []
             while queue and len(batch) < self.batch_size:
-                batch.extend(queue.popleft())
+                build, what = queue.popleft()
+                if build is None:
+                    batch.extend(what)
+                    continue
+                try:
+                    batch.extend(build(what))
+                except Exception as error:  # one request's spans lost, never the thread
+                    trouble("build", logging.WARNING, "spans could not be made", exc_info=error)
+            if not batch:
+                continue
             try:
                 self.exporter.export(batch)
             except Exception as error:  # an exporter that raises must not end the thread

@@ -1,12 +1,13 @@
 """OpenTelemetry spans for every request (`--otlp-endpoint`), drawn from the receipts the edges keep.
 
 Imported only when tracing is on (the `otel` extra) or by tests. Nothing here runs while a request
-works: its receipt records plain clock readings, and once the answer is out its spans are written from
-them, with the receipt's start and end times:
+works: its receipt records plain clock readings, and once the answer is out its spans are made from
+them, with the receipt's start and end times, on the processor's thread (the event loop hands over the
+request's record, a deque append; see `SpanBatcher.on_end_later`):
 
 - the request's span (SERVER; "convserve_v1/Classify", "kserve_v2/ModelInfer", "POST /v2/models/
   {model}/infer"), a child of the client's span when it sent a W3C `traceparent`, else the root of a
-  trace whose id is the receipt's (the one the answer's `convserve-trace-id` and the access log show);
+  trace whose id is the receipt's (the one the answer's `server-timing` and the access log show);
 - its children `receive`, `decode`, `queue`, `compute`, `respond`, one after the other;
 - one `batch` span per model call, the root of its own trace, linking to the span of every request
   whose rows it ran (a batch serves many traces, so it belongs to none).
@@ -14,10 +15,11 @@ them, with the receipt's start and end times:
 Spans whose times are all known when they are written need none of the SDK's machinery for a live
 span (a lock, a sampler call and attribute checks per span: about 25 µs each here, the whole budget of
 a small request): they are made finished, as the SDK's `ReadableSpan`, and a request's spans are handed
-to the processor in one call (`serving.span_export.SpanBatcher`). The sampler (`OTEL_TRACES_SAMPLER`;
+to the processor in one go (`serving.span_export.SpanBatcher`). The sampler (`OTEL_TRACES_SAMPLER`;
 by default always, and a client's sampled span's children too, which needs no call) decides once per
 request; a batch is written when one of its requests is. The request's ids are drawn when first needed
-(a batch links to it before it ends): `receipt.span` holds its `SpanContext`. The processor is a
+(a batch links to it, and may be made before it): `receipt.span` holds its `SpanContext`, written on
+the processor's thread only. The processor is a
 `SpanBatcher` with the OTLP/HTTP exporter in the server, and what a test gives `install`.
 """
 
@@ -42,7 +44,7 @@ from serving.core.receipt import Receipt
 from serving.protocols import receipts
 from serving.protocols.receipts import Ended
 from serving.protocols.status import RateLimitedLog
-from serving.span_export import SpanBatcher
+from serving.span_export import Build, SpanBatcher
 
 log = logging.getLogger(__name__)
 trouble = RateLimitedLog(log)
@@ -91,6 +93,9 @@ class Tracing:
         self.always = self.sampler.get_description() == DEFAULT_ON.get_description()
         hand_many = getattr(processor, "on_end_many", None)
         self.hand: Callable[[Sequence[ReadableSpan]], None] = hand_many or self._one_by_one
+        # A processor that builds spans on its own thread (SpanBatcher) gets what to build them of; the
+        # event loop then spends a deque append on each request and batch. Others get them built.
+        self.later: Callable[[Build, Any], None] = getattr(processor, "on_end_later", None) or self._now
         self.ids = self.provider.id_generator
         # Receipts read time.perf_counter; spans want ns since the epoch. One offset, taken once.
         self.offset_ns = time.time_ns() - time.perf_counter_ns()
@@ -101,6 +106,9 @@ class Tracing:
     def _one_by_one(self, spans: Sequence[ReadableSpan]) -> None:
         for span in spans:
             self.processor.on_end(span)
+
+    def _now(self, build: Build, what: Any) -> None:
+        self.hand(build(what))
 
     def span(
         self, name: str, context: SpanContext, parent: SpanContext | None, start: int, end: int, **more: Any
@@ -142,19 +150,20 @@ class Tracing:
         return SpanContext(int(receipt.trace_id, 16), int(receipt.parent_span_id, 16), True, SAMPLED)
 
     def ended(self, record: Ended) -> None:
-        """The listener: the request's span and its stages, ending at the receipt's total."""
+        """The listener: the request's span and its stages, ending at the receipt's total (made later,
+        on the processor's thread: the receipt is final once its request has ended)."""
         try:
-            self._end(record)
+            self.later(self.request_spans, record)
         except Exception as error:  # tracing must never fail a request
             trouble(
                 "request-span", logging.WARNING, "a request's spans could not be recorded", exc_info=error
             )
 
-    def _end(self, record: Ended) -> None:
+    def request_spans(self, record: Ended) -> Sequence[ReadableSpan]:
         receipt = record.receipt
         context = self.request_context(receipt)
         if not context.trace_flags.sampled:
-            return
+            return ()
         end = receipt.started + receipt.total
         # The stages' spans, written out inline: at seven spans a request, each call saved is ~1 µs.
         trace_id, flags, new_id = context.trace_id, context.trace_flags, self.ids.generate_span_id
@@ -184,29 +193,35 @@ class Tracing:
             status=status,
         )
         spans.append(request)
-        self.hand(spans)
+        return spans
 
     # Batches --------------------------------------------------------------------------------------
 
     def batch_ran(self, ran: Sequence[Receipt], rows: int, started: float, done: float) -> None:
-        """The batcher's observer: one span per model call, linked to each sampled request it served."""
+        """The batcher's observer: one span per model call, made later (`batch_spans`). `ran` is the
+        batcher's own list, made for this call."""
         try:
-            contexts = [self.request_context(receipt) for receipt in ran]
-            links = [Link(context) for context in contexts if context.trace_flags.sampled]
-            if not links:
-                return
-            first = ran[0]
-            attributes = {
-                "convserve.batch_size": rows,
-                "convserve.requests": len(ran),
-                "convserve.model": first.model,
-                "convserve.model_version": first.version,
-            }
-            context = SpanContext(self.ids.generate_trace_id(), self.ids.generate_span_id(), False, SAMPLED)
-            start, end = self.ns(started), self.ns(done)
-            self.hand((self.span("batch", context, None, start, end, attributes=attributes, links=links),))
+            self.later(self.batch_spans, (ran, rows, started, done))
         except Exception as error:  # never into the batcher: its callers still get their rows
             trouble("batch-span", logging.WARNING, "a batch's span could not be recorded", exc_info=error)
+
+    def batch_spans(self, batch: tuple[Sequence[Receipt], int, float, float]) -> Sequence[ReadableSpan]:
+        """A batch's span, linked to each sampled request it served."""
+        ran, rows, started, done = batch
+        contexts = [self.request_context(receipt) for receipt in ran]
+        links = [Link(context) for context in contexts if context.trace_flags.sampled]
+        if not links:
+            return ()
+        first = ran[0]
+        attributes = {
+            "convserve.batch_size": rows,
+            "convserve.requests": len(ran),
+            "convserve.model": first.model,
+            "convserve.model_version": first.version,
+        }
+        context = SpanContext(self.ids.generate_trace_id(), self.ids.generate_span_id(), False, SAMPLED)
+        start, end = self.ns(started), self.ns(done)
+        return (self.span("batch", context, None, start, end, attributes=attributes, links=links),)
 
 
 def request_attributes(record: Ended) -> dict[str, Any]:
