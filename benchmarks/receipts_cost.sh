@@ -1,27 +1,27 @@
 #!/usr/bin/env bash
 # What receipts and tracing cost, in images/s on the digits model's unary raw-tensor scenarios.
 #
-#   benchmarks/receipts_cost.sh BEFORE_TREE MODELS OUT.md [ROUNDS]
+#   benchmarks/receipts_cost.sh MODELS OUT.md [ROUNDS]
 #
-# BEFORE_TREE is a checkout of the commit before receipts (git worktree add /tmp/before 43444f9); the
-# commit measured is this checkout. Three servers with the bench's flags, one port each:
-#   before   BEFORE_TREE's server (no receipts)
-#   after    this checkout's (receipts always on)
-#   traced   this checkout's with tracing on, its spans to an in-memory exporter (traced_server.py)
-# then benchmarks/ab_servers.py twice, before/after and after/traced, in alternating rounds.
+# Three servers of this checkout with the bench's flags, one port each:
+#   bare      receipts taken out (receiptless_server.py): the baseline
+#   receipts  `convserve serve` as it is (receipts always on, tracing off)
+#   traced    tracing on, its spans to an in-memory exporter (traced_server.py)
+# then benchmarks/ab_servers.py twice, bare/receipts and receipts/traced, in alternating rounds, with
+# the servers' CPU time per image beside their images/s.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-before=$(realpath "$1") models=$(realpath "$2") out=$(realpath -m "$3") rounds=${4:-12}
+models=$(realpath "$1") out=$(realpath -m "$2") rounds=${3:-12}
 python=${PYTHON:-$here/.venv/bin/python}
 flags=(--models "$models" --host 127.0.0.1 --device cpu --max-batch-size 32 --max-delay-ms 2
   --log-level WARNING --http-port 0 --metrics-port 0)
 pids=()
 trap 'kill -INT "${pids[@]}" 2>/dev/null; wait' EXIT
 
-serve() {  # TREE PORT COMMAND...: a server in TREE, once it answers health
-  local tree=$1 port=$2
-  shift 2
-  (cd "$tree" && exec "$python" "$@" "${flags[@]}" --port "$port") >"$out.$port.log" 2>&1 &
+serve() {  # PORT COMMAND...: a server, once it answers health
+  local port=$1
+  shift
+  "$python" "$@" "${flags[@]}" --port "$port" >"$out.$port.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 120); do
     (cd "$here" && "$python" -m serving health --server "127.0.0.1:$port" >/dev/null 2>&1) && return
@@ -31,21 +31,21 @@ serve() {  # TREE PORT COMMAND...: a server in TREE, once it answers health
   return 1
 }
 
-serve "$before" 18571 -m serving serve
-serve "$here" 18572 -m serving serve
-serve "$here" 18573 benchmarks/traced_server.py
 cd "$here"
+serve 18571 benchmarks/receiptless_server.py
+serve 18572 -m serving serve
+serve 18573 benchmarks/traced_server.py
 {
   echo "# What receipts and tracing cost"
   echo
   echo "Made by \`benchmarks/receipts_cost.sh $*\` on $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores,"
-  echo "before = $(git -C "$before" log -1 --format='%h %s'), after = $(git log -1 --format='%h %s')."
+  echo "commit $(git log -1 --format='%h %s')$(git diff --quiet HEAD || echo ' (with changes not committed)')."
   echo
-  echo "## Receipts (always on): before → after"
+  echo "## Receipts (always on): bare → receipts"
   echo
-  "$python" benchmarks/ab_servers.py before=127.0.0.1:18571 after=127.0.0.1:18572 --rounds "$rounds"
-  echo "## Tracing (spans to an in-memory exporter): after → traced"
+  "$python" benchmarks/ab_servers.py bare=127.0.0.1:18571@"${pids[0]}" receipts=127.0.0.1:18572@"${pids[1]}" --rounds "$rounds"
+  echo "## Tracing (spans to an in-memory exporter): receipts → traced"
   echo
-  "$python" benchmarks/ab_servers.py after=127.0.0.1:18572 traced=127.0.0.1:18573 --rounds "$rounds"
+  "$python" benchmarks/ab_servers.py receipts=127.0.0.1:18572@"${pids[1]}" traced=127.0.0.1:18573@"${pids[2]}" --rounds "$rounds"
 } >"$out"
 cat "$out"
