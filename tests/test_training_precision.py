@@ -24,12 +24,26 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reduced(digits_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportReport]:
+def converged_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits run `convserve train --dataset digits` makes (40 epochs; the same split as the
+    session's 12-epoch `digits_run`, whose test images the tests use). int8 costs a model that has
+    not converged more: on one CPU, whose float32 kernels round differently, the 12-epoch model lost
+    1.39 points under int8 (the export refuses more than 1.0); the 40-epoch run lost 0.28 there."""
+    from training.datasets import load_digits
+    from training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("converged")
+    train(load_digits(seed=0), TrainConfig(epochs=40, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reduced(converged_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportReport]:
     repo = tmp_path_factory.mktemp("reduced")
     return {
-        "fp32": export_run(digits_run, repo, "digits", 1),
-        "fp16": export_run(digits_run, repo, "digits", 2, precision="fp16"),
-        "int8": export_run(digits_run, repo, "digits", 3, precision="int8"),
+        "fp32": export_run(converged_run, repo, "digits", 1),
+        "fp16": export_run(converged_run, repo, "digits", 2, precision="fp16"),
+        "int8": export_run(converged_run, repo, "digits", 3, precision="int8"),
     }
 
 
@@ -128,14 +142,14 @@ def test_server_serves_fp16_and_int8_as_they_are(reduced, digit_samples, server_
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_a_reduced_graph_sets_its_threshold_on_its_own_scores(
-    reduced, digits_run: Path, precision: str
+    reduced, converged_run: Path, precision: str
 ) -> None:
     """The export serves the energy score (a second output); a smaller graph's energy drifts from
     float32's, so its threshold keeps 99 % of the validation images under its own scores."""
     from training.calibration import keep_threshold
     from training.train import VAL_SPLIT
 
-    val = np.load(digits_run / VAL_SPLIT)["images"]
+    val = np.load(converged_run / VAL_SPLIT)["images"]
 
     def served(path: Path) -> tuple[float, np.ndarray]:
         meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
