@@ -95,7 +95,10 @@ class Tracing:
         self.hand: Callable[[Sequence[ReadableSpan]], None] = hand_many or self._one_by_one
         # A processor that builds spans on its own thread (SpanBatcher) gets what to build them of; the
         # event loop then spends a deque append on each request and batch. Others get them built.
+        # Unsampled requests are handed over too (the sampler decides on that thread): under a low
+        # sampling ratio they still count against the processor's bound.
         self.later: Callable[[Build, Any], None] = getattr(processor, "on_end_later", None) or self._now
+        self._request_spans, self._batch_spans = self.request_spans, self.batch_spans  # bound once
         self.ids = self.provider.id_generator
         # Receipts read time.perf_counter; spans want ns since the epoch. One offset, taken once.
         self.offset_ns = time.time_ns() - time.perf_counter_ns()
@@ -153,7 +156,7 @@ class Tracing:
         """The listener: the request's span and its stages, ending at the receipt's total (made later,
         on the processor's thread: the receipt is final once its request has ended)."""
         try:
-            self.later(self.request_spans, record)
+            self.later(self._request_spans, record)
         except Exception as error:  # tracing must never fail a request
             trouble(
                 "request-span", logging.WARNING, "a request's spans could not be recorded", exc_info=error
@@ -201,7 +204,7 @@ class Tracing:
         """The batcher's observer: one span per model call, made later (`batch_spans`). `ran` is the
         batcher's own list, made for this call."""
         try:
-            self.later(self.batch_spans, (ran, rows, started, done))
+            self.later(self._batch_spans, (ran, rows, started, done))
         except Exception as error:  # never into the batcher: its callers still get their rows
             trouble("batch-span", logging.WARNING, "a batch's span could not be recorded", exc_info=error)
 
@@ -266,7 +269,9 @@ _installed: list[Tracing] = []
 
 
 def install(processor: SpanProcessor) -> Tracing:
-    """Tracing on, for this process: every request's spans and every batch's go to `processor`."""
+    """Tracing on, for this process: every request's spans and every batch's go to `processor`. One
+    at a time: the batch observer is the last one installed, and a receipt's span ids are drawn on
+    its processor's thread."""
     tracing = Tracing(processor)
     _installed.append(tracing)
     receipts.listeners.append(tracing.ended)

@@ -22,7 +22,7 @@ from protos.inference import grpc_service_pb2 as kpb
 from protos.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving.core.batch_settings import BatchingConfig
 from serving.core.batching import DynamicBatcher
-from serving.core.receipt import Receipt
+from serving.core.receipt import Receipt, batch_ran
 from serving.protocols.receipts import parse_traceparent
 from tests.conftest import encode, start_server, timing
 
@@ -60,6 +60,21 @@ def test_stages_are_consecutive_segments_that_add_up() -> None:
     assert timing(receipt.server_timing())["batch"] == "8 3"
     assert timing(receipt.server_timing())["trace"] == TRACE_ID
     assert receipt.metadata() == (("server-timing", receipt.server_timing()),)  # one entry: see its cost
+
+
+def test_a_sealed_receipt_records_no_later_batch() -> None:
+    """A call cancelled or past its deadline ends (its receipt sent, its spans handed to the export
+    thread) while a batch holding its rows may still finish: that batch must not change the receipt."""
+    receipt = Receipt(started=100.0, trace_id=TRACE_ID)
+    receipt.handed_over(100.001)
+    receipt.batch_started(4, 100.002)
+    receipt.batch_done(100.003)
+    receipt.total_s = 0.005  # sealed: the call has ended
+    sent = receipt.server_timing()
+    batch_ran([receipt], 32, 100.004, 100.009)  # the batcher, after the call ended
+    assert receipt.batch_sizes == [4] and receipt.batches == 1
+    assert receipt.last_done == 100.003
+    assert receipt.server_timing() == sent
 
 
 def test_the_version_in_the_receipt_is_printable_ascii_whatever_the_model_is_named() -> None:

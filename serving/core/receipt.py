@@ -85,7 +85,13 @@ class Receipt:
         if self.enqueued is None:
             self.enqueued = now
 
+    # A sealed receipt records no more batches: a call that was cancelled or ran past its deadline
+    # has ended (its figures sent, its spans handed to another thread) while a batch holding its rows
+    # may still finish.
+
     def batch_started(self, rows: int, now: float) -> None:
+        if self.total_s is not None:
+            return
         if self.first_batch is None or now < self.first_batch:  # batches in flight can finish out of order
             self.first_batch = now
         self.batches += 1
@@ -93,6 +99,8 @@ class Receipt:
             self.batch_sizes.append(rows)
 
     def batch_done(self, now: float) -> None:
+        if self.total_s is not None:
+            return
         if self.last_done is None or now > self.last_done:
             self.last_done = now
 
