@@ -21,6 +21,7 @@ import argparse
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,6 +42,13 @@ def main() -> int:
     parser.add_argument("--scenario", action="append", default=None)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait after each run before reading the server's CPU time (work it left, such "
+        "as spans still to be made, then counts for it and not during the other side's run)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sides = []
@@ -59,6 +67,7 @@ def main() -> int:
                 for name, address, pid in order:
                     cpu = cpu_of(pid)
                     result = load.run(scenario.command(address, args.model, args.duration))
+                    time.sleep(args.settle)
                     result["server_cpu_s"] = cpu_of(pid) - cpu
                     results[scenario.name, name].append(result)
             print(f"round {index + 1}/{args.rounds}", file=sys.stderr)

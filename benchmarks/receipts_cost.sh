@@ -8,7 +8,8 @@
 #   receipts  `convserve serve` as it is (receipts always on, tracing off)
 #   traced    tracing on, its spans to an in-memory exporter (traced_server.py)
 # then benchmarks/ab_servers.py twice, bare/receipts and receipts/traced, in alternating rounds, with
-# the servers' CPU time per image beside their images/s.
+# the servers' CPU time per image beside their images/s (the traced pair waits 1.2 s after each run, so
+# that the spans its export thread still has to make, every second at most, count for the traced side).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 models=$(realpath "$1") out=$(realpath -m "$2") rounds=${3:-12}
@@ -46,6 +47,7 @@ serve 18573 benchmarks/traced_server.py
   "$python" benchmarks/ab_servers.py bare=127.0.0.1:18571@"${pids[0]}" receipts=127.0.0.1:18572@"${pids[1]}" --rounds "$rounds"
   echo "## Tracing (spans to an in-memory exporter): receipts → traced"
   echo
-  "$python" benchmarks/ab_servers.py receipts=127.0.0.1:18572@"${pids[1]}" traced=127.0.0.1:18573@"${pids[2]}" --rounds "$rounds"
+  "$python" benchmarks/ab_servers.py receipts=127.0.0.1:18572@"${pids[1]}" traced=127.0.0.1:18573@"${pids[2]}" --rounds "$rounds" \
+    --settle 1.2
 } >"$out"
 cat "$out"
