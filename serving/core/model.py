@@ -191,13 +191,11 @@ class ServedModel:
     def new_rows(self, count: int) -> np.ndarray:
         return np.empty((count, *self.contract.image_shape), dtype=self.input_dtype)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, session: int | None = None) -> np.ndarray:
         """The batch function: one model call and, for logits models, one softmax over the batch. Its
         rows are the probabilities and, when the contract names a score output, one more column holding
-        that score: one array, so the batcher slices each caller's rows out of both at once."""
-        return self._answer_rows(batch)
-
-    def _answer_rows(self, batch: np.ndarray, session: int | None = None) -> np.ndarray:
+        that score: one array, so the batcher slices each caller's rows out of both at once. `session`:
+        one instance's (warm-up), else the runtime picks."""
         score_output = self.contract.score_output
         if score_output is None:
             return self._probabilities(self.runtime.run(batch, session))
@@ -276,7 +274,7 @@ class ServedModel:
         for size in sizes or self.runtime.warm_up_sizes(self.batching.max_batch_size):
             batch = np.zeros((size, *self.contract.image_shape), dtype=self.input_dtype)
             for session in range(self.runtime.instances):
-                self._answer_rows(batch, session)  # the very outputs live calls fetch
+                self.predict(batch, session)  # the very outputs live calls fetch
             if self.explain_graph is not None and size == 1:  # explanations come one image at a time
                 self.explain_graph.run_packed(batch)
 

@@ -146,12 +146,7 @@ class Receipt:
         One %-format: it runs on every answer (a format per figure cost three times as much)."""
         text = STAGES_TIMING % self.figures_ms()
         if self.batches:
-            sizes = self.batch_sizes
-            text += (
-                f', batch;desc="{sizes[0]}"'
-                if self.batches == 1
-                else f', batch;desc="{self.batch_text().replace(",", " ")}"'
-            )
+            text += f', batch;desc="{self.batch_text().replace(",", " ")}"'
         if self.model:
             text += version_timing(self.model, self.version)
         if self.trace_id:
