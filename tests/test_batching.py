@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from serving.core.batch_settings import BatchingConfig
 from serving.core.batching import (
     PRIORITY_LOW,
+    RUN_TIME_WINDOW,
     BatcherClosedError,
     DeadlineExceededError,
     DynamicBatcher,
@@ -273,6 +275,51 @@ def test_close_waits_for_inline_batches_too() -> None:
 
     asyncio.run(scenario())
     assert sum(model.sizes) == 9
+
+
+class ThreadNoting:
+    """A batch function that notes the thread of each call, and sleeps `slow_s` in the calls `slow`
+    picks (by their number, from 0)."""
+
+    def __init__(self, slow: Callable[[int], bool], slow_s: float) -> None:
+        self.threads: list[int] = []
+        self.slow, self.slow_s = slow, slow_s
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.slow(len(self.threads)):
+            time.sleep(self.slow_s)
+        self.threads.append(threading.get_ident())
+        return batch
+
+
+def lone_calls(model: ThreadNoting, calls: int) -> int:
+    """`calls` callers one after the other; returns the event loop's thread."""
+
+    async def scenario() -> int:
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8))
+        for caller in range(calls):
+            await batcher.submit(rows_for(caller, 1))
+        await batcher.close()
+        return threading.get_ident()
+
+    return asyncio.run(scenario())
+
+
+def test_one_slow_call_keeps_a_fast_model_on_the_event_loop() -> None:
+    """A call's time holds its wait for the GIL on return, up to 5 ms while another thread runs Python
+    (the event loop, span export). One such call must not send a fast model's batches to the worker
+    thread, where every return waits for the busy loop."""
+    model = ThreadNoting(slow=lambda call: call == 2, slow_s=0.02)  # 40 × inline_below_s
+    loop_thread = lone_calls(model, 12)
+    assert model.threads[1:] == [loop_thread] * 11  # the first: queued, nothing was measured yet
+
+
+def test_a_model_that_turns_slow_leaves_the_event_loop_within_the_window() -> None:
+    model = ThreadNoting(slow=lambda call: call >= 3, slow_s=0.002)  # 4 × inline_below_s
+    loop_thread = lone_calls(model, 3 + RUN_TIME_WINDOW + 4)
+    assert model.threads[1:3] == [loop_thread] * 2
+    # Once the window holds slow calls only, batches go to the worker thread.
+    assert loop_thread not in model.threads[3 + RUN_TIME_WINDOW :]
 
 
 def test_a_fast_model_runs_lone_callers_at_once_and_shares_a_tick_among_callers_who_arrive_together() -> None:

@@ -10,8 +10,9 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
     its oldest row has waited `max_delay` -- an upper bound, never a fixed wait;
   * up to `max_inflight` batches at a time (default 2: one running, the next one staged), so the
     model never idles between batches;
-  * a model whose batches take less than `inline_below_s` (a tiny CNN: tens of microseconds) runs in
-    the event loop itself when nothing is in flight: the hand-off to a worker thread and back would
+  * a model whose batches take less than `inline_below_s` (a tiny CNN: tens of microseconds; judged by
+    the fastest of its last RUN_TIME_WINDOW calls, see `_run`) runs in the event loop itself when
+    nothing is in flight: the hand-off to a worker thread and back would
     cost more than the call, and blocking the loop that briefly costs nothing. With nothing queued
     either, and callers arriving one per tick, `submit` runs the caller's rows at once, without a
     future or a loop turn (`_run_now`); callers that arrive together share the tick's batch.
@@ -46,6 +47,7 @@ from serving.core.receipt import Receipt, batch_ran
 BatchFunction = Callable[[np.ndarray], np.ndarray]
 PRIORITY_HIGH = 0  # classification: every request a client waits on
 PRIORITY_LOW = 1  # work that must never hold classification up (occlusion's masked copies)
+RUN_TIME_WINDOW = 16  # model calls whose fastest says how long a call takes
 
 
 class QueueFullError(Overloaded):
@@ -106,7 +108,8 @@ class DynamicBatcher:
         self._timer_at = float("inf")
         self._closed = False
         self._idle: asyncio.Event | None = None
-        self._run_time_s = float("inf")  # moving average of one batch call; unknown until measured
+        self._run_time_s = float("inf")  # the fastest of the recent calls; unknown until measured
+        self._recent_runs_s: collections.deque[float] = collections.deque(maxlen=RUN_TIME_WINDOW)
         self._dispatch_pending = False
         # Whether callers arrive together (several in one loop tick): then even a fast idle model
         # waits for the tick's end to share the batch; else it runs a caller's rows at once.
@@ -349,9 +352,14 @@ class DynamicBatcher:
         stacked = parts[0] if len(parts) == 1 else np.concatenate(parts)
         output = self.run_batch(stacked)
         took_ns = time.perf_counter_ns() - started
-        took = took_ns * 1e-9
-        # A moving average, seeded by the first call, decides whether batches run inline.
-        self._run_time_s = took if self._run_time_s == float("inf") else 0.8 * self._run_time_s + 0.2 * took
+        # The fastest recent call decides whether batches run inline. A call's time also holds its wait
+        # for the GIL when it returns, up to the switch interval (5 ms) while another thread (the event
+        # loop, span export) runs Python; a mean took one such wait for a slow model, moved batches to
+        # the worker thread, where every return waits for the busy loop, and kept them there. A
+        # model that has become slow for good is seen within RUN_TIME_WINDOW calls.
+        recent = self._recent_runs_s
+        recent.append(took_ns * 1e-9)
+        self._run_time_s = min(recent)  # one C call under the GIL: no append can come in between
         return output, took_ns
 
     def _deliver(self, batch: list[_Pending], rows: int, result: asyncio.Future, started: float) -> None:
