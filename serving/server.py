@@ -39,7 +39,7 @@ from serving.core.budget import MIB, InputBudget
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.runtime import RuntimeOptions
 from serving.http_server import HttpServer
-from serving.memory import configure_malloc, trim_when_quiet
+from serving.memory import configure_malloc, freeze_imports, trim_when_quiet
 from serving.metrics import MetricsEndpoint, ServerCollector
 from serving.models.lifecycle import ModelLifecycle
 from serving.models.registry import ModelRegistry
@@ -376,6 +376,7 @@ async def serve(config: ServerConfig) -> int:
 
 def run_server(config: ServerConfig) -> int:
     configure_malloc()
+    freeze_imports()
     uvloop = install_uvloop()
     log.info(
         "convserve server config: %s; event loop: %s", config.describe(), "uvloop" if uvloop else "asyncio"
