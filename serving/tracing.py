@@ -54,6 +54,7 @@ SCOPE = InstrumentationScope("convserve.serving")
 EXPORT_TIMEOUT_S = 5.0  # one OTLP export (a collector that is down must not hold the shutdown long)
 SAMPLED, NOT_SAMPLED = TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.DEFAULT)
 UNSET = Status(StatusCode.UNSET)
+INTERNAL = SpanKind.INTERNAL
 
 Stage = tuple[str, float, float, dict[str, Any] | None]
 
@@ -114,17 +115,21 @@ class Tracing:
         self.hand(build(what))
 
     def span(
-        self, name: str, context: SpanContext, parent: SpanContext | None, start: int, end: int, **more: Any
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        start: int,
+        end: int,
+        attributes: dict[str, Any] | None = None,
+        links: Sequence[Link] = (),
+        kind: SpanKind = SpanKind.INTERNAL,
+        status: Status = UNSET,
     ) -> ReadableSpan:
+        # By position, in the order of `ReadableSpan.__init__` (a span's test checks each field): keywords
+        # cost 0.5 µs a span more (1.12 against 0.61 µs), a request's spans 21 µs against 17.
         return ReadableSpan(
-            name,
-            context,
-            parent,
-            self.resource,
-            start_time=start,
-            end_time=end,
-            instrumentation_scope=SCOPE,
-            **more,
+            name, context, parent, self.resource, attributes, (), links, kind, None, status, start, end, SCOPE
         )
 
     # The request's span -------------------------------------------------------------------------
@@ -172,15 +177,20 @@ class Tracing:
         trace_id, flags, new_id = context.trace_id, context.trace_flags, self.ids.generate_span_id
         offset, resource = self.offset_ns, self.resource
         spans = [
-            ReadableSpan(
+            ReadableSpan(  # by position, as in `span`
                 name,
                 SpanContext(trace_id, new_id(), False, flags),
                 context,
                 resource,
-                attributes=attributes,
-                start_time=int(start * 1e9) + offset,
-                end_time=int(stop * 1e9) + offset,
-                instrumentation_scope=SCOPE,
+                attributes,
+                (),
+                (),
+                INTERNAL,
+                None,
+                UNSET,
+                int(start * 1e9) + offset,
+                int(stop * 1e9) + offset,
+                SCOPE,
             )
             for name, start, stop, attributes in stages(receipt, end)
         ]
@@ -191,9 +201,10 @@ class Tracing:
             self.client_context(receipt),
             self.ns(receipt.started),
             self.ns(end),
-            attributes=request_attributes(record),
-            kind=SpanKind.SERVER,
-            status=status,
+            request_attributes(record),
+            (),
+            SpanKind.SERVER,
+            status,
         )
         spans.append(request)
         return spans
@@ -224,7 +235,7 @@ class Tracing:
         }
         context = SpanContext(self.ids.generate_trace_id(), self.ids.generate_span_id(), False, SAMPLED)
         start, end = self.ns(started), self.ns(done)
-        return (self.span("batch", context, None, start, end, attributes=attributes, links=links),)
+        return (self.span("batch", context, None, start, end, attributes, links),)
 
 
 def request_attributes(record: Ended) -> dict[str, Any]:

@@ -170,6 +170,16 @@ def test_a_client_span_is_the_parent_of_the_request_span_and_its_stages(
     linked = [b for b in batches if any(link.context.span_id == request.context.span_id for link in b.links)]
     assert len(linked) == len(attributes["convserve.batch_sizes"]) >= 1
     assert all(b.parent is None and hex_trace(b) != client_trace for b in linked)  # a trace of its own
+    # What every span carries besides (made by position, in ReadableSpan's order).
+    for span in (request, *stages, *linked):
+        assert span.resource.attributes["service.name"] == "convserve"
+        assert (
+            span.instrumentation_scope is not None and span.instrumentation_scope.name == "convserve.serving"
+        )
+        assert span.events == () and span.end_time is not None and span.start_time is not None
+    assert all(s.kind == SpanKind.INTERNAL for s in (*stages, *linked))
+    assert all(not s.links for s in stages)
+    assert all(s.status.status_code == StatusCode.UNSET for s in (*stages, *linked))
 
 
 def test_without_a_traceparent_the_request_span_is_a_root_in_the_receipts_trace(
