@@ -9,7 +9,9 @@
 #   traced    tracing on, its spans to an in-memory exporter (traced_server.py)
 # then benchmarks/ab_servers.py twice, bare/receipts and receipts/traced, in alternating rounds, with
 # the servers' CPU time per image beside their images/s (the traced pair waits 1.2 s after each run, so
-# that the spans its export thread still has to make, every second at most, count for the traced side).
+# that the spans its export thread still has to make, every second at most, count for the traced side),
+# and, where py-spy is installed, the receipt's share of the receipts server's event loop
+# (benchmarks/sampled_share.py) at concurrency 1 and 64.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 models=$(realpath "$1") out=$(realpath -m "$2") rounds=${3:-12}
@@ -49,5 +51,16 @@ serve 18573 benchmarks/traced_server.py
   echo
   "$python" benchmarks/ab_servers.py receipts=127.0.0.1:18572@"${pids[1]}" traced=127.0.0.1:18573@"${pids[2]}" --rounds "$rounds" \
     --settle 1.2
+  echo "## The receipt's share of the event loop, sampled in the server"
+  echo
+  if PATH="$(dirname "$python"):$PATH" command -v py-spy >/dev/null; then
+    for scenario in "unary c1 tensor" "unary c64 tensor"; do
+      PATH="$(dirname "$python"):$PATH" "$python" benchmarks/sampled_share.py 127.0.0.1:18572@"${pids[1]}" \
+        --scenario "$scenario"
+    done
+  else
+    echo "(py-spy is not installed: \`pip install py-spy\` to sample the receipts server.)"
+    echo
+  fi
 } >"$out"
 cat "$out"
