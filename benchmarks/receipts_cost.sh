@@ -56,7 +56,7 @@ serve 18573 benchmarks/traced_server.py
   if PATH="$(dirname "$python"):$PATH" command -v py-spy >/dev/null; then
     for scenario in "unary c1 tensor" "unary c64 tensor"; do
       PATH="$(dirname "$python"):$PATH" "$python" benchmarks/sampled_share.py 127.0.0.1:18572@"${pids[1]}" \
-        --scenario "$scenario"
+        --scenario "$scenario" --duration 20
     done
   else
     echo "(py-spy is not installed: \`pip install py-spy\` to sample the receipts server.)"

@@ -156,7 +156,7 @@ class Receipt:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """gRPC trailing metadata: one entry. Each entry costs the call (gRPC's header compression
         cannot reuse values that change every call): four entries cost 8 % of the images/s of a
-        small model, one about 1 % (benchmarks/RECEIPTS.md)."""
+        small model, one about 1 % (measured when receipts came; docs/guides/observability.md)."""
         return (("server-timing", self.server_timing()),)
 
     def fields(self) -> dict[str, Any]:
