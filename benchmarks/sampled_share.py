@@ -8,7 +8,8 @@ server it runs once per request among everything else, with cold caches, and cos
 as much. This samples the server itself: py-spy (`pip install py-spy`; it reads the process's
 memory, so it needs ptrace rights over it) records the server's threads while the load generator
 runs the scenario, and the share is the main thread's samples whose stack holds any of the named
-functions (by default, the receipt's: begun, read, formatted, written, ended) over all its samples.
+functions (by default, the receipt's: begun, read, formatted, written, ended) over all its samples
+while it was busy (py-spy leaves out a thread's idle samples: the loop waiting for work).
 The main thread runs the event loop, the server's bottleneck on a small model, so its share is what
 those functions cost the images/s there. py-spy pauses the server for each sample (unpaused, it reads
 torn stacks that mix frames of different calls), so the run's images/s are lower than the bench's:
@@ -82,6 +83,7 @@ def main() -> int:
     (scenario,) = [s for s in scenarios() if s.name == args.scenario]
     functions = set(args.function or RECEIPT_PATH)
     load = LoadGenerator()
+    record: subprocess.Popen[str] | None = None
     with tempfile.TemporaryDirectory() as work:
         raw = Path(work) / "samples.txt"
         try:
@@ -99,6 +101,9 @@ def main() -> int:
             _, error = record.communicate(timeout=args.duration + 60)
         finally:
             load.close()
+            if record is not None and record.poll() is None:  # the load failed: stop sampling too
+                record.kill()
+                record.wait()
         if record.returncode != 0 or not raw.exists():
             print(f"py-spy failed: {error.strip()}", file=sys.stderr)
             return 1
@@ -107,7 +112,7 @@ def main() -> int:
         "Command: `python " + shlex.join(sys.argv) + "`",
         "",
         f"{scenario.name}, {result['images_per_s']:.0f} images/s while sampled: the main thread (event loop)"
-        f" had {total} samples, {inside} of them ({inside / max(total, 1):.1%}) in these functions.",
+        f" had {total} busy samples, {inside} of them ({inside / max(total, 1):.1%}) in these functions.",
         "",
         "| outermost of them on the stack | samples | share of the main thread |",
         "|---|---:|---:|",

@@ -318,7 +318,9 @@ def test_a_model_that_turns_slow_leaves_the_event_loop_within_the_window() -> No
     model = ThreadNoting(slow=lambda call: call >= 3, slow_s=0.002)  # 4 × inline_below_s
     loop_thread = lone_calls(model, 3 + RUN_TIME_WINDOW + 4)
     assert model.threads[1:3] == [loop_thread] * 2
-    # Once the window holds slow calls only, batches go to the worker thread.
+    # Slow calls stay on the loop while a fast one is in the window …
+    assert model.threads[3 : 3 + RUN_TIME_WINDOW] == [loop_thread] * RUN_TIME_WINDOW
+    # … and once it holds slow calls only, batches go to the worker thread.
     assert loop_thread not in model.threads[3 + RUN_TIME_WINDOW :]
 
 

@@ -11,7 +11,7 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
   * up to `max_inflight` batches at a time (default 2: one running, the next one staged), so the
     model never idles between batches;
   * a model whose batches take less than `inline_below_s` (a tiny CNN: tens of microseconds; judged by
-    the fastest of its last RUN_TIME_WINDOW calls, see `_run`) runs in the event loop itself when
+    the fastest of its last RUN_TIME_WINDOW calls, see `_finish_run`) runs in the event loop itself when
     nothing is in flight: the hand-off to a worker thread and back would
     cost more than the call, and blocking the loop that briefly costs nothing. With nothing queued
     either, and callers arriving one per tick, `submit` runs the caller's rows at once, without a
@@ -318,10 +318,19 @@ class DynamicBatcher:
     def _finish_run(
         self, rows: int, output: np.ndarray | None, error: BaseException | None, took_ns: int
     ) -> BaseException | None:
-        """Records a model call's time; returns what its callers get as an error, if anything."""
+        """Records a model call's time (event loop thread); returns what its callers get as an error,
+        if anything."""
         self.stats.batch_compute_ns[rows] += took_ns
         if took_ns:  # 0: the call failed before it could be timed
-            self.stats.compute.observe(took_ns * 1e-9)
+            took = took_ns * 1e-9
+            self.stats.compute.observe(took)
+            # The fastest recent call decides whether batches run inline. A call's time also holds its
+            # wait for the GIL when it returns, up to the switch interval (5 ms) while another thread
+            # (the event loop, span export) runs Python; a mean took one such wait for a slow model,
+            # moved batches to the worker thread, where every return waits for the busy loop, and kept
+            # them there. A model that has become slow for good is seen within RUN_TIME_WINDOW calls.
+            self._recent_runs_s.append(took)
+            self._run_time_s = min(self._recent_runs_s)
         if error is None and (output is None or len(output) != rows):
             error = RuntimeError(
                 f"batch function returned {0 if output is None else len(output)} rows for {rows}"
@@ -351,16 +360,7 @@ class DynamicBatcher:
         started = time.perf_counter_ns()
         stacked = parts[0] if len(parts) == 1 else np.concatenate(parts)
         output = self.run_batch(stacked)
-        took_ns = time.perf_counter_ns() - started
-        # The fastest recent call decides whether batches run inline. A call's time also holds its wait
-        # for the GIL when it returns, up to the switch interval (5 ms) while another thread (the event
-        # loop, span export) runs Python; a mean took one such wait for a slow model, moved batches to
-        # the worker thread, where every return waits for the busy loop, and kept them there. A
-        # model that has become slow for good is seen within RUN_TIME_WINDOW calls.
-        recent = self._recent_runs_s
-        recent.append(took_ns * 1e-9)
-        self._run_time_s = min(recent)  # one C call under the GIL: no append can come in between
-        return output, took_ns
+        return output, time.perf_counter_ns() - started
 
     def _deliver(self, batch: list[_Pending], rows: int, result: asyncio.Future, started: float) -> None:
         """Event loop thread: a worker finished a batch."""

@@ -155,7 +155,7 @@ class Receipt:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """gRPC trailing metadata: one entry. Each entry costs the call (gRPC's header compression
-        cannot reuse values that change every call): four entries cost 8 % of the images/s of a
+        cannot reuse values that change every call): four entries cost 9 % of the images/s of a
         small model, one about 1 % (measured when receipts came; docs/guides/observability.md)."""
         return (("server-timing", self.server_timing()),)
 
