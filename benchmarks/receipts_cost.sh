@@ -18,19 +18,20 @@ models=$(realpath "$1") out=$(realpath -m "$2") rounds=${3:-12}
 python=${PYTHON:-$here/.venv/bin/python}
 flags=(--models "$models" --host 127.0.0.1 --device cpu --max-batch-size 32 --max-delay-ms 2
   --log-level WARNING --http-port 0 --metrics-port 0)
+logs=$(mktemp -d)  # the servers' logs: kept for a look after a failed start, out of the repository
 pids=()
 trap 'kill -INT "${pids[@]}" 2>/dev/null; wait' EXIT
 
 serve() {  # PORT COMMAND...: a server, once it answers health
   local port=$1
   shift
-  "$python" "$@" "${flags[@]}" --port "$port" >"$out.$port.log" 2>&1 &
+  "$python" "$@" "${flags[@]}" --port "$port" >"$logs/$port.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 120); do
     (cd "$here" && "$python" -m serving health --server "127.0.0.1:$port" >/dev/null 2>&1) && return
     sleep 0.5
   done
-  echo "the server on $port did not start: $out.$port.log" >&2
+  echo "the server on $port did not start: $logs/$port.log" >&2
   return 1
 }
 

@@ -13,7 +13,9 @@ while it was busy (py-spy leaves out a thread's idle samples: the loop waiting f
 The main thread runs the event loop, the server's bottleneck on a small model, so its share is what
 those functions cost the images/s there. py-spy pauses the server for each sample (unpaused, it reads
 torn stacks that mix frames of different calls), so the run's images/s are lower than the bench's:
-the share is the figure.
+the share is the figure. Now and then the sampled server slows to a crawl (a tenth of its speed or
+less; seen at the end of a long `receipts_cost.sh` run) and its share drops with it: read the share
+only from a run whose images/s stayed near the bench's.
 """
 
 from __future__ import annotations
