@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving.tools.bench.markdown import publish
 from serving.tools.bench.processes import LoadGenerator
 from serving.tools.bench.scenarios import scenarios
 from serving.tools.launch import process_cpu_seconds
@@ -93,10 +94,7 @@ def main() -> int:
             f"{statistics.median(ratios):.3f} [{min(ratios):.3f}–{max(ratios):.3f}] |"
             + (cpu_columns(ra, rb) if with_cpu else "")
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(lines, args.out)
     return 0
 
 

@@ -34,6 +34,7 @@ from protos.convserve.v1 import convserve_pb2 as pb
 from serving.core.receipt import Receipt, batch_ran
 from serving.protocols import receipts
 from serving.protocols.convserve_v1 import write_receipt
+from serving.tools.bench.markdown import publish
 from serving.tools.launch import free_port, process_cpu_seconds
 
 REQUESTS, REPEATS = 20_000, 5
@@ -199,10 +200,7 @@ def main() -> int:
             f"| gRPC's own, one trailing entry, echo server at concurrency {concurrency} "
             f"({without:.0f} → {with_entry:.0f} µs a call) | {with_entry - without:.1f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(lines, args.out)
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving.tools.bench.markdown import publish
 from serving.tools.bench.processes import LoadGenerator
 from serving.tools.bench.scenarios import scenarios
 
@@ -120,10 +121,7 @@ def main() -> int:
         "|---|---:|---:|",
         *(f"| `{name}` | {n} | {n / max(total, 1):.1%} |" for name, n in outermost.most_common()),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(lines, args.out)
     return 0
 
 

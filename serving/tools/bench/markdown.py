@@ -30,6 +30,14 @@ def machine() -> str:
     )
 
 
+def publish(lines: list[str], out: Path | None) -> None:
+    """A bench script's report: printed, and written to `out` when one is given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out is not None:
+        out.write_text(text)
+
+
 def write_report(summaries: list[dict], command: str, path: Path) -> str:
     lines = [
         "# convserve benchmark",
