@@ -4,9 +4,10 @@ machine, where two runs of one build differ by ±5 % (benchmarks/RECEIPTS.md).
     python benchmarks/receipt_path_cost.py [--out FILE.md]
 
 In process, the best of 5 repeats of 20,000 requests each, the garbage collector on:
-  * the receipt's Python on one unary convserve.v1 answer: `begin` (trace id, the receipt), the data
-    plane's and the batcher's clock readings, the `server-timing` value, the body's `receipt` field,
-    `ended` (not reading `traceparent` from the call's metadata, which needs a call);
+  * the receipt's Python on one unary convserve.v1 answer: reading `traceparent` from the call's
+    metadata (a client's `user-agent`, as the call gate keeps it), `begin` (trace id, the receipt),
+    the data plane's and the batcher's clock readings, the `server-timing` value, the body's `receipt`
+    field, `ended`;
   * with tracing on, what the event loop spends per request (the hand-over) and what the export
     thread spends making a request's spans, with a batch span for 0.7 requests in 1 (the share the
     digits model's c64 scenario runs).
@@ -34,6 +35,7 @@ from protos.convserve.v1 import convserve_pb2 as pb
 from serving.core.receipt import Receipt, batch_ran
 from serving.protocols import receipts
 from serving.protocols.convserve_v1 import write_receipt
+from serving.protocols.gate import CALL_METADATA, traceparent_of
 from serving.tools.bench.markdown import publish
 from serving.tools.launch import free_port, process_cpu_seconds
 
@@ -43,10 +45,13 @@ TIMING = (
     'version;desc="digits/1", trace;desc="489a83ed9a63c3dffa4b8c58baf8baa9"'
 )
 
+CLIENT_METADATA = (("user-agent", "grpc-python-asyncio/1.85.4 grpc-c/58.0.0 (linux; chttp2)"),)
+
 
 def answered() -> Receipt:
     """One request's receipt, as a unary call with one image writes it."""
-    receipt = receipts.begin(None)
+    CALL_METADATA.set(CLIENT_METADATA)  # what `CallGate.service` keeps of every call
+    receipt = receipts.begin(traceparent_of())
     now = time.perf_counter
     receipt.decoded(now(), 1e-5)
     receipt.handed_over(now())

@@ -55,5 +55,5 @@ if __name__ == "__main__":
         Receipt.metadata = no_metadata  # type: ignore[method-assign, assignment]
     else:
         gate.begin = no_receipt  # the gate's own name for it
-        gate.traceparent_of = lambda context: None  # receipts alone read it
+        gate.traceparent_of = lambda: None  # receipts alone read it
     sys.exit(main(["serve", *flags]))

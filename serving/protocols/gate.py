@@ -28,6 +28,7 @@ futures, each given and relieved of a done-callback); generic handlers are one f
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
@@ -47,6 +48,12 @@ Behavior = Callable[..., Any]
 Parse = Callable[[bytes], Any]
 # The codes of a call the token check refused: counted without a model, its bytes never parsed.
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED.name, grpc.StatusCode.PERMISSION_DENIED.name)
+# The call's metadata as gRPC gave it to `CallGate.service`, in the call's own task (grpc.aio finds
+# the handler and runs it in one task): `context.invocation_metadata()` builds it anew on every read,
+# 2.6 µs with a client's two entries, where this costs 0.2 µs.
+CALL_METADATA: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "convserve_call_metadata", default=()
+)
 
 
 class BadMessage(InvalidInput):
@@ -167,6 +174,7 @@ class CallGate(grpc.GenericRpcHandler):
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
+        CALL_METADATA.set(details.invocation_metadata or ())
         if self.tokens is not None and not method.startswith(OPEN_PREFIXES):
             refused = self.tokens.refusal(details.invocation_metadata, method)
             if refused is not None:
@@ -203,7 +211,7 @@ class CallGate(grpc.GenericRpcHandler):
             name = method.rpartition("/")[2]
 
             async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                receipt = begin(traceparent_of(context))
+                receipt = begin(traceparent_of())
                 context.set_trailing_metadata(receipt.seal().metadata())  # the abort sends them
                 try:
                     return await deny(request, context)
@@ -256,8 +264,9 @@ def plain_behavior(inner: Behavior, prepare: Callable[[Any], Any], method: str) 
     return sync_behavior
 
 
-def traceparent_of(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
+def traceparent_of() -> str | None:
+    """The call's `traceparent` metadata, if it sent one (read in the call's task)."""
+    for key, value in CALL_METADATA.get():
         if key == TRACEPARENT:
             return value if isinstance(value, str) else None
     return None
@@ -287,7 +296,7 @@ def data_behavior(
             await abort(context, error, method)
 
     async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        receipt = begin(traceparent_of(context))
+        receipt = begin(traceparent_of())
         try:
             response = await admitted(request, context)
         except BaseException as error:
@@ -332,7 +341,7 @@ def stream_behavior(
                 await admission.refuse_if_draining()
             if counter is not None:
                 STREAM.set(counter)
-                begin(traceparent_of(context))  # the stream's trace: each message's receipt continues it
+                begin(traceparent_of())  # the stream's trace: each message's receipt continues it
             async for response in inner(prepare(request), context):
                 yield response
         except Exception as error:
