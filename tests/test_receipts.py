@@ -77,6 +77,18 @@ def test_a_sealed_receipt_records_no_later_batch() -> None:
     assert receipt.server_timing() == sent
 
 
+def test_the_figures_sent_once_are_the_figures_of_every_later_reading() -> None:
+    """The trailing `server-timing`, the body's receipt and the access log read one receipt one after
+    the other: a decode that ends after the first reading must not make them disagree."""
+    receipt = Receipt(started=100.0, trace_id=TRACE_ID)
+    receipt.decoded(100.001, 0.002)
+    receipt.total_s = 0.010
+    sent = receipt.server_timing()
+    receipt.decoded(100.004, 0.003)  # a worker's decode, finishing after the call ended
+    assert receipt.stages_ms()["decode"] == pytest.approx(2.0)
+    assert receipt.server_timing() == sent
+
+
 def test_the_version_in_the_receipt_is_printable_ascii_whatever_the_model_is_named() -> None:
     """gRPC fails a call whose metadata is not printable ASCII, and a quote or comma would break the
     header's syntax: the model's folder name is percent-encoded in the `version` desc."""
