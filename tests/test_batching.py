@@ -324,43 +324,6 @@ def test_a_model_that_turns_slow_leaves_the_event_loop_within_the_window() -> No
     assert loop_thread not in model.threads[3 + RUN_TIME_WINDOW :]
 
 
-class RowTimed:
-    """A batch function that takes `per_row_s` for each row (a busy wait, steadier than a sleep) and
-    notes the thread and size of each call."""
-
-    def __init__(self, per_row_s: float) -> None:
-        self.per_row_s = per_row_s
-        self.calls: list[tuple[int, int]] = []  # (rows, thread)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        until = time.perf_counter() + self.per_row_s * len(batch)
-        while time.perf_counter() < until:
-            pass
-        self.calls.append((len(batch), threading.get_ident()))
-        return batch
-
-
-def test_a_batch_too_large_for_the_event_loop_runs_on_the_worker_thread() -> None:
-    """Single rows of a model that takes 0.05 ms a row run on the loop (under inline_below_s, 0.5 ms);
-    a batch of 16 would hold the loop for 0.8 ms, and goes to the worker thread."""
-    model = RowTimed(per_row_s=0.00005)
-
-    async def scenario() -> int:
-        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=16))
-        for caller in range(4):
-            await batcher.submit(rows_for(caller, 1))
-        await batcher.submit(rows_for(4, 16))
-        await batcher.submit(rows_for(5, 1))
-        await batcher.close()
-        return threading.get_ident()
-
-    loop_thread = asyncio.run(scenario())
-    sizes = [rows for rows, _ in model.calls]
-    on_loop = [thread == loop_thread for _, thread in model.calls]
-    assert sizes == [1, 1, 1, 1, 16, 1]
-    assert on_loop == [False, True, True, True, False, True]  # the first: nothing measured yet
-
-
 def test_a_fast_model_runs_lone_callers_at_once_and_shares_a_tick_among_callers_who_arrive_together() -> None:
     """Lone callers (a gRPC server hands over about one call per tick) skip the queue; callers who
     become runnable in the same tick (an HTTP server parses many connections' requests at once) still

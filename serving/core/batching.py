@@ -11,8 +11,8 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
   * up to `max_inflight` batches at a time (default 2: one running, the next one staged), so the
     model never idles between batches;
   * a model whose batches take less than `inline_below_s` (a tiny CNN: tens of microseconds; judged by
-    its last RUN_TIME_WINDOW calls for the batch's size, see `_fits_inline`) runs in the event loop
-    itself when nothing is in flight: the hand-off to a worker thread and back would
+    the fastest of its last RUN_TIME_WINDOW calls, see `_finish_run`) runs in the event loop itself when
+    nothing is in flight: the hand-off to a worker thread and back would
     cost more than the call, and blocking the loop that briefly costs nothing. With nothing queued
     either, and callers arriving one per tick, `submit` runs the caller's rows at once, without a
     future or a loop turn (`_run_now`); callers that arrive together share the tick's batch.
@@ -82,10 +82,6 @@ class _Pending:
         self.receipt = receipt
 
 
-def rows_of(batch: list[_Pending]) -> int:
-    return sum(len(item.rows) for item in batch)
-
-
 class DynamicBatcher:
     """Merges concurrent `submit` calls into batches for `run_batch`, run in `executor` threads."""
 
@@ -112,10 +108,8 @@ class DynamicBatcher:
         self._timer_at = float("inf")
         self._closed = False
         self._idle: asyncio.Event | None = None
-        # The fastest of the recent calls, and of their times per row; unknown until measured.
-        self._run_time_s = self._row_time_s = float("inf")
+        self._run_time_s = float("inf")  # the fastest of the recent calls; unknown until measured
         self._recent_runs_s: collections.deque[float] = collections.deque(maxlen=RUN_TIME_WINDOW)
-        self._recent_row_times_s: collections.deque[float] = collections.deque(maxlen=RUN_TIME_WINDOW)
         self._dispatch_pending = False
         # Whether callers arrive together (several in one loop tick): then even a fast idle model
         # waits for the tick's end to share the batch; else it runs a caller's rows at once.
@@ -152,7 +146,7 @@ class DynamicBatcher:
         if low:
             return await self._submit_low(rows, count, deadline, now, loop, receipt)
         self._last_high = now
-        if count <= step and self._inflight == 0 and self._fits_inline(count):
+        if count <= step and self._run_time_s < self.config.inline_below_s and self._inflight == 0:
             if self._ran_now_this_tick:
                 self._arrive_together = True  # a second caller in the tick: share from now on
             elif not self._queue and not self._low and not self._arrive_together:
@@ -267,12 +261,12 @@ class DynamicBatcher:
                 limit = config.max_batch_size if quiet else config.low_rows_per_batch
                 batch = self._take_batch(self._low, now, limit=limit)
                 if overdue:  # what room is left goes to the high rows, oldest first
-                    batch += self._take_batch(self._queue, now, rows_of(batch))
+                    batch += self._take_batch(self._queue, now, sum(len(item.rows) for item in batch))
                 # At most one low batch inline per turn of the loop: a run of them would keep the loop
                 # from accepting the high callers they must not hold up, and a thread hand-off per
                 # batch costs a tiny model more than the batch.
                 inline = not overdue
-                if batch and inline and self._inflight == 0 and self._fits_inline(rows_of(batch)):
+                if batch and inline and self._inflight == 0 and self._run_time_s < config.inline_below_s:
                     self._dispatch(batch, inline)
                     asyncio.get_running_loop().call_soon(self._maybe_dispatch)
                     return
@@ -337,27 +331,18 @@ class DynamicBatcher:
             # them there. A model that has become slow for good is seen within RUN_TIME_WINDOW calls.
             self._recent_runs_s.append(took)
             self._run_time_s = min(self._recent_runs_s)
-            self._recent_row_times_s.append(took / rows)
-            self._row_time_s = min(self._recent_row_times_s)
         if error is None and (output is None or len(output) != rows):
             error = RuntimeError(
                 f"batch function returned {0 if output is None else len(output)} rows for {rows}"
             )
         return error
 
-    def _fits_inline(self, rows: int) -> bool:
-        """Whether a batch of `rows` is expected to take less than `inline_below_s`: the larger of the
-        fastest recent call and `rows` times the fastest recent time per row. For a model whose calls
-        cost a fixed part and a part per row, each part is at most this estimate, so the call takes
-        at most twice it; and a batch far larger than the ones measured goes to the worker thread."""
-        return max(self._run_time_s, rows * self._row_time_s) < self.config.inline_below_s
-
     def _dispatch(self, batch: list[_Pending], inline: bool = True) -> None:
-        rows = rows_of(batch)
+        rows = sum(len(item.rows) for item in batch)
         self._count_batch(rows)
         parts = [item.rows for item in batch]
         started = time.perf_counter()
-        if inline and self._inflight == 0 and self._fits_inline(rows):
+        if inline and self._inflight == 0 and self._run_time_s < self.config.inline_below_s:
             # A fast model on an idle batcher: two thread hand-offs would cost more than the call.
             try:
                 (output, took_ns), error = self._run(parts), None
