@@ -108,7 +108,7 @@ class ServerConfig(BaseSettings):
     inline_below_ms: float = Field(
         defaults.INLINE_BELOW_MS,
         ge=0,
-        description="a model whose batch call takes less runs on the event loop",
+        description="a batch whose call is expected to take less runs on the event loop",
     )
     instances: int = Field(
         1, ge=1, le=64, description="ONNX Runtime sessions per model version, one per worker"

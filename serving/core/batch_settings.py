@@ -17,7 +17,7 @@ class BatchingConfig:
     max_delay_s: float = defaults.MAX_DELAY_MS / 1000
     max_queue_rows: int = defaults.MAX_QUEUE_ROWS
     max_inflight: int = 2
-    # Batches of a model faster than this run in the event loop when nothing else is in flight.
+    # A batch expected to take less than this runs in the event loop when nothing else is in flight.
     inline_below_s: float = defaults.INLINE_BELOW_MS / 1000
     # The longest low-priority rows wait before they go ahead of high-priority ones.
     low_max_wait_s: float = defaults.LOW_PRIORITY_MAX_WAIT_MS / 1000

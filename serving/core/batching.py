@@ -10,9 +10,9 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
     its oldest row has waited `max_delay` -- an upper bound, never a fixed wait;
   * up to `max_inflight` batches at a time (default 2: one running, the next one staged), so the
     model never idles between batches;
-  * a model whose batches take less than `inline_below_s` (a tiny CNN: tens of microseconds; judged by
-    the fastest of its last RUN_TIME_WINDOW calls, see `_finish_run`) runs in the event loop itself when
-    nothing is in flight: the hand-off to a worker thread and back would
+  * a batch expected to take less than `inline_below_s` (a tiny CNN: tens of microseconds; judged by
+    the fastest of the model's last RUN_TIME_WINDOW calls of about its size, see `_expected_s`) runs in
+    the event loop itself when nothing is in flight: the hand-off to a worker thread and back would
     cost more than the call, and blocking the loop that briefly costs nothing. With nothing queued
     either, and callers arriving one per tick, `submit` runs the caller's rows at once, without a
     future or a loop turn (`_run_now`); callers that arrive together share the tick's batch.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -47,7 +48,7 @@ from serving.core.receipt import Receipt, batch_ran
 BatchFunction = Callable[[np.ndarray], np.ndarray]
 PRIORITY_HIGH = 0  # classification: every request a client waits on
 PRIORITY_LOW = 1  # work that must never hold classification up (occlusion's masked copies)
-RUN_TIME_WINDOW = 16  # model calls whose fastest says how long a call takes
+RUN_TIME_WINDOW = 16  # model calls of one size class whose fastest says how long such a call takes
 
 
 class QueueFullError(Overloaded):
@@ -82,6 +83,10 @@ class _Pending:
         self.receipt = receipt
 
 
+def rows_of(batch: list[_Pending]) -> int:
+    return sum(len(item.rows) for item in batch)
+
+
 class DynamicBatcher:
     """Merges concurrent `submit` calls into batches for `run_batch`, run in `executor` threads."""
 
@@ -108,8 +113,11 @@ class DynamicBatcher:
         self._timer_at = float("inf")
         self._closed = False
         self._idle: asyncio.Event | None = None
-        self._run_time_s = float("inf")  # the fastest of the recent calls; unknown until measured
-        self._recent_runs_s: collections.deque[float] = collections.deque(maxlen=RUN_TIME_WINDOW)
+        # Per size class (a batch's rows' bit length: 1, 2-3, 4-7, ...): its recent calls' times and
+        # the fastest of them. A class of its own keeps a burst's times from being pushed out of the
+        # window by the single rows between bursts.
+        self._recent_runs_s: dict[int, collections.deque[float]] = {}
+        self._fastest_s: dict[int, float] = {}
         self._dispatch_pending = False
         # Whether callers arrive together (several in one loop tick): then even a fast idle model
         # waits for the tick's end to share the batch; else it runs a caller's rows at once.
@@ -146,7 +154,7 @@ class DynamicBatcher:
         if low:
             return await self._submit_low(rows, count, deadline, now, loop, receipt)
         self._last_high = now
-        if count <= step and self._run_time_s < self.config.inline_below_s and self._inflight == 0:
+        if count <= step and self._inflight == 0 and self._expected_s(count) < self.config.inline_below_s:
             if self._ran_now_this_tick:
                 self._arrive_together = True  # a second caller in the tick: share from now on
             elif not self._queue and not self._low and not self._arrive_together:
@@ -261,12 +269,17 @@ class DynamicBatcher:
                 limit = config.max_batch_size if quiet else config.low_rows_per_batch
                 batch = self._take_batch(self._low, now, limit=limit)
                 if overdue:  # what room is left goes to the high rows, oldest first
-                    batch += self._take_batch(self._queue, now, sum(len(item.rows) for item in batch))
+                    batch += self._take_batch(self._queue, now, rows_of(batch))
                 # At most one low batch inline per turn of the loop: a run of them would keep the loop
                 # from accepting the high callers they must not hold up, and a thread hand-off per
                 # batch costs a tiny model more than the batch.
                 inline = not overdue
-                if batch and inline and self._inflight == 0 and self._run_time_s < config.inline_below_s:
+                if (
+                    batch
+                    and inline
+                    and self._inflight == 0
+                    and self._expected_s(rows_of(batch)) < config.inline_below_s
+                ):
                     self._dispatch(batch, inline)
                     asyncio.get_running_loop().call_soon(self._maybe_dispatch)
                     return
@@ -324,25 +337,45 @@ class DynamicBatcher:
         if took_ns:  # 0: the call failed before it could be timed
             took = took_ns * 1e-9
             self.stats.compute.observe(took)
-            # The fastest recent call decides whether batches run inline. A call's time also holds its
-            # wait for the GIL when it returns, up to the switch interval (5 ms) while another thread
-            # (the event loop, span export) runs Python; a mean took one such wait for a slow model,
-            # moved batches to the worker thread, where every return waits for the busy loop, and kept
-            # them there. A model that has become slow for good is seen within RUN_TIME_WINDOW calls.
-            self._recent_runs_s.append(took)
-            self._run_time_s = min(self._recent_runs_s)
+            # The fastest recent call of a size class decides whether its batches run inline. A call's
+            # time also holds its wait for the GIL when it returns, up to the switch interval (5 ms)
+            # while another thread (the event loop, span export) runs Python; a mean took one such wait
+            # for a slow model, moved batches to the worker thread, where every return waits for the
+            # busy loop, and kept them there. A model that has become slow for good is seen within
+            # RUN_TIME_WINDOW calls of each size class.
+            size_class = rows.bit_length()
+            window = self._recent_runs_s.get(size_class)
+            if window is None:
+                window = self._recent_runs_s[size_class] = collections.deque(maxlen=RUN_TIME_WINDOW)
+            window.append(took)
+            self._fastest_s[size_class] = min(window)
         if error is None and (output is None or len(output) != rows):
             error = RuntimeError(
                 f"batch function returned {0 if output is None else len(output)} rows for {rows}"
             )
         return error
 
+    def _expected_s(self, rows: int) -> float:
+        """How long a call with `rows` rows should take: the fastest recent call of its size class.
+        For a class not run yet, a smaller class's time doubled for each class between (a batch twice
+        the rows costs at most twice as much), or a larger class's time (it costs no less), the lowest
+        of these; infinite while nothing has been measured. Sizes in one class differ by up to 2×,
+        and so may their times."""
+        size_class = rows.bit_length()
+        fastest = self._fastest_s.get(size_class)
+        if fastest is not None:
+            return fastest
+        return min(
+            (took * 2 ** max(0, size_class - other) for other, took in self._fastest_s.items()),
+            default=math.inf,
+        )
+
     def _dispatch(self, batch: list[_Pending], inline: bool = True) -> None:
-        rows = sum(len(item.rows) for item in batch)
+        rows = rows_of(batch)
         self._count_batch(rows)
         parts = [item.rows for item in batch]
         started = time.perf_counter()
-        if inline and self._inflight == 0 and self._run_time_s < self.config.inline_below_s:
+        if inline and self._inflight == 0 and self._expected_s(rows) < self.config.inline_below_s:
             # A fast model on an idle batcher: two thread hand-offs would cost more than the call.
             try:
                 (output, took_ns), error = self._run(parts), None

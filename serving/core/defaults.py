@@ -6,7 +6,7 @@ Constants only (no imports), so the server's config can read them and stay a lea
 MAX_BATCH_SIZE = 32  # rows per model call
 MAX_DELAY_MS = 2.0  # longest a queued row waits for a batch to fill while the model is busy
 MAX_QUEUE_ROWS = 2048  # rows queued per model version
-INLINE_BELOW_MS = 0.5  # a model whose batch call takes less runs on the event loop when idle
+INLINE_BELOW_MS = 0.5  # a batch expected to take less runs on the event loop when idle
 LOW_PRIORITY_MAX_WAIT_MS = 200.0  # low-priority rows (explanations) go first once they waited this long
 TOP_K = 5
 MAX_EXPLAIN_COPIES = 4096  # occlusion's masked copies per request, all its images together
