@@ -1,7 +1,7 @@
 """What share of a running server's event loop a set of functions takes, sampled under load.
 
     python benchmarks/sampled_share.py HOST:PORT@PID [--scenario "unary c64 tensor"] [--model digits]
-        [--duration 10] [--rate 250] [--function NAME ...] [--out FILE.md]
+        [--duration 10] [--rate 100] [--function NAME ...] [--out FILE.md]
 
 Timing a function alone (benchmarks/receipt_path_cost.py) runs it hot, in a tight loop; in the
 server it runs once per request among everything else, with cold caches, and costs several times
@@ -14,8 +14,9 @@ The main thread runs the event loop, the server's bottleneck on a small model, s
 those functions cost the images/s there. py-spy pauses the server for each sample (unpaused, it reads
 torn stacks that mix frames of different calls), so the run's images/s are lower than the bench's:
 the share is the figure. Now and then the sampled server slows to a crawl (a tenth of its speed or
-less; seen at the end of a long `receipts_cost.sh` run) and its share drops with it: read the share
-only from a run whose images/s stayed near the bench's.
+less; seen at the end of a long `receipts_cost.sh` run, and at concurrency 64 sampled 250 times a
+second) and its share drops with it: read the share only from a run whose images/s stayed near the
+bench's.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def main() -> int:
     parser.add_argument("--scenario", default="unary c64 tensor")
     parser.add_argument("--model", default="digits")
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--rate", type=int, default=250, help="samples a second")
+    # 250 a second made the server crawl at concurrency 64 in every run of one day (67-498 images/s
+    # against ~1,200); 100 a second kept its speed in all six runs of the same hour.
+    parser.add_argument("--rate", type=int, default=100, help="samples a second")
     parser.add_argument("--function", action="append", default=None, help="default: the receipt's")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
