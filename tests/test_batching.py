@@ -328,13 +328,17 @@ class Timed:
     """A batch function of `fixed_s` a call and `per_row_s` a row (a busy wait: steadier than a sleep)
     that notes each call's rows and whether it ran on the event loop's thread."""
 
-    def __init__(self, fixed_s: float, per_row_s: float) -> None:
+    def __init__(
+        self, fixed_s: float, per_row_s: float, slower_from: int = -1, slower_by_s: float = 0.0
+    ) -> None:
         self.fixed_s, self.per_row_s = fixed_s, per_row_s
+        self.slower_from, self.slower_by_s = slower_from, slower_by_s  # from that call on, each takes longer
         self.loop_thread = 0
         self.calls: list[tuple[int, bool]] = []  # (rows, on the event loop)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        until = time.perf_counter() + self.fixed_s + self.per_row_s * len(batch)
+        extra = self.slower_by_s if 0 <= self.slower_from <= len(self.calls) else 0.0
+        until = time.perf_counter() + self.fixed_s + self.per_row_s * len(batch) + extra
         while time.perf_counter() < until:
             pass
         self.calls.append((len(batch), threading.get_ident() == self.loop_thread))
@@ -342,12 +346,12 @@ class Timed:
 
 
 def timed_calls(model: Timed, sizes: list[int]) -> list[tuple[int, bool]]:
-    """One caller after another, each with its number of rows, under a 20 ms inline limit (ms-scale
+    """One caller after another, each with its number of rows, under a 50 ms inline limit (ms-scale
     model times: a noisy machine's stalls stay well inside the margins)."""
 
     async def scenario() -> None:
         model.loop_thread = threading.get_ident()
-        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=32, inline_below_s=0.02))
+        batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=32, inline_below_s=0.05))
         for caller, rows in enumerate(sizes):
             await batcher.submit(rows_for(caller, rows))
         await batcher.close()
@@ -357,21 +361,38 @@ def timed_calls(model: Timed, sizes: list[int]) -> list[tuple[int, bool]]:
 
 
 def test_a_batch_too_large_for_the_event_loop_goes_to_the_worker_thread() -> None:
-    """Single rows of 2.1 ms fit under the limit; a batch of 16 rows (32 ms) would hold the loop, and
-    goes to the worker thread, while single rows go on running on the loop."""
-    calls = timed_calls(Timed(fixed_s=0.0001, per_row_s=0.002), [1, 1, 1, 16, 1])
+    """Single rows of 4.1 ms fit under the limit; a batch of 16 rows (64 ms; guessed from them at up
+    to 32 × 4.1 ms) goes to the worker thread, while single rows go on running on the loop."""
+    calls = timed_calls(Timed(fixed_s=0.0001, per_row_s=0.004), [1, 1, 1, 16, 1])
     assert calls == [(1, False), (1, True), (1, True), (16, False), (1, True)]  # first: nothing measured
 
 
 def test_bursts_among_lone_calls_keep_their_own_time() -> None:
     """A model of 2 ms a call and 0.1 ms a row: a first burst of 31 rows, guessed from single rows at
-    up to 16 × 2.1 ms, goes to the worker thread; it took 5 ms, and the bursts after it run on the
+    up to 32 × 2.1 ms, goes to the worker thread; it took 5 ms, and the bursts after it run on the
     loop, though 20 single rows, more than a window, come between them."""
     sizes = [1] * 20 + ([31] + [1] * 20) * 3
     calls = timed_calls(Timed(fixed_s=0.002, per_row_s=0.0001), sizes)
     bursts = [on_loop for rows, on_loop in calls if rows == 31]
     assert bursts == [False, True, True]
     assert all(on_loop for rows, on_loop in calls[1:] if rows == 1)
+
+
+def test_a_fast_model_s_first_batches_of_a_new_size_run_on_the_loop() -> None:
+    """Sizes not run yet are guessed from the sizes that were: a burst of 31 rows from single rows of
+    0.2 ms (at most 32 ×), then 4 rows from the burst (no more than it), both under the limit."""
+    calls = timed_calls(Timed(fixed_s=0.0002, per_row_s=0.00001), [1, 1, 31, 4, 1])
+    assert calls == [(1, False), (1, True), (31, True), (4, True), (1, True)]
+
+
+def test_a_model_that_slows_sends_larger_batches_to_the_worker_with_its_single_rows() -> None:
+    """A larger batch costs no less than a smaller one: once single rows show that the model has
+    turned slow (60 ms a call from the fifth call on), a size measured fast while it was fast leaves
+    the loop too, without waiting for its own window to fill with slow calls."""
+    sizes = [1, 1, 16, 1] + [1] * RUN_TIME_WINDOW + [16]
+    calls = timed_calls(Timed(fixed_s=0.0002, per_row_s=0.00001, slower_from=4, slower_by_s=0.06), sizes)
+    assert calls[2] == (16, True)  # measured fast
+    assert calls[-1] == (16, False)
 
 
 def test_a_fast_model_runs_lone_callers_at_once_and_shares_a_tick_among_callers_who_arrive_together() -> None:

@@ -118,6 +118,7 @@ class DynamicBatcher:
         # window by the single rows between bursts.
         self._recent_runs_s: dict[int, collections.deque[float]] = {}
         self._fastest_s: dict[int, float] = {}
+        self._expected_by_class: dict[int, float] = {}  # `_expected_s`'s answers, until a fastest changes
         self._dispatch_pending = False
         # Whether callers arrive together (several in one loop tick): then even a fast idle model
         # waits for the tick's end to share the batch; else it runs a caller's rows at once.
@@ -348,7 +349,10 @@ class DynamicBatcher:
             if window is None:
                 window = self._recent_runs_s[size_class] = collections.deque(maxlen=RUN_TIME_WINDOW)
             window.append(took)
-            self._fastest_s[size_class] = min(window)
+            fastest = min(window)
+            if fastest != self._fastest_s.get(size_class):  # about one call in eight, when steady
+                self._fastest_s[size_class] = fastest
+                self._expected_by_class.clear()
         if error is None and (output is None or len(output) != rows):
             error = RuntimeError(
                 f"batch function returned {0 if output is None else len(output)} rows for {rows}"
@@ -356,19 +360,31 @@ class DynamicBatcher:
         return error
 
     def _expected_s(self, rows: int) -> float:
-        """How long a call with `rows` rows should take: the fastest recent call of its size class.
-        For a class not run yet, a smaller class's time doubled for each class between (a batch twice
-        the rows costs at most twice as much), or a larger class's time (it costs no less), the lowest
-        of these; infinite while nothing has been measured. Sizes in one class differ by up to 2×,
-        and so may their times."""
+        """How long a call with `rows` rows should take (cached per size class: on every request)."""
         size_class = rows.bit_length()
-        fastest = self._fastest_s.get(size_class)
-        if fastest is not None:
-            return fastest
-        return min(
-            (took * 2 ** max(0, size_class - other) for other, took in self._fastest_s.items()),
-            default=math.inf,
-        )
+        expected = self._expected_by_class.get(size_class)
+        if expected is None:
+            expected = self._expected_by_class[size_class] = self._expect(size_class)
+        return expected
+
+    def _expect(self, size_class: int) -> float:
+        """The fastest recent call of the class, and never less than a smaller class's (a larger batch
+        costs no less: a model that slows shows it first in its commonest class, single rows). For a
+        class not run yet, the lowest of: a class d below's time times 2^(d + 1), as far as the rows
+        can grow from the bottom of one class to the top of the other (a batch of more rows costs at
+        most proportionally more); a larger class's time. Infinite while nothing is measured. Sizes
+        within a class differ by up to 2×, and so may their times."""
+        known = self._fastest_s
+        smaller = [took for other, took in known.items() if other < size_class]
+        floor = max(smaller, default=0.0)
+        own = known.get(size_class)
+        if own is None:
+            guesses = [
+                took * 2 ** (size_class - other + 1) for other, took in known.items() if other < size_class
+            ]
+            guesses += [took for other, took in known.items() if other > size_class]
+            own = min(guesses, default=math.inf)
+        return max(own, floor)
 
     def _dispatch(self, batch: list[_Pending], inline: bool = True) -> None:
         rows = rows_of(batch)
