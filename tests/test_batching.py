@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from serving.core.batch_settings import BatchingConfig
 from serving.core.batching import (
     PRIORITY_LOW,
-    RUN_TIME_WINDOW,
     BatcherClosedError,
     DeadlineExceededError,
     DynamicBatcher,
     QueueFullError,
 )
+from serving.core.run_times import RUN_TIME_WINDOW
 
 
 class RecordingModel:

@@ -11,7 +11,7 @@ Dispatch policy (all in the event loop thread, driven by callbacks, no polling t
   * up to `max_inflight` batches at a time (default 2: one running, the next one staged), so the
     model never idles between batches;
   * a batch expected to take less than `inline_below_s` (a tiny CNN: tens of microseconds; judged by
-    the fastest of the model's last RUN_TIME_WINDOW calls of about its size, see `_expected_s`) runs in
+    the fastest of the model's recent calls of about its size, see `run_times`) runs in
     the event loop itself when nothing is in flight: the hand-off to a worker thread and back would
     cost more than the call, and blocking the loop that briefly costs nothing. With nothing queued
     either, and callers arriving one per tick, `submit` runs the caller's rows at once, without a
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -44,11 +43,11 @@ import numpy as np
 from serving.core.batch_settings import BatchingConfig, BatchStats
 from serving.core.errors import DeadlineExceeded, Overloaded, Unavailable
 from serving.core.receipt import Receipt, batch_ran
+from serving.core.run_times import RunTimes
 
 BatchFunction = Callable[[np.ndarray], np.ndarray]
 PRIORITY_HIGH = 0  # classification: every request a client waits on
 PRIORITY_LOW = 1  # work that must never hold classification up (occlusion's masked copies)
-RUN_TIME_WINDOW = 16  # model calls of one size class whose fastest says how long such a call takes
 
 
 class QueueFullError(Overloaded):
@@ -84,6 +83,7 @@ class _Pending:
 
 
 def rows_of(batch: list[_Pending]) -> int:
+    """The rows a batch holds (its items' rows together)."""
     return sum(len(item.rows) for item in batch)
 
 
@@ -113,12 +113,7 @@ class DynamicBatcher:
         self._timer_at = float("inf")
         self._closed = False
         self._idle: asyncio.Event | None = None
-        # Per size class (a batch's rows' bit length: 1, 2-3, 4-7, ...): its recent calls' times and
-        # the fastest of them. A class of its own keeps a burst's times from being pushed out of the
-        # window by the single rows between bursts.
-        self._recent_runs_s: dict[int, collections.deque[float]] = {}
-        self._fastest_s: dict[int, float] = {}
-        self._expected_by_class: dict[int, float] = {}  # `_expected_s`'s answers, until a fastest changes
+        self._run_times = RunTimes()
         self._dispatch_pending = False
         # Whether callers arrive together (several in one loop tick): then even a fast idle model
         # waits for the tick's end to share the batch; else it runs a caller's rows at once.
@@ -155,7 +150,7 @@ class DynamicBatcher:
         if low:
             return await self._submit_low(rows, count, deadline, now, loop, receipt)
         self._last_high = now
-        if count <= step and self._inflight == 0 and self._expected_s(count) < self.config.inline_below_s:
+        if count <= step and self._fits_inline(count):
             if self._ran_now_this_tick:
                 self._arrive_together = True  # a second caller in the tick: share from now on
             elif not self._queue and not self._low and not self._arrive_together:
@@ -275,12 +270,7 @@ class DynamicBatcher:
                 # from accepting the high callers they must not hold up, and a thread hand-off per
                 # batch costs a tiny model more than the batch.
                 inline = not overdue
-                if (
-                    batch
-                    and inline
-                    and self._inflight == 0
-                    and self._expected_s(rows_of(batch)) < config.inline_below_s
-                ):
+                if batch and inline and self._fits_inline(rows_of(batch)):
                     self._dispatch(batch, inline)
                     asyncio.get_running_loop().call_soon(self._maybe_dispatch)
                     return
@@ -338,60 +328,24 @@ class DynamicBatcher:
         if took_ns:  # 0: the call failed before it could be timed
             took = took_ns * 1e-9
             self.stats.compute.observe(took)
-            # The fastest recent call of a size class decides whether its batches run inline. A call's
-            # time also holds its wait for the GIL when it returns, up to the switch interval (5 ms)
-            # while another thread (the event loop, span export) runs Python; a mean took one such wait
-            # for a slow model, moved batches to the worker thread, where every return waits for the
-            # busy loop, and kept them there. A model that has become slow for good is seen within
-            # RUN_TIME_WINDOW calls of each size class.
-            size_class = rows.bit_length()
-            window = self._recent_runs_s.get(size_class)
-            if window is None:
-                window = self._recent_runs_s[size_class] = collections.deque(maxlen=RUN_TIME_WINDOW)
-            window.append(took)
-            fastest = min(window)
-            if fastest != self._fastest_s.get(size_class):  # about one call in eight, when steady
-                self._fastest_s[size_class] = fastest
-                self._expected_by_class.clear()
+            self._run_times.record(rows, took)
         if error is None and (output is None or len(output) != rows):
             error = RuntimeError(
                 f"batch function returned {0 if output is None else len(output)} rows for {rows}"
             )
         return error
 
-    def _expected_s(self, rows: int) -> float:
-        """How long a call with `rows` rows should take (cached per size class: on every request)."""
-        size_class = rows.bit_length()
-        expected = self._expected_by_class.get(size_class)
-        if expected is None:
-            expected = self._expected_by_class[size_class] = self._expect(size_class)
-        return expected
-
-    def _expect(self, size_class: int) -> float:
-        """The fastest recent call of the class, and never less than a smaller class's (a larger batch
-        costs no less: a model that slows shows it first in its commonest class, single rows). For a
-        class not run yet, the lowest of: a class d below's time times 2^(d + 1), as far as the rows
-        can grow from the bottom of one class to the top of the other (a batch of more rows costs at
-        most proportionally more); a larger class's time. Infinite while nothing is measured. Sizes
-        within a class differ by up to 2×, and so may their times."""
-        known = self._fastest_s
-        smaller = [took for other, took in known.items() if other < size_class]
-        floor = max(smaller, default=0.0)
-        own = known.get(size_class)
-        if own is None:
-            guesses = [
-                took * 2 ** (size_class - other + 1) for other, took in known.items() if other < size_class
-            ]
-            guesses += [took for other, took in known.items() if other > size_class]
-            own = min(guesses, default=math.inf)
-        return max(own, floor)
+    def _fits_inline(self, rows: int) -> bool:
+        """Whether a call of `rows` rows may run on the event loop: nothing in flight, and expected to
+        take less than the thread hand-off it saves."""
+        return self._inflight == 0 and self._run_times.expected_s(rows) < self.config.inline_below_s
 
     def _dispatch(self, batch: list[_Pending], inline: bool = True) -> None:
         rows = rows_of(batch)
         self._count_batch(rows)
         parts = [item.rows for item in batch]
         started = time.perf_counter()
-        if inline and self._inflight == 0 and self._expected_s(rows) < self.config.inline_below_s:
+        if inline and self._fits_inline(rows):
             # A fast model on an idle batcher: two thread hand-offs would cost more than the call.
             try:
                 (output, took_ns), error = self._run(parts), None
