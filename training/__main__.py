@@ -190,34 +190,30 @@ def run_train(args: argparse.Namespace) -> int:
             print_report(args.out)
         return 0
     context = setup(args.device)
-    try:
-        dataset = load_dataset(args.dataset, seed=args.seed, size=args.size, color_mode=args.color_mode)
-        digits = dataset.name == "digits"
-        augmentation = default_augmentation(dataset)
-        config = TrainConfig(
-            epochs=args.epochs or (DIGITS_EPOCHS if digits else OTHER_EPOCHS),
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            seed=args.seed,
-            crop_padding=augmentation.crop_padding if args.crop_padding is None else args.crop_padding,
-            flip=augmentation.flip if args.flip is None else args.flip,
-            patience=args.patience,
-            label_smoothing=args.label_smoothing,
-            block_convs=args.block_convs or (1 if digits else 2),
-            bf16=default_bf16(context.device, dataset.height, dataset.width)
-            if args.bf16 is None
-            else args.bf16,
+    dataset = load_dataset(args.dataset, seed=args.seed, size=args.size, color_mode=args.color_mode)
+    digits = dataset.name == "digits"
+    augmentation = default_augmentation(dataset)
+    config = TrainConfig(
+        epochs=args.epochs or (DIGITS_EPOCHS if digits else OTHER_EPOCHS),
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        crop_padding=augmentation.crop_padding if args.crop_padding is None else args.crop_padding,
+        flip=augmentation.flip if args.flip is None else args.flip,
+        patience=args.patience,
+        label_smoothing=args.label_smoothing,
+        block_convs=args.block_convs or (1 if digits else 2),
+        bf16=default_bf16(context.device, dataset.height, dataset.width) if args.bf16 is None else args.bf16,
+    )
+    if context.is_main:
+        print(
+            f"training on {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
+            f"{len(dataset.test)} test images of {dataset.height}x{dataset.width} {dataset.color_mode}, "
+            f"{len(dataset.class_names)} classes; {context.world_size} process(es) on {context.device}; "
+            f"{asdict(config)}"
         )
-        if context.is_main:
-            print(
-                f"training on {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
-                f"{len(dataset.test)} test images of {dataset.height}x{dataset.width} {dataset.color_mode}, "
-                f"{len(dataset.class_names)} classes; {context.world_size} process(es) on {context.device}; "
-                f"{asdict(config)}"
-            )
-        metrics = train(dataset, config, args.out, context=context, resume=args.resume, threads=args.threads)
-    finally:
-        teardown(context)
+    metrics = train(dataset, config, args.out, context=context, resume=args.resume, threads=args.threads)
+    teardown(context)
     if not context.is_main:
         return 0
     print(
