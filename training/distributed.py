@@ -6,7 +6,6 @@ of this touches torch.distributed. Gloo on CPUs, NCCL on GPUs (one GPU per proce
 
 from __future__ import annotations
 
-import gc
 import os
 from dataclasses import dataclass
 
@@ -60,14 +59,12 @@ def teardown(context: Context) -> None:
 
     The barrier keeps a rank that finishes first from exiting while rank 0 still writes the run: a
     rank that dies on its way out (a C++ abort in torch's teardown once killed one, rarely, in CI)
-    makes torchrun stop every other rank, rank 0 with its run half written. Collecting first frees
-    DistributedDataParallel's reducer, which holds the group through reference cycles, while the
-    interpreter is whole rather than during its finalisation. Called on success only: after an error
-    another rank may sit in a collective that would never end (torchrun stops the ranks then)."""
+    makes torchrun stop every other rank, rank 0 with its run half written. Called on success only:
+    after an error another rank may sit in a collective that would never end (torchrun stops the
+    ranks then)."""
     if not (context.distributed and dist.is_initialized()):
         return
     dist.barrier()
-    gc.collect()
     dist.destroy_process_group()
 
 
