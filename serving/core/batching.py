@@ -337,7 +337,8 @@ class DynamicBatcher:
 
     def _fits_inline(self, rows: int) -> bool:
         """Whether a call of `rows` rows may run on the event loop: nothing in flight, and expected to
-        take less than the thread hand-off it saves."""
+        take less than `inline_below_s`, below which blocking the loop costs less than a worker thread's
+        hand-off and return."""
         return self._inflight == 0 and self._run_times.expected_s(rows) < self.config.inline_below_s
 
     def _dispatch(self, batch: list[_Pending], inline: bool = True) -> None:
