@@ -257,7 +257,7 @@ class DynamicBatcher:
                 if not ready:
                     self._arm_timer(due)
                     return
-                batch, inline = self._take_batch(self._queue, now), True
+                batch = self._take_batch(self._queue, now)
             elif self._inflight == 0 or overdue:
                 # Low rows alone start only on an idle model (or once overdue): a high row that comes
                 # meanwhile waits behind this one batch at most, a short one while high rows come.
@@ -269,16 +269,15 @@ class DynamicBatcher:
                 # At most one low batch inline per turn of the loop: a run of them would keep the loop
                 # from accepting the high callers they must not hold up, and a thread hand-off per
                 # batch costs a tiny model more than the batch.
-                inline = not overdue
-                if batch and inline and self._fits_inline(rows_of(batch)):
-                    self._dispatch(batch, inline)
+                if batch and self._dispatch(batch, inline=not overdue):
                     asyncio.get_running_loop().call_soon(self._maybe_dispatch)
                     return
+                continue
             else:
                 self._arm_timer(self._low[0].enqueued + config.low_max_wait_s)
                 return
             if batch:
-                self._dispatch(batch, inline)
+                self._dispatch(batch)
         if self._idle is not None and self._inflight == 0 and not self._queue and not self._low:
             self._idle.set()  # close() is waiting for the last batch
 
@@ -341,7 +340,9 @@ class DynamicBatcher:
         hand-off and return."""
         return self._inflight == 0 and self._run_times.expected_s(rows) < self.config.inline_below_s
 
-    def _dispatch(self, batch: list[_Pending], inline: bool = True) -> None:
+    def _dispatch(self, batch: list[_Pending], inline: bool = True) -> bool:
+        """Runs the batch on the event loop when `inline` allows and it fits, else hands it to a worker
+        thread; True when it ran inline (and is done)."""
         rows = rows_of(batch)
         self._count_batch(rows)
         parts = [item.rows for item in batch]
@@ -353,10 +354,11 @@ class DynamicBatcher:
             except Exception as exc:
                 output, took_ns, error = None, 0, exc
             self._complete(batch, rows, output, error, took_ns, started)
-            return
+            return True
         self._inflight += 1
         done = asyncio.get_running_loop().run_in_executor(self._executor, self._run, parts)
         done.add_done_callback(lambda result: self._deliver(batch, rows, result, started))
+        return False
 
     def _run(self, parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
         """Stack the parts and call the model (in a worker thread, or inline for fast models);
